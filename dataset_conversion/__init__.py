@@ -1,0 +1,1 @@
+"""Converters from public datasets to the dscovid raw format, and the synthetic phantom generator."""
