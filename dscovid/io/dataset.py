@@ -1,0 +1,233 @@
+"""The raw dataset format (DESIGN.md §3): nnU-Net's layout and dataset.json, plus the diagnosis of each case.
+
+::
+
+    <DSCOVID_raw>/Dataset001_Name/
+      dataset.json
+      imagesTr/<case>_0000.nii.gz     CT in HU
+      labelsTr/<case>.nii.gz          lesion mask (0/1); absent for a case whose lesions were not annotated
+      lungsTr/<case>.nii.gz           optional lung mask (overrides the built-in lung segmentation)
+      imagesTs/<case>_0000.nii.gz     optional test images
+
+dataset.json keeps nnU-Net's keys and adds ``classes`` and ``cases``::
+
+    {"name": "Dataset001_Synthetic",
+     "channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1},
+     "file_ending": ".nii.gz", "numTraining": 60,
+     "classes": {"covid": 0, "cap": 1, "non_pneumonia": 2},
+     "cases": {"case_0000": {"class": "covid", "lesion_annotated": true, "metadata": {...}}, ...},
+     "intensity_unit": "HU"}
+
+A ``non_pneumonia`` case has no lesions: its all-zero mask is a valid annotation. A case with
+``"lesion_annotated": false`` keeps its classification label but its segmentation loss is skipped.
+``intensity_unit`` is ``"HU"`` (default) or ``"not_HU"`` for sources without calibrated intensities.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dscovid.errors import DscovidError
+
+#: The diagnosis classes in the authors' order (index = position).
+CLASS_NAMES: tuple[str, ...] = ("covid", "cap", "non_pneumonia")
+DEFAULT_CLASSES: dict[str, int] = {name: index for index, name in enumerate(CLASS_NAMES)}
+CHANNEL_SUFFIX = "_0000"
+
+_DATASET_NAME = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9][A-Za-z0-9_\-]*)$")
+_SAFE_CASE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def check_case_name(name: str) -> None:
+    """Refuse case names that are not safe as file names (no separators, no ``..``, no leading dot)."""
+    if not _SAFE_CASE.match(name) or ".." in name or len(name) > 200:
+        raise DscovidError(f"case name {name!r} is not a safe file name (letters, digits, '_', '-', '.' only)")
+
+
+def is_safe_case_name(name: str) -> bool:
+    try:
+        check_case_name(name)
+    except DscovidError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case of a raw dataset, with the paths of its files (label/lung may not exist)."""
+
+    name: str
+    class_name: str
+    class_index: int
+    lesion_annotated: bool
+    image: Path
+    label: Path | None
+    lung: Path | None
+    metadata: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """A raw dataset folder and its parsed dataset.json."""
+
+    root: Path
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def file_ending(self) -> str:
+        return self.meta.get("file_ending", ".nii.gz")
+
+    @property
+    def classes(self) -> dict[str, int]:
+        return dict(self.meta.get("classes", DEFAULT_CLASSES))
+
+    @property
+    def class_names(self) -> list[str]:
+        return [name for name, _ in sorted(self.classes.items(), key=lambda item: item[1])]
+
+    @property
+    def is_hu(self) -> bool:
+        return self.meta.get("intensity_unit", "HU") == "HU"
+
+    def image_path(self, case: str, folder: str = "imagesTr") -> Path:
+        return self.root / folder / f"{case}{CHANNEL_SUFFIX}{self.file_ending}"
+
+    def label_path(self, case: str) -> Path:
+        return self.root / "labelsTr" / f"{case}{self.file_ending}"
+
+    def lung_path(self, case: str) -> Path:
+        return self.root / "lungsTr" / f"{case}{self.file_ending}"
+
+    def cases(self) -> list[Case]:
+        """The training cases listed in dataset.json, sorted by name."""
+        classes = self.classes
+        result = []
+        for name, entry in sorted(self.meta.get("cases", {}).items()):
+            label = self.label_path(name)
+            lung = self.lung_path(name)
+            result.append(
+                Case(
+                    name=name,
+                    class_name=entry["class"],
+                    class_index=classes[entry["class"]],
+                    lesion_annotated=bool(entry.get("lesion_annotated", True)),
+                    image=self.image_path(name),
+                    label=label if label.exists() else None,
+                    lung=lung if lung.exists() else None,
+                    metadata=dict(entry.get("metadata", {})),
+                )
+            )
+        return result
+
+    def case(self, name: str) -> Case:
+        for case in self.cases():
+            if case.name == name:
+                return case
+        raise DscovidError(f"{self.root / 'dataset.json'}: no case named {name!r}")
+
+
+def load_dataset_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise DscovidError(f"{path}: not found (every raw dataset needs a dataset.json)") from None
+    except json.JSONDecodeError as error:
+        raise DscovidError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(data, dict):
+        raise DscovidError(f"{path}: must hold a JSON object")
+    return data
+
+
+def load_raw_dataset(folder: str | os.PathLike) -> RawDataset:
+    """Open a raw dataset folder (its dataset.json must parse; :mod:`dscovid.io.validate` checks the rest)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DscovidError(f"{root}: dataset folder not found")
+    return RawDataset(root=root, meta=load_dataset_json(root / "dataset.json"))
+
+
+def parse_dataset_name(name: str) -> tuple[int, str]:
+    """Split ``Dataset001_Name`` into (1, "Name"), refusing other names."""
+    match = _DATASET_NAME.match(name)
+    if not match:
+        raise DscovidError(f"{name!r} is not a dataset name of the form DatasetNNN_Name (e.g. Dataset001_Synthetic)")
+    return int(match.group(1)), match.group(2)
+
+
+def find_dataset(identifier: str | os.PathLike, root: Path | None) -> Path:
+    """Resolve a dataset given as a path, a full name (``Dataset001_Synthetic``) or a number (``1``, ``001``).
+
+    Names and numbers are looked up in ``root`` (for example the raw or preprocessed root).
+    """
+    text = str(identifier)
+    as_path = Path(text).expanduser()
+    if as_path.is_dir() and (os.sep in text or text.startswith(".") or root is None or not (root / text).is_dir()):
+        return as_path
+    if root is None:
+        raise DscovidError(f"dataset {text!r} is not a folder, and no data root is set to look it up in")
+    if text.isdigit():
+        number = int(text)
+        matches = sorted(
+            p for p in root.glob("Dataset*_*") if p.is_dir() and _DATASET_NAME.match(p.name)
+            and int(_DATASET_NAME.match(p.name).group(1)) == number
+        )
+        if not matches:
+            raise DscovidError(f"no dataset number {number:03d} in {root}")
+        if len(matches) > 1:
+            raise DscovidError(f"several datasets numbered {number:03d} in {root}: {', '.join(p.name for p in matches)}")
+        return matches[0]
+    candidate = root / text
+    if candidate.is_dir():
+        return candidate
+    raise DscovidError(f"dataset {text!r} not found in {root}")
+
+
+def write_json_atomic(data: object, path: str | os.PathLike) -> Path:
+    """Write JSON to ``path`` through a temporary file and a rename, so no reader ever sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2, sort_keys=False)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def make_dataset_json(
+    name: str,
+    cases: dict[str, dict],
+    file_ending: str = ".nii.gz",
+    classes: dict[str, int] | None = None,
+    intensity_unit: str = "HU",
+    description: str = "",
+    **extra: object,
+) -> dict:
+    """Build a dataset.json dictionary; ``cases`` maps case name to ``{"class", "lesion_annotated", "metadata"?}``."""
+    data = {
+        "name": name,
+        "description": description,
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "lesion": 1},
+        "file_ending": file_ending,
+        "numTraining": len(cases),
+        "classes": dict(classes or DEFAULT_CLASSES),
+        "intensity_unit": intensity_unit,
+        "cases": {key: cases[key] for key in sorted(cases)},
+    }
+    data.update(extra)
+    return data

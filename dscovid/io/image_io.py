@@ -1,0 +1,277 @@
+"""Reading and writing CT volumes and masks with SimpleITK, in one axis order: (z, y, x).
+
+Arrays handed to the rest of dscovid are numpy arrays indexed ``[z, y, x]``. Their geometry travels
+beside them as a :class:`Geometry` in SimpleITK's physical conventions (LPS world coordinates in mm;
+``origin_xyz_mm`` is the centre of voxel (0, 0, 0); ``direction`` is the 3×3 matrix, flattened row by
+row, whose columns are the world directions of the x, y and z index axes). Conversion to and from
+SimpleITK's (x, y, z) order happens here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from dscovid.errors import DscovidError
+
+log = logging.getLogger(__name__)
+
+#: File endings SimpleITK reads as one volume (a folder is read as a DICOM series).
+VOLUME_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+#: A CT whose lowest value is above this cannot contain air in Hounsfield units (air is about -1000 HU).
+_HU_AIR_CEILING = -500.0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a (z, y, x) voxel array sits in the world.
+
+    Attributes
+    ----------
+    shape_zyx : voxel counts along z, y, x.
+    spacing_zyx_mm : voxel spacing in mm along z, y, x.
+    origin_xyz_mm : world position (LPS, mm) of the centre of voxel (0, 0, 0).
+    direction : 9 numbers, the 3×3 direction matrix row by row (SimpleITK's ``GetDirection``).
+    """
+
+    shape_zyx: tuple[int, int, int]
+    spacing_zyx_mm: tuple[float, float, float]
+    origin_xyz_mm: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Geometry:
+        size = image.GetSize()
+        spacing = image.GetSpacing()
+        return cls(
+            shape_zyx=(int(size[2]), int(size[1]), int(size[0])),
+            spacing_zyx_mm=(float(spacing[2]), float(spacing[1]), float(spacing[0])),
+            origin_xyz_mm=tuple(float(v) for v in image.GetOrigin()),
+            direction=tuple(float(v) for v in image.GetDirection()),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Geometry:
+        return cls(
+            shape_zyx=tuple(int(v) for v in data["shape_zyx"]),
+            spacing_zyx_mm=tuple(float(v) for v in data["spacing_zyx_mm"]),
+            origin_xyz_mm=tuple(float(v) for v in data["origin_xyz_mm"]),
+            direction=tuple(float(v) for v in data["direction"]),
+        )
+
+    def to_dict(self) -> dict:
+        return {key: list(value) for key, value in asdict(self).items()}
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Set spacing, origin and direction of ``image`` (whose size must match) and return it."""
+        image.SetSpacing(tuple(reversed(self.spacing_zyx_mm)))
+        image.SetOrigin(self.origin_xyz_mm)
+        image.SetDirection(self.direction)
+        return image
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        """The 3×3 direction matrix; column k is the world direction of index axis k in (x, y, z) order."""
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    def index_to_world_matrix(self) -> np.ndarray:
+        """4×4 matrix mapping homogeneous (z, y, x, 1) voxel indices to homogeneous (x, y, z, 1) world mm (LPS)."""
+        linear_xyz = self.direction_matrix * np.asarray(tuple(reversed(self.spacing_zyx_mm)))[None, :]
+        matrix = np.eye(4)
+        matrix[:3, :3] = linear_xyz[:, ::-1]  # columns reordered so the input is (z, y, x)
+        matrix[:3, 3] = self.origin_xyz_mm
+        return matrix
+
+    def matches(self, other: Geometry, tolerance_mm: float = 1e-3, tolerance_direction: float = 1e-4) -> bool:
+        """True when both describe the same voxel grid within the tolerances."""
+        return (
+            self.shape_zyx == other.shape_zyx
+            and np.allclose(self.spacing_zyx_mm, other.spacing_zyx_mm, atol=tolerance_mm)
+            and np.allclose(self.origin_xyz_mm, other.origin_xyz_mm, atol=tolerance_mm)
+            and np.allclose(self.direction, other.direction, atol=tolerance_direction)
+        )
+
+    def describe_difference(self, other: Geometry) -> str:
+        """A short human-readable account of how ``other`` differs from this geometry."""
+        parts = []
+        if self.shape_zyx != other.shape_zyx:
+            parts.append(f"shape {other.shape_zyx} != {self.shape_zyx}")
+        if not np.allclose(self.spacing_zyx_mm, other.spacing_zyx_mm, atol=1e-3):
+            parts.append(f"spacing {_fmt(other.spacing_zyx_mm)} != {_fmt(self.spacing_zyx_mm)}")
+        if not np.allclose(self.origin_xyz_mm, other.origin_xyz_mm, atol=1e-3):
+            parts.append(f"origin {_fmt(other.origin_xyz_mm)} != {_fmt(self.origin_xyz_mm)}")
+        if not np.allclose(self.direction, other.direction, atol=1e-4):
+            parts.append("direction differs")
+        return ", ".join(parts) or "identical"
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def is_volume_file(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and any(name.endswith(ending) for ending in VOLUME_ENDINGS)
+
+
+def strip_ending(path: Path | str) -> str:
+    """The file name without its volume ending (``case_0000.nii.gz`` → ``case_0000``)."""
+    name = Path(path).name
+    for ending in VOLUME_ENDINGS + (".dcm",):
+        if name.lower().endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    try:
+        series_ids = reader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as error:
+        raise DscovidError(f"{folder}: cannot list DICOM series ({_first_line(error)})") from None
+    if not series_ids:
+        raise DscovidError(f"{folder}: no DICOM series found in this folder")
+    files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    chosen = max(series_ids, key=lambda sid: len(files_per_series[sid]))
+    if len(series_ids) > 1:
+        log.warning(
+            "%s: %d DICOM series found; using %s with %d slices (the one with most slices)",
+            folder, len(series_ids), chosen, len(files_per_series[chosen]),
+        )
+    reader.SetFileNames(files_per_series[chosen])
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise DscovidError(f"{folder}: cannot read the DICOM series ({_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # SimpleITK puts the useful sentence last ("... Exception thrown in ...: <reason>").
+    return lines[-1][:200] if lines else type(error).__name__
+
+
+def read_sitk(path: str | os.PathLike) -> sitk.Image:
+    """Read a volume file or a folder holding a DICOM series as a SimpleITK image, refusing unreadable input."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_dicom_series(path)
+    if not path.exists():
+        raise DscovidError(f"{path}: no such file or folder")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise DscovidError(f"{path}: cannot read the image, the file is unreadable or truncated ({_first_line(error)})") from None
+
+
+def _check_dimensions(image: sitk.Image, path: Path) -> None:
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim == 3 and image.GetNumberOfComponentsPerPixel() == 1 and min(size) > 1:
+        return
+    if dim == 2 or (dim == 3 and min(size) == 1):
+        raise DscovidError(f"{path}: is a 2D image of size {'x'.join(map(str, size))}; a 3D CT volume is required")
+    if dim > 3:
+        raise DscovidError(f"{path}: is a {dim}D image of size {'x'.join(map(str, size))}; a 3D CT volume is required")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DscovidError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; a grey-level CT is required")
+    raise DscovidError(f"{path}: unsupported image of dimension {dim}")
+
+
+def check_hounsfield(array: np.ndarray, path: Path | str) -> None:
+    """Refuse intensities that cannot be Hounsfield units: NaN/inf, or no voxel anywhere near air (-1000 HU)."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise DscovidError(f"{path}: contains {int((~finite).sum())} NaN or infinite voxels")
+    low, high = float(array.min()), float(array.max())
+    if low > _HU_AIR_CEILING:
+        raise DscovidError(
+            f"{path}: intensities range {low:g}..{high:g} do not look like Hounsfield units "
+            f"(air should be near -1000 HU; rescale the image to HU first)"
+        )
+
+
+def read_image(path: str | os.PathLike, check_hu: bool = True) -> tuple[np.ndarray, Geometry]:
+    """Read a CT volume (any SimpleITK format, or a DICOM series folder) as a (z, y, x) array and its geometry.
+
+    Parameters
+    ----------
+    path : a volume file (``.nii.gz``, ``.mha``, ``.nrrd``, ...) or a folder holding one or more DICOM series
+        (the series with most slices is taken, with a warning).
+    check_hu : refuse images that are not in Hounsfield units (see :func:`check_hounsfield`).
+
+    Returns
+    -------
+    array : float32 or integer array ``[z, y, x]`` in HU (the file's own data type where it is integral).
+    geometry : the voxel grid of the array.
+
+    Raises
+    ------
+    DscovidError
+        One line naming the file for unreadable or truncated files, 2D or 4D images, NaN/infinite
+        voxels, and (with ``check_hu``) intensities that are not Hounsfield units.
+    """
+    path = Path(path)
+    image = read_sitk(path)
+    _check_dimensions(image, path)
+    array = sitk.GetArrayFromImage(image)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DscovidError(f"{path}: contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
+    if check_hu:
+        check_hounsfield(array, path)
+    return array, Geometry.of(image)
+
+
+def read_mask(path: str | os.PathLike, reference: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read a 0/1 mask as a uint8 (z, y, x) array; with ``reference``, refuse a mask on another grid."""
+    path = Path(path)
+    image = read_sitk(path)
+    _check_dimensions(image, path)
+    array = sitk.GetArrayFromImage(image)
+    geometry = Geometry.of(image)
+    if reference is not None and not reference.matches(geometry):
+        raise DscovidError(f"{path}: geometry does not match its image ({reference.describe_difference(geometry)})")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DscovidError(f"{path}: contains NaN or infinite voxels")
+    values = np.unique(array)
+    if not np.isin(values, (0, 1)).all():
+        shown = ", ".join(f"{v:g}" for v in values[:8])
+        raise DscovidError(f"{path}: mask values must be 0 or 1, found {shown}{'...' if len(values) > 8 else ''}")
+    return array.astype(np.uint8), geometry
+
+
+def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """Wrap a (z, y, x) array as a SimpleITK image carrying ``geometry`` (shapes must agree)."""
+    if tuple(array.shape) != tuple(geometry.shape_zyx):
+        raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape_zyx}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write a (z, y, x) array with ``geometry`` to ``path`` atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = to_sitk(array, geometry)
+    ending = next((e for e in VOLUME_ENDINGS if path.name.lower().endswith(e)), path.suffix)
+    if ending in (".mhd", ".nhdr"):  # header + data pairs cannot be renamed as one file
+        sitk.WriteImage(image, str(path), compress)
+        return path
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=ending, dir=path.parent)
+    os.close(handle)
+    try:
+        sitk.WriteImage(image, temporary, compress)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
