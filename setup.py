@@ -9,6 +9,14 @@ exec(Path("dscovid/__init__.py").read_text().split("\n\n")[-1], version)
 COMMANDS = {
     "dscovid_verify_dataset": "dscovid.cli.verify_dataset:main",
     "dscovid_make_synthetic": "dscovid.cli.make_synthetic:main",
+    "dscovid_lung_mask": "dscovid.cli.lung_mask:main",
+    "dscovid_plan_and_preprocess": "dscovid.cli.plan_and_preprocess:main",
+    "dscovid_train": "dscovid.cli.train:main",
+    "dscovid_predict": "dscovid.cli.predict:main",
+    "dscovid_evaluate": "dscovid.cli.evaluate:main",
+    "dscovid_cv_summary": "dscovid.cli.cv_summary:main",
+    "dscovid_analyze": "dscovid.cli.analyze:main",
+    "dscovid_convert": "dscovid.cli.convert:main",
 }
 
 setup(
