@@ -1,0 +1,268 @@
+"""Sliding-window inference over a 3D volume: tile, run the network on batches of patches, blend.
+
+The lesion subnet is trained on patches (paper: 24×256×256 voxels) and applied to a whole scan by
+tiling it. The paper tiles without overlap (``step_fraction=1.0``); overlapping tiles with Gaussian
+blending (``step_fraction=0.5``, ``weighting="gaussian"``) are the nnU-Net default.
+
+Tile placement follows MONAI's ``dense_patch_slices``: along an axis of length ``L`` with patch size
+``p`` and step ``s``, tiles start at ``0, s, 2s, ...`` and the last tile is shifted back so that it ends
+exactly at the border. An axis shorter than the patch gets one tile, padded at its end with
+``pad_value`` and cropped afterwards. With the same step, the tiles (and therefore the blended output
+with constant weighting) are the same as MONAI's.
+
+Memory stays bounded: the only full-size tensors are the output accumulator ``(K, Z, Y, X)`` and the
+weight map ``(Z, Y, X)`` (both float32); patches are cut from the image one batch at a time and padding
+is applied per patch, never to the whole volume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+#: A region given as a bounding box: one ``(start, stop)`` pair of voxel indices per axis (z, y, x).
+BoundingBox = Sequence[tuple[int, int]]
+
+WEIGHTINGS = ("constant", "gaussian")
+
+
+def tile_step(patch: int, step_fraction: float) -> int:
+    """The distance in voxels between consecutive tile starts (at least 1), as MONAI computes it."""
+    if not 0.0 < step_fraction <= 1.0:
+        raise ValueError(f"step_fraction must be in (0, 1], got {step_fraction}")
+    # The small epsilon keeps e.g. 0.3 * 10 = 3.0000000000000004 and 0.29 * 100 = 28.999999999999996 both exact.
+    return max(1, int(patch * step_fraction + 1e-9))
+
+
+def tile_starts(length: int, patch: int, step: int) -> list[int]:
+    """Start indices of the tiles along one axis.
+
+    Parameters
+    ----------
+    length : number of voxels along the axis.
+    patch : tile size along the axis.
+    step : distance between tile starts (see :func:`tile_step`).
+
+    Returns
+    -------
+    Sorted, distinct start indices; the last tile ends at ``length`` (or at ``patch`` when the axis is
+    shorter than the patch, in which case the only start is 0 and the tile is padded).
+    """
+    if length <= patch:
+        return [0]
+    starts = list(range(0, length - patch, step))
+    starts.append(length - patch)
+    return starts
+
+
+def plan_tiles(
+    shape_zyx: Sequence[int],
+    patch_size: Sequence[int],
+    step_fraction: float = 1.0,
+    region: np.ndarray | torch.Tensor | BoundingBox | None = None,
+) -> list[tuple[int, int, int]]:
+    """All tile start corners ``(z, y, x)`` of a volume, keeping only those that touch ``region``.
+
+    Parameters
+    ----------
+    shape_zyx : the volume's shape ``(Z, Y, X)``.
+    patch_size : tile size ``(pz, py, px)`` in voxels.
+    step_fraction : tile step as a fraction of the patch size (1.0: no overlap, 0.5: half overlap).
+    region : None (all tiles), a boolean mask of shape ``(Z, Y, X)`` (tiles with no True voxel are
+        skipped) or a bounding box ``((z0, z1), (y0, y1), (x0, x1))`` with exclusive stops (tiles not
+        intersecting it are skipped).
+
+    Returns
+    -------
+    The start corners in raster order (z slowest).
+    """
+    shape_zyx = tuple(int(v) for v in shape_zyx)
+    patch_size = tuple(int(v) for v in patch_size)
+    if len(shape_zyx) != 3 or len(patch_size) != 3:
+        raise ValueError(f"expected 3D shape and patch size, got {shape_zyx} and {patch_size}")
+    if min(patch_size) < 1:
+        raise ValueError(f"patch size must be positive, got {patch_size}")
+    per_axis = [
+        tile_starts(length, patch, tile_step(patch, step_fraction))
+        for length, patch in zip(shape_zyx, patch_size)
+    ]
+    corners = list(itertools.product(*per_axis))
+    if region is None:
+        return corners
+    if _is_bounding_box(region):
+        box = [(int(a), int(b)) for a, b in region]
+        return [
+            corner
+            for corner in corners
+            if all(start < stop and c < stop and c + p > start for c, p, (start, stop) in zip(corner, patch_size, box))
+        ]
+    mask = region.detach().cpu().numpy() if isinstance(region, torch.Tensor) else np.asarray(region)
+    if mask.shape != shape_zyx:
+        raise ValueError(f"region mask shape {mask.shape} does not match the image shape {shape_zyx}")
+    mask = mask.astype(bool, copy=False)
+    # Project the mask onto coarse per-tile checks: first which z-ranges hold anything at all, so that the
+    # (cheap) per-tile test runs only where a slab is not empty.
+    slab_any = {z: bool(mask[z : z + patch_size[0]].any()) for z in per_axis[0]}
+    kept = []
+    for z, y, x in corners:
+        if slab_any[z] and mask[z : z + patch_size[0], y : y + patch_size[1], x : x + patch_size[2]].any():
+            kept.append((z, y, x))
+    return kept
+
+
+def _is_bounding_box(region: object) -> bool:
+    if isinstance(region, (np.ndarray, torch.Tensor)):
+        return False
+    try:
+        return len(region) == 3 and all(len(pair) == 2 for pair in region)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """A separable Gaussian weight over one patch, 1 at the centre, σ = ``sigma_scale`` × patch size per axis.
+
+    Returns
+    -------
+    float32 tensor ``(pz, py, px)``; strictly positive (values that underflow are raised to the smallest
+    positive one, as nnU-Net does, so that every voxel of a tile keeps some weight).
+    """
+    axes = []
+    for size in patch_size:
+        sigma = max(sigma_scale * size, 1e-6)
+        centre = (size - 1) / 2.0
+        coordinates = torch.arange(size, dtype=torch.float64) - centre
+        axes.append(torch.exp(-0.5 * (coordinates / sigma) ** 2))
+    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weight = (weight / weight.max()).float()
+    positive = weight[weight > 0]
+    floor = positive.min() if positive.numel() else torch.tensor(1.0)
+    return torch.clamp(weight, min=float(floor))
+
+
+def _batches(corners: Sequence[tuple[int, int, int]], batch_size: int) -> Iterator[Sequence[tuple[int, int, int]]]:
+    for index in range(0, len(corners), batch_size):
+        yield corners[index : index + batch_size]
+
+
+def _cut_patch(image: torch.Tensor, corner: tuple[int, int, int], patch_size: tuple[int, int, int], pad_value: float):
+    """The patch of ``image`` (C, Z, Y, X) at ``corner``, padded at its far end where it runs past the image."""
+    slices = tuple(slice(c, c + p) for c, p in zip(corner, patch_size))
+    patch = image[(slice(None),) + slices]
+    missing = [p - s for p, s in zip(patch_size, patch.shape[1:])]
+    if any(missing):
+        # F.pad takes (x_before, x_after, y_before, y_after, z_before, z_after).
+        patch = torch.nn.functional.pad(patch, (0, missing[2], 0, missing[1], 0, missing[0]), value=pad_value)
+    return patch
+
+
+def sliding_window_predict(
+    predict_fn: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    step_fraction: float = 1.0,
+    weighting: str = "constant",
+    batch_size: int = 1,
+    region: np.ndarray | torch.Tensor | BoundingBox | None = None,
+    device: torch.device | str | None = None,
+    output_device: torch.device | str | None = "cpu",
+    pad_value: float = 0.0,
+    sigma_scale: float = 0.125,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Apply a patch network to a whole volume by tiling it and averaging the tile outputs per voxel.
+
+    Parameters
+    ----------
+    predict_fn : maps a batch ``(B, C, pz, py, px)`` to ``(B, K, pz, py, px)`` (any float dtype). It is called
+        under ``torch.no_grad``; wrap it in ``torch.autocast`` yourself for mixed precision.
+    image : float tensor ``(C, Z, Y, X)``, on any device (patches are cut there and moved to ``device``).
+    patch_size : tile size ``(pz, py, px)`` in voxels.
+    step_fraction : tile step as a fraction of the patch size: 1.0 tiles without overlap (the paper),
+        0.5 overlaps by half. Equivalent to MONAI's ``overlap = 1 - step_fraction``.
+    weighting : ``"constant"`` (plain mean of overlapping tiles) or ``"gaussian"`` (each tile weighted by a
+        Gaussian with σ = ``sigma_scale`` × patch size, 1/8 by default, favouring tile centres).
+    batch_size : number of patches per call of ``predict_fn``.
+    region : restrict prediction to a region: a boolean mask ``(Z, Y, X)`` of the voxels that need a
+        prediction, or a bounding box ``((z0, z1), (y0, y1), (x0, x1))`` (stops exclusive). Tiles that do not
+        touch it are not run; voxels covered by no tile get 0.
+    device : where ``predict_fn`` runs (patches are moved there); default: the image's device.
+    output_device : where the float32 accumulators (and the result) live; default the CPU, None for the
+        image's device.
+    pad_value : value of the padding added to patches that run past an axis shorter than the patch.
+    sigma_scale : σ of the Gaussian weighting as a fraction of the patch size.
+    progress : show a tqdm progress bar over the patches.
+
+    Returns
+    -------
+    float32 tensor ``(K, Z, Y, X)`` on ``output_device``: per voxel, the (weighted) mean of the outputs of
+    all tiles covering it, 0 where no tile was run.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image must be (C, Z, Y, X), got shape {tuple(image.shape)}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    patch_size = tuple(int(v) for v in patch_size)
+    shape_zyx = tuple(int(v) for v in image.shape[1:])
+    device = torch.device(device) if device is not None else image.device
+    output_device = torch.device(output_device) if output_device is not None else image.device
+
+    corners = plan_tiles(shape_zyx, patch_size, step_fraction, region)
+    log.debug("sliding window: %d tiles of %s over %s (step %.2f)", len(corners), patch_size, shape_zyx, step_fraction)
+
+    tile_weight = gaussian_importance_map(patch_size, sigma_scale) if weighting == "gaussian" else None
+    tile_weight_out = tile_weight.to(output_device) if tile_weight is not None else None
+    output: torch.Tensor | None = None  # allocated once the number of output channels K is known
+    weight_map = torch.zeros(shape_zyx, dtype=torch.float32, device=output_device)
+
+    bar = tqdm(total=len(corners), desc="patches", unit="patch", disable=not progress, leave=False)
+    with torch.no_grad():
+        for batch_corners in _batches(corners, batch_size):
+            batch = torch.stack([_cut_patch(image, corner, patch_size, pad_value) for corner in batch_corners])
+            batch = batch.to(device, non_blocking=True)
+            prediction = predict_fn(batch)
+            if (
+                prediction.ndim != 5
+                or prediction.shape[0] != len(batch_corners)
+                or tuple(prediction.shape[2:]) != patch_size
+            ):
+                raise ValueError(
+                    f"predict_fn returned shape {tuple(prediction.shape)} for a batch of shape {tuple(batch.shape)}; "
+                    f"expected (B, K, {', '.join(map(str, patch_size))})"
+                )
+            prediction = prediction.to(output_device, dtype=torch.float32)
+            if output is None:
+                output = torch.zeros((prediction.shape[1],) + shape_zyx, dtype=torch.float32, device=output_device)
+            for tile, corner in zip(prediction, batch_corners):
+                # Crop the tile to the image (it may be padded) and add it in.
+                inside = tuple(min(p, length - c) for c, p, length in zip(corner, patch_size, shape_zyx))
+                target = tuple(slice(c, c + n) for c, n in zip(corner, inside))
+                tile = tile[:, : inside[0], : inside[1], : inside[2]]
+                if tile_weight_out is None:
+                    output[(slice(None),) + target] += tile
+                    weight_map[target] += 1.0
+                else:
+                    weights = tile_weight_out[: inside[0], : inside[1], : inside[2]]
+                    output[(slice(None),) + target] += tile * weights
+                    weight_map[target] += weights
+            bar.update(len(batch_corners))
+    bar.close()
+
+    if output is None:
+        # No tile touched the region: the number of output channels is unknown without running the network once.
+        probe = _cut_patch(image, (0, 0, 0), patch_size, pad_value)[None].to(device)
+        with torch.no_grad():
+            channels = predict_fn(probe).shape[1]
+        return torch.zeros((channels,) + shape_zyx, dtype=torch.float32, device=output_device)
+    # In place, to avoid another full-size tensor: voxels with no tile have output 0 and weight 0 → 0 / tiny = 0.
+    output.div_(weight_map.clamp_(min=torch.finfo(torch.float32).tiny))
+    return output

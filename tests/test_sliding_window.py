@@ -1,0 +1,213 @@
+"""The sliding-window engine: exact against whole-image application and against MONAI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dscovid.inference.sliding_window import (
+    gaussian_importance_map,
+    plan_tiles,
+    sliding_window_predict,
+    tile_starts,
+)
+
+
+def _voxelwise_net(channels_in: int = 2, channels_out: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A network whose output at a voxel depends only on that voxel: tiling must not change anything."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(channels_in, 4, kernel_size=1),
+        torch.nn.Tanh(),
+        torch.nn.Conv3d(4, channels_out, kernel_size=1),
+    ).eval()
+
+
+def _conv_net(channels_in: int = 1, channels_out: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A random 3×3×3 conv stack: its output near a tile border depends on the tiling."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(channels_in, 4, kernel_size=3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv3d(4, 4, kernel_size=3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv3d(4, channels_out, kernel_size=3, padding=1),
+    ).eval()
+
+
+def test_tile_starts_cover_the_axis_and_end_at_the_border():
+    assert tile_starts(10, 4, 4) == [0, 4, 6]
+    assert tile_starts(12, 4, 4) == [0, 4, 8]
+    assert tile_starts(12, 4, 2) == [0, 2, 4, 6, 8]
+    assert tile_starts(3, 4, 4) == [0]
+    assert tile_starts(4, 4, 2) == [0]
+    for length in range(1, 40):
+        for patch in (1, 3, 4, 7):
+            for step in range(1, patch + 1):
+                starts = tile_starts(length, patch, step)
+                covered = np.zeros(max(length, patch), bool)
+                for start in starts:
+                    covered[start : start + patch] = True
+                assert covered[:length].all()
+                assert starts == sorted(set(starts))
+                assert max(starts) + patch == max(length, patch)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4), (9, 17, 11), (4, 6, 5), (13, 7, 19)])
+@pytest.mark.parametrize("step_fraction", [1.0, 0.5])
+@pytest.mark.parametrize("weighting", ["constant", "gaussian"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_voxelwise_network_equals_whole_image(shape, step_fraction, weighting, batch_size):
+    net = _voxelwise_net()
+    image = torch.randn((2,) + shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = net(image[None])[0]
+    result = sliding_window_predict(
+        net, image, patch_size=(4, 6, 5), step_fraction=step_fraction, weighting=weighting, batch_size=batch_size
+    )
+    assert result.shape == (3,) + shape
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_never_exceed_batch_size_and_every_tile_runs_once():
+    net = _voxelwise_net()
+    image = torch.randn(2, 9, 17, 11)
+    seen = []
+
+    def counting(batch):
+        seen.append(batch.shape[0])
+        return net(batch)
+
+    sliding_window_predict(counting, image, (4, 6, 5), step_fraction=0.5, batch_size=4)
+    assert max(seen) <= 4
+    assert sum(seen) == len(plan_tiles((9, 17, 11), (4, 6, 5), 0.5))
+
+
+@pytest.mark.parametrize("step_fraction", [1.0, 0.5])
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("shape", [(16, 24, 20), (8, 36, 30)])
+def test_conv_network_matches_monai(step_fraction, batch_size, shape):
+    monai_inferers = pytest.importorskip("monai.inferers")
+    net = _conv_net()
+    image = torch.randn((1,) + shape, generator=torch.Generator().manual_seed(2))
+    patch = (8, 12, 10)
+    ours = sliding_window_predict(net, image, patch, step_fraction=step_fraction, batch_size=batch_size)
+    with torch.no_grad():
+        theirs = monai_inferers.sliding_window_inference(
+            image[None], roi_size=patch, sw_batch_size=batch_size, predictor=net,
+            overlap=1.0 - step_fraction, mode="constant",
+        )[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # The tiling really matters for this network: applying it to the whole image gives something else.
+    with torch.no_grad():
+        whole = net(image[None])[0]
+    assert (ours - whole).abs().max() > 1e-3
+
+
+def test_conv_network_matches_monai_on_an_uneven_size():
+    """Tile placement (last tile shifted to the border) is MONAI's, also when the size is not a multiple."""
+    monai_inferers = pytest.importorskip("monai.inferers")
+    net = _conv_net()
+    image = torch.randn(1, 11, 29, 23, generator=torch.Generator().manual_seed(3))
+    ours = sliding_window_predict(net, image, (8, 12, 10), step_fraction=0.5, batch_size=2)
+    with torch.no_grad():
+        theirs = monai_inferers.sliding_window_inference(image[None], (8, 12, 10), 2, net, overlap=0.5)[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_gaussian_weighting_favours_tile_centres():
+    weight = gaussian_importance_map((8, 12, 10))
+    assert weight.shape == (8, 12, 10)
+    assert weight.min() > 0
+    assert torch.isclose(weight.max(), torch.tensor(1.0))
+    # Symmetric about the centre (σ = patch / 8 along each axis).
+    torch.testing.assert_close(weight, weight.flip(0).flip(1).flip(2))
+    assert weight[4, 6, 5] > weight[0, 6, 5] > 0
+    # With a conv network and overlap, Gaussian and constant blending differ near tile borders.
+    net = _conv_net()
+    image = torch.randn(1, 16, 24, 20)
+    constant = sliding_window_predict(net, image, (8, 12, 10), 0.5, "constant")
+    gaussian = sliding_window_predict(net, image, (8, 12, 10), 0.5, "gaussian")
+    assert (constant - gaussian).abs().max() > 1e-4
+
+
+def test_bounding_box_region_skips_tiles_and_leaves_zero():
+    net = _voxelwise_net()
+    image = torch.randn(2, 12, 24, 20)
+    box = ((5, 7), (2, 5), (11, 14))
+    calls = []
+
+    def counting(batch):
+        calls.append(batch.shape[0])
+        return net(batch)
+
+    result = sliding_window_predict(counting, image, (4, 6, 5), region=box, batch_size=8)
+    with torch.no_grad():
+        whole = net(image[None])[0]
+    # Tiles (z: 4..8, y: 0..6, x: 10..15) run: the box is inside them, so it gets the exact values.
+    torch.testing.assert_close(result[:, 4:8, 0:6, 10:15], whole[:, 4:8, 0:6, 10:15], atol=1e-5, rtol=1e-5)
+    assert sum(calls) == len(plan_tiles((12, 24, 20), (4, 6, 5), 1.0, box)) == 1
+    untouched = torch.ones(12, 24, 20, dtype=torch.bool)
+    untouched[4:8, 0:6, 10:15] = False
+    assert (result[:, untouched] == 0).all()
+
+
+@pytest.mark.parametrize("step_fraction", [1.0, 0.5])
+def test_mask_region_predicts_every_masked_voxel(step_fraction):
+    net = _voxelwise_net()
+    shape = (14, 30, 26)
+    image = torch.randn((2,) + shape)
+    rng = np.random.default_rng(4)
+    mask = np.zeros(shape, bool)
+    mask[2:5, 3:9, 4:8] = True  # one blob
+    mask[tuple(rng.integers(0, s, 5) for s in shape)] = True  # scattered voxels
+    result = sliding_window_predict(net, image, (4, 6, 5), step_fraction, region=mask, batch_size=5)
+    with torch.no_grad():
+        whole = net(image[None])[0]
+    torch.testing.assert_close(result[:, mask], whole[:, mask], atol=1e-5, rtol=1e-5)
+    run = len(plan_tiles(shape, (4, 6, 5), step_fraction, mask))
+    assert run < len(plan_tiles(shape, (4, 6, 5), step_fraction))
+    # Voxels outside every run tile are exactly 0; a boolean tensor works the same as an array.
+    same = sliding_window_predict(net, image, (4, 6, 5), step_fraction, region=torch.from_numpy(mask), batch_size=5)
+    torch.testing.assert_close(same, result)
+    assert (result == 0).any()
+
+
+def test_empty_region_gives_zeros_of_the_right_shape():
+    net = _voxelwise_net()
+    image = torch.randn(2, 6, 8, 7)
+    result = sliding_window_predict(net, image, (4, 6, 5), region=np.zeros((6, 8, 7), bool))
+    assert result.shape == (3, 6, 8, 7)
+    assert (result == 0).all()
+
+
+def test_float64_image_and_output_device_none_keep_float32_accumulators():
+    net = _voxelwise_net().double()
+    image = torch.randn(2, 7, 9, 6, dtype=torch.float64)
+    result = sliding_window_predict(net, image, (4, 6, 5), output_device=None)
+    assert result.dtype == torch.float32 and result.device == image.device
+    torch.testing.assert_close(result, net(image[None])[0].float().detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_output_shape_and_bad_arguments_are_refused():
+    image = torch.randn(1, 8, 8, 8)
+    with pytest.raises(ValueError, match="predict_fn returned"):
+        sliding_window_predict(lambda b: b[:, :, :2], image, (4, 4, 4))
+    with pytest.raises(ValueError, match="step_fraction"):
+        sliding_window_predict(lambda b: b, image, (4, 4, 4), step_fraction=0.0)
+    with pytest.raises(ValueError, match="weighting"):
+        sliding_window_predict(lambda b: b, image, (4, 4, 4), weighting="linear")
+    with pytest.raises(ValueError, match="region mask shape"):
+        plan_tiles((8, 8, 8), (4, 4, 4), region=np.ones((8, 8, 7), bool))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_network_with_cpu_accumulators():
+    net = _conv_net().cuda()
+    image = torch.randn(1, 16, 24, 20)
+    on_gpu = sliding_window_predict(net, image, (8, 12, 10), 0.5, device="cuda", batch_size=4)
+    on_cpu = sliding_window_predict(net.cpu(), image, (8, 12, 10), 0.5, batch_size=4)
+    assert on_gpu.device.type == "cpu"
+    torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
