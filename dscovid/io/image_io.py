@@ -9,8 +9,10 @@ SimpleITK's (x, y, z) order happens here and nowhere else.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import struct
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -159,6 +161,64 @@ def _first_line(error: Exception) -> str:
     return lines[-1][:200] if lines else type(error).__name__
 
 
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a complete NIfTI-1/2 file holds (header offset + voxel data), or None if this is not NIfTI."""
+    for order in "<>":
+        (size,) = struct.unpack(order + "i", header[:4])
+        if size == 348 and len(header) >= 112:
+            dims = struct.unpack(order + "8h", header[40:56])
+            (bitpix,) = struct.unpack(order + "h", header[72:74])
+            (offset,) = struct.unpack(order + "f", header[108:112])
+        elif size == 540 and len(header) >= 176:
+            (bitpix,) = struct.unpack(order + "h", header[14:16])
+            dims = struct.unpack(order + "8q", header[16:80])
+            (offset,) = struct.unpack(order + "q", header[168:176])
+        else:
+            continue
+        count = 1
+        for extent in dims[1 : 1 + max(0, min(int(dims[0]), 7))]:
+            count *= max(int(extent), 1)
+        return int(offset) + count * int(bitpix) // 8
+    return None
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """SimpleITK pads a truncated NIfTI with zeros instead of failing: compare the data size with the header."""
+    name = path.name.lower()
+    if name.endswith(".nii"):
+        with open(path, "rb") as stream:
+            expected = _nifti_expected_bytes(stream.read(540))
+        actual = path.stat().st_size
+    elif name.endswith(".nii.gz"):
+        try:
+            with gzip.open(path, "rb") as stream:
+                expected = _nifti_expected_bytes(stream.read(540))
+        except (OSError, EOFError):
+            expected, actual = 1, 0
+        else:
+            # The gzip trailer holds the uncompressed size (mod 2**32); a truncated file has no valid trailer.
+            with open(path, "rb") as stream:
+                stream.seek(-4, os.SEEK_END)
+                (actual,) = struct.unpack("<I", stream.read(4))
+            if expected is not None and actual != expected % 2**32:
+                actual = _gzip_length(path)  # multi-member files have several trailers: count for real
+    else:
+        return
+    if expected is not None and actual < expected:
+        raise DscovidError(f"{path}: the file is truncated ({actual} of {expected} bytes of image data)")
+
+
+def _gzip_length(path: Path) -> int:
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                total += len(chunk)
+    except (OSError, EOFError):
+        pass
+    return total
+
+
 def read_sitk(path: str | os.PathLike) -> sitk.Image:
     """Read a volume file or a folder holding a DICOM series as a SimpleITK image, refusing unreadable input."""
     path = Path(path)
@@ -167,9 +227,11 @@ def read_sitk(path: str | os.PathLike) -> sitk.Image:
     if not path.exists():
         raise DscovidError(f"{path}: no such file or folder")
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise DscovidError(f"{path}: cannot read the image, the file is unreadable or truncated ({_first_line(error)})") from None
+    _check_nifti_complete(path)
+    return image
 
 
 def _check_dimensions(image: sitk.Image, path: Path) -> None:
@@ -182,7 +244,8 @@ def _check_dimensions(image: sitk.Image, path: Path) -> None:
     if dim > 3:
         raise DscovidError(f"{path}: is a {dim}D image of size {'x'.join(map(str, size))}; a 3D CT volume is required")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DscovidError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; a grey-level CT is required")
+        components = image.GetNumberOfComponentsPerPixel()
+        raise DscovidError(f"{path}: has {components} components per voxel; a grey-level CT is required")
     raise DscovidError(f"{path}: unsupported image of dimension {dim}")
 
 
