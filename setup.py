@@ -28,9 +28,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["dscovid", "dscovid.*", "dataset_conversion", "dataset_conversion.*"]),
-    package_data={"dscovid": ["presets/*.json"]},
-    include_package_data=True,
+    # The plan presets live in the top-level plans/ folder and install as the data package dscovid.presets.
+    packages=find_packages(include=["dscovid", "dscovid.*", "dataset_conversion", "dataset_conversion.*"])
+    + ["dscovid.presets"],
+    package_dir={"dscovid.presets": "plans"},
+    package_data={"dscovid.presets": ["*.json"]},
     install_requires=[
         # Any torch from 2.1 on; `make` installs the CPU build 2.13.0 first so pip never pulls a CUDA build here.
         "torch>=2.1",
