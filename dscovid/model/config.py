@@ -1,0 +1,189 @@
+"""The ``network`` and ``training.loss`` keys of a plans configuration, as validated dataclasses.
+
+Every key has the paper's value as its default; ``from_dict`` refuses unknown keys and bad values with a
+:class:`~dscovid.errors.DscovidError` that names the key (``network.<key>`` or ``training.loss.<key>``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dscovid.errors import DscovidError
+
+TASKS = ("joint", "segmentation", "classification")
+STEMS = ("inception", "conv")
+NORMS = ("group", "instance")
+LESION_CONTEXTS = ("ground_truth", "prediction", "none")
+SEG_TO_CLS_FILLS = ("classification", "zeros")
+TASK_AWARE_CLASSES = ("predicted", "label")
+
+
+def _check_choice(prefix: str, key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise DscovidError(f"{prefix}.{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_number(prefix: str, key: str, value: Any, minimum: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise DscovidError(f"{prefix}.{key} must be a number >= {minimum}; got {value!r}")
+
+
+def _check_int_list(prefix: str, key: str, value: Any, length: int, minimum: int = 1) -> None:
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != length
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in value)
+    ):
+        raise DscovidError(f"{prefix}.{key} must be a list of {length} integers >= {minimum}; got {value!r}")
+
+
+def _build(cls: type, values: Mapping[str, Any] | None, prefix: str) -> Any:
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise DscovidError(f"unknown key {prefix}.{key} (known: {', '.join(sorted(known))})")
+    instance = cls(**values)
+    instance.validate()
+    return instance
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """``configuration["network"]``: the architecture and its ablation switches (docs/model.md)."""
+
+    tasks: str = "joint"
+    """``joint`` (DeepSC-COVID), ``segmentation`` (Table II "w/o Cls."), ``classification`` ("w/o Seg.")."""
+    stem: str = "inception"
+    """``inception`` (3D inception block) or ``conv`` (plain 3×3×3 convolution, Fig. 8 ablation)."""
+    stem_channels: int = 32
+    cross_stitch: bool = True
+    """False removes the cross-stitch unit (each task keeps its own stem features; Fig. 8 ablation)."""
+    cross_stitch_init: tuple[float, float] = (0.9, 0.1)
+    """Initial (self, other) weights of equation 2."""
+    segmentation_widths: tuple[int, int, int] = (64, 128, 256)
+    classification_widths: tuple[int, int, int] = (64, 128, 256)
+    lesion_channels: int = 16
+    """Channels Ŝ is embedded to before it is concatenated with the C-features."""
+    side_output_weights: tuple[float, float, float, float] = (0.25, 0.25, 0.5, 1.0)
+    """η1..η4 of equations 3 and 10."""
+    norm: str = "group"
+    norm_groups: int = 2
+    num_classes: int = 3
+    lesion_context: str = "ground_truth"
+    """What stands for Ŝ outside the training patch: ``ground_truth`` (cls_lesion), ``prediction``, ``none``."""
+    seg_to_cls_fill: str = "classification"
+    """What stands for the segmentation stem features outside the patch: ``classification`` or ``zeros``."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> NetworkConfig:
+        """Build from ``configuration["network"]``; unknown keys and bad values raise DscovidError."""
+        values = dict(values or {})
+        for key in ("cross_stitch_init", "segmentation_widths", "classification_widths", "side_output_weights"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return _build(cls, values, "network")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (lists instead of tuples)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def validate(self) -> None:
+        p = "network"
+        _check_choice(p, "tasks", self.tasks, TASKS)
+        _check_choice(p, "stem", self.stem, STEMS)
+        _check_choice(p, "norm", self.norm, NORMS)
+        _check_choice(p, "lesion_context", self.lesion_context, LESION_CONTEXTS)
+        _check_choice(p, "seg_to_cls_fill", self.seg_to_cls_fill, SEG_TO_CLS_FILLS)
+        if not isinstance(self.cross_stitch, bool):
+            raise DscovidError(f"{p}.cross_stitch must be true or false; got {self.cross_stitch!r}")
+        _check_int_list(p, "stem_channels", [self.stem_channels], 1, minimum=8)
+        if self.stem_channels % 8:
+            raise DscovidError(f"{p}.stem_channels must be a multiple of 8 (inception branch split); got {self.stem_channels}")
+        _check_int_list(p, "segmentation_widths", self.segmentation_widths, 3, minimum=2)
+        _check_int_list(p, "classification_widths", self.classification_widths, 3, minimum=1)
+        if any(w % 2 for w in self.segmentation_widths):
+            raise DscovidError(f"{p}.segmentation_widths must be even; got {list(self.segmentation_widths)}")
+        _check_int_list(p, "num_classes", [self.num_classes], 1, minimum=2)
+        _check_int_list(p, "norm_groups", [self.norm_groups], 1, minimum=1)
+        if self.norm == "group":
+            widths = [self.stem_channels, *self.segmentation_widths, *self.classification_widths]
+            widths += [w // 2 for w in self.segmentation_widths]
+            bad = [w for w in widths if w % self.norm_groups]
+            if bad:
+                raise DscovidError(f"{p}.norm_groups={self.norm_groups} does not divide the channel counts {sorted(set(bad))}")
+        if (
+            isinstance(self.lesion_channels, bool)
+            or not isinstance(self.lesion_channels, int)
+            or not 0 < self.lesion_channels < self.stem_channels
+        ):
+            raise DscovidError(
+                f"{p}.lesion_channels must be an integer between 1 and stem_channels - 1; got {self.lesion_channels!r}"
+            )
+        if len(self.cross_stitch_init) != 2:
+            raise DscovidError(f"{p}.cross_stitch_init must be [self, other]; got {list(self.cross_stitch_init)}")
+        for value in self.cross_stitch_init:
+            _check_number(p, "cross_stitch_init", value, minimum=-10.0)
+        if len(self.side_output_weights) != 4:
+            raise DscovidError(f"{p}.side_output_weights must hold four values; got {list(self.side_output_weights)}")
+        for value in self.side_output_weights:
+            _check_number(p, "side_output_weights", value)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``configuration["training"]["loss"]``: the weights of equations 8 and 11 and the focal parameters."""
+
+    lambda_seg: float = 1.0
+    lambda_cls: float = 1.0
+    lambda_ta: float = 10.0
+    """λ_ta of equation 11 (paper's best 10; 0 removes the task-aware loss)."""
+    lambda_dice: float = 1.0
+    lambda_focal: float = 1.0
+    focal_alpha: float = 0.75
+    """α of equation 7: weight of the lesion term (lesions are the minority)."""
+    focal_gamma: float = 2.0
+    dice_smooth: float = 1.0
+    """Added to numerator and denominator of equation 6; makes an empty target push Ŝ to zero."""
+    task_aware_scales: tuple[int, ...] = (1, 2, 3)
+    """Which side outputs Ŝi enter equation 10; ``[3]`` is the single-scale ablation of Table III."""
+    task_aware_class: str = "predicted"
+    """Evidence masks of the ``predicted`` class (equation 5) or of the ``label``."""
+    class_weights: tuple[float, ...] | None = field(default=None)
+    """ξ of equation 9, one per class (from ``training.class_weights``); None means all 1."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None, class_weights: Sequence[float] | None = None) -> LossConfig:
+        """Build from ``configuration["training"]["loss"]`` and ``configuration["training"]["class_weights"]``."""
+        values = dict(values or {})
+        if "class_weights" in values:
+            raise DscovidError("unknown key training.loss.class_weights (class weights live in training.class_weights)")
+        if isinstance(values.get("task_aware_scales"), list):
+            values["task_aware_scales"] = tuple(values["task_aware_scales"])
+        if class_weights is not None:
+            if not isinstance(class_weights, (list, tuple)):
+                raise DscovidError(f"training.class_weights must be a list of numbers; got {class_weights!r}")
+            for w in class_weights:
+                _check_number("training", "class_weights", w)
+            values["class_weights"] = tuple(float(w) for w in class_weights)
+        return _build(cls, values, "training.loss")
+
+    def validate(self) -> None:
+        p = "training.loss"
+        for key in ("lambda_seg", "lambda_cls", "lambda_ta", "lambda_dice", "lambda_focal", "focal_gamma", "dice_smooth"):
+            _check_number(p, key, getattr(self, key))
+        _check_number(p, "focal_alpha", self.focal_alpha)
+        if self.focal_alpha > 1:
+            raise DscovidError(f"{p}.focal_alpha must be in [0, 1]; got {self.focal_alpha}")
+        scales = self.task_aware_scales
+        if (
+            not isinstance(scales, (list, tuple))
+            or len(scales) == 0
+            or len(set(scales)) != len(scales)
+            or any(s not in (1, 2, 3) for s in scales)
+        ):
+            raise DscovidError(f"{p}.task_aware_scales must be distinct values among 1, 2, 3; got {scales!r}")
+        _check_choice(p, "task_aware_class", self.task_aware_class, TASK_AWARE_CLASSES)
