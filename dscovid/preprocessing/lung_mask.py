@@ -1,0 +1,425 @@
+"""Classical lung segmentation of chest CT that keeps dense lesions inside the mask (DESIGN.md §5 "Lung mask").
+
+No trained weights: thresholds, connected components and morphology, most of it on a coarse working grid
+(about 2 mm) and refined at full resolution. The steps, each in its own function below:
+
+1. Reorient the array so that its axes run (inferior→superior, anterior→posterior, right→left), from the
+   direction matrix; everything after this works in that order, and the result is turned back at the end.
+2. Block-average to the working grid (padding such as -2048 / -3024 outside the field of view is clipped to
+   -1024 first, so it counts as air, not as something colder).
+3. Body: above -500 HU, the largest 3D component, holes filled per axial slice (so the lungs become holes
+   filled in, while the air around the body and the padding stay outside).
+4. Air inside the body: below -400 HU. Airway removal: per axial slice, small air pieces near the body's
+   mid-line that form a tube reaching the top of the air region (trachea and main bronchi).
+5. Lungs: the largest air component, plus the second largest when it is big enough and not below the first
+   (a stomach bubble is neither); one component spanning both sides of the body is split into right and left.
+6. Lesion-aware filling, each lung on its own so nothing between the lungs is swallowed: a 3D closing with a
+   ball of ``closing_radius_mm`` (pulls in consolidation against the pleura, vessels and the hilum), then
+   holes filled per axial slice (lesions inside the lung). Dense lesions are therefore inside the mask
+   without ever being thresholded.
+7. Back to full resolution: the coarse mask is repeated onto the full grid and its boundary band is
+   re-decided voxel by voxel from the full-resolution HU (air: in; dense and not lesion filling: out).
+
+The result is a uint8 0/1 mask (:func:`segment_lungs`) or right/left labels 1/2 (:func:`segment_lung_sides`,
+lungmask's R231 convention: 1 = right lung, 2 = left lung).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from dscovid.errors import DscovidError
+
+log = logging.getLogger(__name__)
+
+#: Label values of :func:`segment_lung_sides` (lungmask R231 convention).
+RIGHT_LUNG = 1
+LEFT_LUNG = 2
+
+_AIR_HU = -1024.0
+# Connectivity within one axial slice only: fills holes slice by slice in a single call.
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+@dataclass(frozen=True)
+class LungMaskSettings:
+    """The knobs of the classical lung segmentation (defaults tuned on real and synthetic chest CT).
+
+    Attributes
+    ----------
+    working_spacing_mm : target voxel size of the coarse working grid (integer block averaging, so the real
+        working spacing is the nearest integer multiple of the input spacing).
+    body_threshold_hu : tissue of the body is above this.
+    air_threshold_hu : aerated lung (ground glass included) is below this.
+    airway_max_area_mm2 : an axial air piece this small or smaller can be trachea or main bronchus.
+    airway_max_offset_mm : ... when its centre is at most this far (left-right) from the body's mid-line.
+    airway_seed_depth_mm : the airway tube must reach this close to the top of the air region.
+    closing_radius_mm : radius of the ball of the per-lung 3D closing that brings pleural lesions in.
+    min_lung_ml : the lungs' air must be at least this large, or there is no lung.
+    min_lung_fraction : ... and fill at least this fraction of the body's cross-section on some axial slice
+        (mid-chest: 25-40 %; bowel gas in a pelvis CT: under 10 %).
+    second_lung_min_fraction : the second air component counts as a lung when its volume is at least this
+        fraction of the largest one.
+    """
+
+    working_spacing_mm: float = 2.0
+    body_threshold_hu: float = -500.0
+    air_threshold_hu: float = -400.0
+    airway_max_area_mm2: float = 700.0
+    airway_max_offset_mm: float = 30.0
+    airway_seed_depth_mm: float = 10.0
+    closing_radius_mm: float = 15.0
+    min_lung_ml: float = 10.0
+    min_lung_fraction: float = 0.15
+    second_lung_min_fraction: float = 0.05
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def segment_lungs(
+    image_hu: np.ndarray,
+    spacing_zyx_mm: Sequence[float],
+    direction: Sequence[float] | None = None,
+    settings: LungMaskSettings | None = None,
+) -> np.ndarray:
+    """Segment both lungs of a chest CT, dense lesions included.
+
+    Parameters
+    ----------
+    image_hu : ``(Z, Y, X)`` CT in Hounsfield units (any integer or float type).
+    spacing_zyx_mm : voxel spacing in mm along z, y, x.
+    direction : the 9 numbers of the image's direction matrix (SimpleITK's ``GetDirection``, e.g.
+        ``Geometry.direction``); ``None`` means identity (x to the patient's left, y posterior, z superior).
+        It tells which end is the top (for the airway) and which side is left.
+    settings : thresholds and sizes; the defaults otherwise.
+
+    Returns
+    -------
+    ``(Z, Y, X)`` uint8 mask, 1 inside either lung.
+
+    Raises
+    ------
+    DscovidError
+        When no lung is found (for example a pelvis CT): one line giving the air volume inside the body.
+    """
+    return (segment_lung_sides(image_hu, spacing_zyx_mm, direction, settings) > 0).astype(np.uint8)
+
+
+def segment_lung_sides(
+    image_hu: np.ndarray,
+    spacing_zyx_mm: Sequence[float],
+    direction: Sequence[float] | None = None,
+    settings: LungMaskSettings | None = None,
+) -> np.ndarray:
+    """Like :func:`segment_lungs` but with the lungs told apart: ``(Z, Y, X)`` uint8, 1 = right, 2 = left, 0 = none.
+
+    A scan showing only one lung has only that label.
+    """
+    settings = settings or LungMaskSettings()
+    image_hu = np.asarray(image_hu)
+    if image_hu.ndim != 3:
+        raise DscovidError(f"lung segmentation needs a 3D volume, got an array of shape {image_hu.shape}")
+    spacing = np.asarray(spacing_zyx_mm, dtype=float)
+    axes, flips = _canonical_axes(direction)
+    canonical = _to_canonical(image_hu, axes, flips)
+    canonical_spacing = spacing[list(axes)]
+
+    factors = tuple(max(1, int(round(settings.working_spacing_mm / s))) for s in canonical_spacing)
+    if canonical.shape[0] // factors[0] < 16:  # a thin slab: keep every slice, 3D steps need some depth
+        factors = (1,) + factors[1:]
+    coarse = _block_mean(canonical, factors)
+    coarse_spacing = canonical_spacing * np.asarray(factors)
+    log.debug("working grid %s at %s mm (factors %s)", coarse.shape, np.round(coarse_spacing, 2), factors)
+
+    body = _body_mask(coarse, settings.body_threshold_hu)
+    air = body & (coarse < settings.air_threshold_hu)
+    air &= ~_airway(air, body, coarse_spacing, settings)
+    sides = _pick_lungs(air, body, coarse_spacing, settings)
+    filled = _fill_lesions(sides, body, coarse_spacing, settings)
+    labels = _refine(canonical, sides, filled, factors, settings.air_threshold_hu)
+    return _from_canonical(labels, axes, flips)
+
+
+def lung_volumes_ml(labels: np.ndarray, spacing_zyx_mm: Sequence[float]) -> dict[str, float]:
+    """Volumes in ml of the right (label 1) and left (label 2) lung of a :func:`segment_lung_sides` result."""
+    voxel_ml = float(np.prod(spacing_zyx_mm)) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=3)
+    return {"right": float(counts[RIGHT_LUNG]) * voxel_ml, "left": float(counts[LEFT_LUNG]) * voxel_ml}
+
+
+# ----------------------------------------------------------------------------------------- orientation
+
+
+def _canonical_axes(direction: Sequence[float] | None) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """Which array axis becomes each canonical axis (S, P, L in LPS world terms), and which of them to flip.
+
+    The direction matrix's column c is the world direction of index axis c in (x, y, z) order; array axis k
+    (in z, y, x order) is index axis 2 - k. Canonical axis 0 follows world z (superior), 1 world y
+    (posterior), 2 world x (patient left).
+    """
+    if direction is None:
+        return (0, 1, 2), (False, False, False)
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    axes = [0, 0, 0]
+    flips = [False, False, False]
+    for array_axis in range(3):
+        column = matrix[:, 2 - array_axis]
+        world = int(np.argmax(np.abs(column)))
+        axes[2 - world] = array_axis
+        flips[2 - world] = bool(column[world] < 0)
+    if sorted(axes) != [0, 1, 2]:
+        log.warning("oblique direction matrix %s; assuming the array is axial (z, y, x)", tuple(direction))
+        return (0, 1, 2), (False, False, False)
+    return tuple(axes), tuple(flips)
+
+
+def _to_canonical(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+    view = np.transpose(array, axes)
+    return view[tuple(slice(None, None, -1) if flip else slice(None) for flip in flips)]
+
+
+def _from_canonical(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+    unflipped = array[tuple(slice(None, None, -1) if flip else slice(None) for flip in flips)]
+    return np.ascontiguousarray(np.transpose(unflipped, np.argsort(axes)))
+
+
+# ------------------------------------------------------------------------------------------ working grid
+
+
+def _block_mean(image: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Mean over blocks of ``factors`` voxels (a trailing partial block is dropped), HU clipped to [-1024, 3071].
+
+    Done in slabs of slices so a 512×512×600 scan never needs a full float copy.
+    """
+    fz, fy, fx = factors
+    nz, ny, nx = (n // f for n, f in zip(image.shape, factors))
+    if min(nz, ny, nx) == 0:
+        raise DscovidError(f"the volume {image.shape} is too small for lung segmentation")
+    out = np.empty((nz, ny, nx), dtype=np.float32)
+    slab = max(1, 64 // fz)
+    for start in range(0, nz, slab):
+        stop = min(nz, start + slab)
+        block = image[start * fz : stop * fz, : ny * fy, : nx * fx].astype(np.float32)
+        np.clip(block, _AIR_HU, 3071.0, out=block)
+        out[start:stop] = block.reshape(stop - start, fz, ny, fy, nx, fx).mean(axis=(1, 3, 5))
+    return out
+
+
+def _upsample(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Repeat each coarse voxel over its block of the full grid (the dropped partial blocks take the last one)."""
+    index = [np.minimum(np.arange(n) // f, c - 1) for n, f, c in zip(shape, factors, coarse.shape)]
+    return coarse[np.ix_(*index)]
+
+
+def _components(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Connected component labels and the voxel count of each label (index 0 = background)."""
+    labels, count = ndimage.label(mask, structure=structure)
+    return labels, np.bincount(labels.ravel(), minlength=count + 1)
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    return ndimage.binary_fill_holes(mask, structure=_IN_PLANE)
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+
+def _body_mask(coarse: np.ndarray, threshold_hu: float) -> np.ndarray:
+    """The patient's body: tissue above ``threshold_hu``, its largest 3D component, holes filled per slice."""
+    labels, sizes = _components(coarse > threshold_hu)
+    if len(sizes) < 2:
+        raise DscovidError(f"no lung found: no body (nothing above {threshold_hu:g} HU) in the image")
+    sizes[0] = 0
+    return _fill_holes_per_slice(labels == int(np.argmax(sizes)))
+
+
+def _airway(air: np.ndarray, body: np.ndarray, spacing: np.ndarray, settings: LungMaskSettings) -> np.ndarray:
+    """Trachea and main bronchi: small axial air pieces near the mid-line forming a tube down from the top.
+
+    A lung apex is small too but lies lateral to the mid-line; a piece merged with a lung is large. The tube
+    must reach the top of the air region (within ``airway_seed_depth_mm``), which a bowel loop does not.
+    """
+    pixel_mm2 = spacing[1] * spacing[2]
+    max_pixels = settings.airway_max_area_mm2 / pixel_mm2
+    max_offset = settings.airway_max_offset_mm / spacing[2]
+    candidates = np.zeros_like(air)
+    slices_with_air = np.flatnonzero(air.any(axis=(1, 2)))
+    if slices_with_air.size == 0:
+        return candidates
+    for z in slices_with_air:
+        body_columns = np.flatnonzero(body[z].any(axis=0))
+        mid_x = 0.5 * (body_columns[0] + body_columns[-1])
+        labels, sizes = _components(air[z])
+        small = np.flatnonzero((sizes <= max_pixels) & (sizes > 0))
+        small = small[small > 0]
+        if small.size == 0:
+            continue
+        centres_x = np.asarray(ndimage.center_of_mass(air[z], labels, small))[:, 1]
+        near = small[np.abs(centres_x - mid_x) <= max_offset]
+        candidates[z] = np.isin(labels, near)
+
+    # The top of the air region is its largest component's top (canonical axis 0 runs upward).
+    air_labels, sizes = _components(air)
+    sizes[0] = 0
+    top = int(np.flatnonzero((air_labels == int(np.argmax(sizes))).any(axis=(1, 2)))[-1])
+    seed_depth = max(1, int(round(settings.airway_seed_depth_mm / spacing[0])))
+    tube_labels, _ = _components(candidates, np.ones((3, 3, 3), dtype=bool))
+    reaching = np.unique(tube_labels[max(0, top - seed_depth + 1) : top + 1])
+    reaching = reaching[reaching > 0]
+    airway = np.isin(tube_labels, reaching)
+    log.debug("airway: %d voxels on the working grid", int(airway.sum()))
+    return airway
+
+
+def _pick_lungs(air: np.ndarray, body: np.ndarray, spacing: np.ndarray, settings: LungMaskSettings) -> np.ndarray:
+    """Label the right (1) and left (2) lung among the air components inside the body.
+
+    Raises DscovidError when the lungs' air is smaller than ``min_lung_ml`` or never fills ``min_lung_fraction``
+    of an axial slice of the body (bowel gas in an abdomen or pelvis CT).
+    """
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    labels, sizes = _components(air)
+    sizes[0] = 0
+    order = np.argsort(sizes)[::-1]
+    largest = int(order[0])
+    lungs = [labels == largest]
+    if len(order) > 2 and sizes[order[1]] >= settings.second_lung_min_fraction * sizes[largest]:
+        second = labels == int(order[1])
+        # A stomach or bowel bubble lies below the lung base; a second lung sits at the height of the first.
+        first_z = np.flatnonzero(lungs[0].any(axis=(1, 2)))
+        centre_z = float(np.mean(np.nonzero(second)[0]))
+        if centre_z >= first_z[0] + 0.25 * (first_z[-1] - first_z[0]):
+            lungs.append(second)
+    found = np.logical_or.reduce(lungs)
+    volume_ml = float(found.sum()) * voxel_ml
+    fraction = float(np.max(found.sum(axis=(1, 2)) / np.maximum(1, body.sum(axis=(1, 2)))))
+    if volume_ml < settings.min_lung_ml or fraction < settings.min_lung_fraction:
+        raise DscovidError(
+            f"no lung found: the air inside the body is only {float(air.sum()) * voxel_ml:.0f} ml and fills at "
+            f"most {100 * fraction:.0f}% of an axial slice of the body (a chest CT: over "
+            f"{100 * settings.min_lung_fraction:.0f}%)"
+        )
+
+    mid_x = _mid_line(lungs)
+    if len(lungs) == 1:
+        lungs = _split_if_both_sides(lungs[0], mid_x, spacing)
+    sides = np.zeros(air.shape, dtype=np.uint8)
+    for lung in lungs:
+        # Canonical x runs toward the patient's left.
+        centre_x = float(np.mean(np.nonzero(lung)[2]))
+        side = LEFT_LUNG if centre_x > mid_x else RIGHT_LUNG
+        if (sides == side).any():  # two pieces on one side: the smaller one is a continuation of the other
+            side = RIGHT_LUNG if side == LEFT_LUNG else LEFT_LUNG
+        sides[lung] = side
+    return sides
+
+
+def _mid_line(lungs: list[np.ndarray]) -> float:
+    """The left-right mid-line: the middle of the lungs' joint x extent."""
+    columns = np.flatnonzero(np.logical_or.reduce(lungs).any(axis=(0, 1)))
+    return 0.5 * (columns[0] + columns[-1])
+
+
+def _split_if_both_sides(lung: np.ndarray, mid_x: float, spacing: np.ndarray) -> list[np.ndarray]:
+    """Split one air component into two lungs when it has substantial volume on both sides of the mid-line.
+
+    The lungs touch only in thin places (the anterior and posterior junction lines, a bronchus): erode until
+    two large cores on opposite sides appear, then give each voxel to the nearer core. If erosion never
+    separates them, cut along the mid-line.
+    """
+    x = np.nonzero(lung)[2]
+    left_fraction = float(np.mean(x > mid_x))
+    if min(left_fraction, 1.0 - left_fraction) < 0.15:
+        return [lung]
+    core = lung
+    for _ in range(8):
+        core = ndimage.binary_erosion(core, _IN_PLANE)
+        labels, sizes = _components(core)
+        sizes[0] = 0
+        if len(sizes) < 3:
+            continue
+        first, second = (int(i) for i in np.argsort(sizes)[::-1][:2])
+        if sizes[second] < 0.15 * sizes[first]:
+            continue
+        seeds = np.where(labels == first, 1, 0) + np.where(labels == second, 2, 0)
+        _, nearest = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_indices=True)
+        owner = seeds[tuple(nearest)]
+        return [lung & (owner == 1), lung & (owner == 2)]
+    log.info("lungs touch too broadly to separate by erosion; cutting them along the mid-line")
+    columns = np.arange(lung.shape[2])[None, None, :]
+    return [lung & (columns <= mid_x), lung & (columns > mid_x)]
+
+
+def _fill_lesions(sides: np.ndarray, body: np.ndarray, spacing: np.ndarray, settings: LungMaskSettings) -> np.ndarray:
+    """Each lung closed with a ball of ``closing_radius_mm`` and holes filled per slice, inside the body.
+
+    Closing each lung on its own keeps the mediastinum and heart between them out; the other lung's aerated
+    voxels stay the other lung's.
+    """
+    filled = np.zeros_like(sides)
+    radius_voxels = np.ceil(settings.closing_radius_mm / spacing).astype(int) + 2
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        lung = sides == side
+        if not lung.any():
+            continue
+        box = _bounding_box(lung, radius_voxels)
+        closed = _closing(lung[box], settings.closing_radius_mm, spacing)
+        closed = _fill_holes_per_slice(closed) & body[box] & ((sides[box] == 0) | lung[box])
+        region = filled[box]
+        region[closed & (region == 0)] = side
+    return filled
+
+
+def _bounding_box(mask: np.ndarray, margin: np.ndarray) -> tuple[slice, ...]:
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(0, present[0] - margin[axis]), min(mask.shape[axis], present[-1] + margin[axis] + 1)))
+    return tuple(box)
+
+
+def _closing(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Morphological closing with a ball of ``radius_mm`` (distance transforms: exact and fast for big radii).
+
+    The array border counts as inside for the erosion, so a lung cut by the field of view is not eaten away.
+    """
+    dilated = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
+    padded = np.pad(dilated, 1, mode="edge")
+    eroded = ndimage.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1] > radius_mm
+    return eroded | mask
+
+
+def _refine(
+    image: np.ndarray, sides: np.ndarray, filled: np.ndarray, factors: Sequence[int], air_threshold_hu: float
+) -> np.ndarray:
+    """Full-resolution labels: the coarse mask's interior as is, its boundary band decided by the HU of each voxel.
+
+    In the band a voxel is lung when it is air (below ``air_threshold_hu``), or when the coarse voxel is lesion
+    filling (filled but not next to aerated lung), which no threshold can find.
+    """
+    inner = np.zeros_like(filled)
+    band = np.zeros_like(filled)
+    lesion = np.zeros_like(filled)
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        lung = filled == side
+        if not lung.any():
+            continue
+        core = ndimage.binary_erosion(lung, border_value=1)  # the scan's edge is not the lung's edge
+        inner[core] = side
+        band[ndimage.binary_dilation(lung) & ~core & (filled != (LEFT_LUNG + RIGHT_LUNG - side))] = side
+        lesion[lung & ~core & ~ndimage.binary_dilation(sides == side)] = side
+    shape = image.shape
+    labels = _upsample(inner, factors, shape)
+    band_full = _upsample(band, factors, shape)
+    lesion_full = _upsample(lesion, factors, shape)
+    decide = (labels == 0) & (band_full > 0)
+    take = decide & ((image < air_threshold_hu) | (lesion_full > 0))
+    labels[take] = band_full[take]
+    return labels
