@@ -1,0 +1,160 @@
+"""Augmentation that keeps the segmentation patch and the classification grid geometrically consistent.
+
+The two branches of the network meet through the patch box (docs/formats.md §4), so an augmentation that moves
+the patch content must move the classification grid the same way, or the cross-stitch would mix features of
+different anatomy. Three decisions follow:
+
+- **Rotation and scaling** act on the whole scan about the patch centre, in millimetres (so anisotropic voxels
+  rotate correctly): the patch is resampled from the full volume, and the classification grid is resampled from
+  itself with the same transform. The patch box is unchanged, because a transform about the patch centre maps the
+  box onto itself, and the mapping of docs/formats.md §4 stays exact. Rotation is in-plane (about z) only:
+  thick-slice CT is strongly anisotropic, and nnU-Net does the same for such patches.
+- **Mirroring** flips the patch, the masks and the classification grid along the same axis and moves the box to
+  its mirrored position (``start' = L - start - size``), again exact. By default only left-right (x): flipping z
+  or y would erase the lower-lobe and posterior predominance that distinguishes COVID-19 from CAP.
+- **Intensity** (brightness, contrast, gamma) draws its parameters once per sample and applies them to the patch
+  and the classification image alike (they are views of one scan); Gaussian noise (batchgenerators) is drawn
+  independently for each. Voxels that were 0 (outside the lung, masked by preprocessing) stay 0.
+
+All random parameters come from the data loader's own generator (one stream per background worker, derived from
+the run seed), not from numpy's or Python's global generators, so a seeded run sees the same batches again.
+Spatial resampling needs the full volume, so it happens while the patch is cut; the rest acts on the sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import affine_transform
+
+
+@dataclass(frozen=True)
+class AugmentationSettings:
+    """Probabilities and ranges (nnU-Net's defaults where they apply; the image is in [0, 1], not z-scored)."""
+
+    p_rotation: float = 0.2
+    rotation_deg: float = 15.0  # in-plane, uniform in [-r, r]
+    p_scale: float = 0.2
+    scale_range: tuple[float, float] = (0.85, 1.15)
+    mirror_axes: tuple[int, ...] = (2,)
+    p_brightness: float = 0.15
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    p_contrast: float = 0.15
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    p_gamma: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    p_noise: float = 0.1
+    noise_variance: tuple[float, float] = (0.0, 0.01)
+
+    @classmethod
+    def none(cls) -> AugmentationSettings:
+        """No augmentation at all (validation batches)."""
+        return cls(p_rotation=0, p_scale=0, mirror_axes=(), p_brightness=0, p_contrast=0, p_gamma=0, p_noise=0)
+
+
+def draw_spatial_matrix(
+    settings: AugmentationSettings, spacing_zyx_mm: Sequence[float], rng: np.random.Generator
+) -> np.ndarray | None:
+    """A random (3, 3) map from output to input voxel offsets (z, y, x), or None for the identity.
+
+    In millimetres the map is ``R(-angle) / scale`` (an in-plane rotation about z and an isotropic zoom); in voxels
+    it is conjugated by the spacing, ``S^-1 M S``.
+    """
+    rotate = rng.random() < settings.p_rotation
+    zoom = rng.random() < settings.p_scale
+    if not (rotate or zoom):
+        return None
+    angle = np.deg2rad(rng.uniform(-settings.rotation_deg, settings.rotation_deg)) if rotate else 0.0
+    scale = rng.uniform(*settings.scale_range) if zoom else 1.0
+    cos, sin = np.cos(angle), np.sin(angle)
+    rotation = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    spacing = np.asarray(spacing_zyx_mm, dtype=np.float64)
+    return np.diag(1.0 / spacing) @ (rotation.T / scale) @ np.diag(spacing)
+
+
+def resample_patch(
+    volume: np.ndarray, start_zyx: np.ndarray, size_zyx: Sequence[int], matrix: np.ndarray, order: int = 1
+) -> np.ndarray:
+    """Patch ``[start, start + size)`` of ``volume`` (Z, Y, X) after ``matrix`` about the patch centre; 0 outside."""
+    size = np.asarray(size_zyx, dtype=np.float64)
+    centre = np.asarray(start_zyx, dtype=np.float64) + (size - 1) / 2
+    offset = centre + matrix @ (np.asarray(start_zyx, dtype=np.float64) - centre)
+    out = affine_transform(volume.astype(np.float32, copy=False), matrix, offset=offset,
+                           output_shape=tuple(int(s) for s in size_zyx), order=order, mode="constant", cval=0.0)
+    return out
+
+
+def resample_grid(
+    grid: np.ndarray, volume_shape_zyx: Sequence[int], start_zyx: np.ndarray, size_zyx: Sequence[int],
+    matrix: np.ndarray,
+) -> np.ndarray:
+    """The classification grid (N, H, W) after the same transform about the patch centre (in volume voxels).
+
+    Cell ``i`` of a grid with ``n`` cells over ``L`` voxels is centred at voxel ``(i + 0.5) L / n - 0.5``
+    (cell-centred, ``align_corners=False``); the grid is resampled from itself at the transformed cell centres.
+    """
+    lengths = np.asarray(volume_shape_zyx, dtype=np.float64)
+    cells = np.asarray(grid.shape, dtype=np.float64)
+    to_voxel = lengths / cells  # D
+    centre = np.asarray(start_zyx, dtype=np.float64) + (np.asarray(size_zyx, dtype=np.float64) - 1) / 2
+    first_voxel = 0.5 * to_voxel - 0.5  # voxel position of cell 0
+    grid_matrix = np.diag(1.0 / to_voxel) @ matrix @ np.diag(to_voxel)
+    offset = (centre + matrix @ (first_voxel - centre) + 0.5) / to_voxel - 0.5
+    return affine_transform(grid.astype(np.float32, copy=False), grid_matrix, offset=offset,
+                            output_shape=grid.shape, order=1, mode="constant", cval=0.0)
+
+
+def mirror(sample: dict, axis: int) -> dict:
+    """Flip the patch, its mask and the classification grid along ``axis`` (0 z, 1 y, 2 x), and mirror the box.
+
+    ``sample`` holds ``data``/``seg`` (1, Z, Y, X), ``cls_image``/``cls_lesion`` (1, N, H, W), ``patch_box``
+    (2, 3) start and size, ``volume_shape`` (3,); it is changed in place and returned.
+    """
+    for key in ("data", "seg", "cls_image", "cls_lesion"):
+        sample[key] = np.ascontiguousarray(np.flip(sample[key], axis=axis + 1))
+    start, size = sample["patch_box"][0, axis], sample["patch_box"][1, axis]
+    sample["patch_box"][0, axis] = sample["volume_shape"][axis] - start - size
+    return sample
+
+
+def adjust_intensity(
+    image: np.ndarray, mean: float, brightness: float | None, contrast: float | None, gamma: float | None
+) -> np.ndarray:
+    """Brightness (multiply), contrast about ``mean``, clip to [0, 1], then gamma; voxels that were 0 stay 0."""
+    outside = image == 0
+    out = image.astype(np.float32, copy=True)
+    if brightness is not None:
+        out *= brightness
+    if contrast is not None:
+        out = (out - mean) * contrast + mean
+    out = np.clip(out, 0.0, 1.0)
+    if gamma is not None:
+        out = out**gamma
+    out[outside] = 0.0
+    return out
+
+
+def augment_sample(sample: dict, settings: AugmentationSettings, rng: np.random.Generator) -> dict:
+    """Mirroring, then intensity with one draw for both views, then independent Gaussian noise (in place).
+
+    Contrast is taken about the classification image's mean inside the lung (the scan's mean, the same for both
+    views); gamma acts on the fixed [0, 1] range of the preprocessed image.
+    """
+    for axis in settings.mirror_axes:
+        if rng.random() < 0.5:
+            mirror(sample, axis)
+    brightness = rng.uniform(*settings.brightness_range) if rng.random() < settings.p_brightness else None
+    contrast = rng.uniform(*settings.contrast_range) if rng.random() < settings.p_contrast else None
+    gamma = rng.uniform(*settings.gamma_range) if rng.random() < settings.p_gamma else None
+    if brightness is not None or contrast is not None or gamma is not None:
+        inside = sample["cls_image"][sample["cls_image"] > 0]
+        mean = float(inside.mean()) if inside.size else 0.5
+        for key in ("data", "cls_image"):
+            sample[key] = adjust_intensity(sample[key], mean, brightness, contrast, gamma)
+    for key in ("data", "cls_image"):
+        if rng.random() < settings.p_noise:
+            sigma = np.sqrt(rng.uniform(*settings.noise_variance))
+            sample[key] = (sample[key] + rng.normal(0.0, sigma, sample[key].shape)).astype(np.float32)
+    return sample

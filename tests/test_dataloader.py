@@ -1,0 +1,103 @@
+"""The training data loader: batch contents, lesion oversampling, and geometric consistency of the augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import affine_transform, gaussian_filter
+from test_training_cache import make_cache, to_grid
+
+from dscovid.training.augmentation import (
+    AugmentationSettings,
+    draw_spatial_matrix,
+    mirror,
+    resample_grid,
+    resample_patch,
+)
+from dscovid.training.data import list_cache_cases
+from dscovid.training.loader import build_loader, close_loader
+from dscovid.training.sampling import crop
+
+
+def _smooth_volume(shape=(24, 48, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    return gaussian_filter(rng.random(shape), 4).astype(np.float32) * 10
+
+
+def test_identity_transform_is_a_plain_crop():
+    volume = _smooth_volume()
+    start, size = np.array([3, -2, 10]), (8, 16, 16)
+    assert np.allclose(resample_patch(volume, start, size, np.eye(3)), crop(volume, start, size), atol=1e-5)
+    grid = to_grid(volume, (12, 16, 16))
+    assert np.allclose(resample_grid(grid, volume.shape, start, size, np.eye(3)), grid, atol=1e-5)
+
+
+def test_rotation_moves_patch_and_grid_together():
+    """The transformed grid must be the grid of the transformed volume: the box mapping stays exact."""
+    volume = _smooth_volume()
+    spacing = (2.0, 1.0, 1.0)
+    settings = AugmentationSettings(p_rotation=1.0, rotation_deg=25, p_scale=1.0)
+    matrix = draw_spatial_matrix(settings, spacing, np.random.default_rng(3))
+    assert matrix is not None and not np.allclose(matrix, np.eye(3))
+    start, size = np.array([6, 10, 8]), (8, 20, 20)
+    centre = start + (np.array(size) - 1) / 2
+    whole = affine_transform(volume, matrix, offset=centre - matrix @ centre, order=1, mode="constant")
+    # The patch is the box of the transformed volume ...
+    assert np.allclose(resample_patch(volume, start, size, matrix), crop(whole, start, size), atol=1e-4)
+    # ... and the transformed grid is (up to interpolation) the grid of the transformed volume.
+    grid = to_grid(volume, (12, 24, 20))
+    moved = resample_grid(grid, volume.shape, start, size, matrix)
+    expected = to_grid(whole, (12, 24, 20))
+    inner = (slice(2, -2), slice(3, -3), slice(3, -3))  # away from the zero-padded border
+    assert np.abs(moved - expected)[inner].mean() < 0.02 * np.abs(expected[inner]).mean()
+    # A wrong centre would not match: the check above has teeth.
+    wrong = resample_grid(grid, volume.shape, start + np.array([0, 10, 10]), size, matrix)
+    assert np.abs(wrong - expected)[inner].mean() > 3 * np.abs(moved - expected)[inner].mean()
+
+
+def test_mirror_moves_box_to_mirrored_position():
+    volume = _smooth_volume()
+    start, size = np.array([2, 5, 7]), np.array([8, 16, 16])
+    sample = {"data": crop(volume, start, size)[None], "seg": crop(volume, start, size)[None],
+              "cls_image": to_grid(volume, (12, 24, 20))[None], "cls_lesion": to_grid(volume, (12, 24, 20))[None],
+              "patch_box": np.array([start, size], dtype=np.float64), "volume_shape": np.array(volume.shape, float)}
+    out = mirror(sample, axis=2)
+    flipped = volume[:, :, ::-1]
+    new_start = out["patch_box"][0].astype(int)
+    assert new_start[2] == volume.shape[2] - start[2] - size[2]
+    assert np.allclose(out["data"][0], crop(flipped, new_start, size))
+    assert np.allclose(out["cls_image"][0], to_grid(np.ascontiguousarray(flipped), (12, 24, 20)), atol=1e-5)
+
+
+def test_loader_batches_in_worker_process(tmp_path):
+    dataset_dir = make_cache(tmp_path, n_cases=6, unannotated=("case_0003",))
+    cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
+    loader = build_loader(cases, 2, (8, 16, 16), (2.0, 1.5, 1.5), 0.5, AugmentationSettings(), seed=1, num_workers=1)
+    try:
+        batches = [next(loader) for _ in range(12)]
+    finally:
+        close_loader(loader)
+    batch = batches[0]
+    assert batch["data"].shape == (2, 1, 8, 16, 16) and batch["cls_image"].shape == (2, 1, 8, 16, 16)
+    assert batch["patch_box"].shape == (2, 2, 3) and batch["volume_shape"].shape == (2, 3)
+    assert batch["data"].dtype == np.float32 and batch["class_index"].dtype == np.int64
+    # The second sample of each batch is forced onto a lesion whenever its case has one.
+    for b in batches:
+        if b["class_index"][1] != 2 and b["lesion_annotated"][1]:
+            assert b["seg"][1].sum() > 0
+        if not b["lesion_annotated"][0]:
+            assert b["seg"][0].sum() == 0
+
+
+def test_seeded_loader_repeats(tmp_path):
+    dataset_dir = make_cache(tmp_path, n_cases=4)
+    cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
+    settings = AugmentationSettings(p_rotation=0.5, p_scale=0.5, p_gamma=0.5, p_noise=0.5)
+
+    def draw(seed):
+        loader = build_loader(cases, 2, (8, 16, 16), (2.0, 1.5, 1.5), 0.5, settings, seed=seed, num_workers=0)
+        return [next(loader) for _ in range(4)]
+
+    first, again, other = draw(5), draw(5), draw(6)
+    assert all(np.array_equal(a["data"], b["data"]) and np.array_equal(a["patch_box"], b["patch_box"])
+               for a, b in zip(first, again))
+    assert not all(np.array_equal(a["data"], b["data"]) for a, b in zip(first, other))
