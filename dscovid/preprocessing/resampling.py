@@ -1,0 +1,72 @@
+"""Resampling of (z, y, x) volumes between voxel grids, in float32 with ``torch.nn.functional.interpolate``.
+
+One convention everywhere: cell-centred sampling (``align_corners=False``), so a grid of ``n`` voxels covering a
+length ``L`` has voxel ``i`` centred at ``(i + 0.5) * L / n``. Resampling to a new spacing and back is then the
+same operation with the shapes exchanged, and the classification grid obeys docs/formats.md §4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+#: Downsampling factors from which the classification grid is smoothed first (aliasing becomes visible).
+ANTIALIAS_FROM_FACTOR = 2.0
+
+
+def shape_for_spacing(
+    shape_zyx: Sequence[int], spacing_zyx_mm: Sequence[float], target_spacing_zyx_mm: Sequence[float]
+) -> tuple[int, int, int]:
+    """Voxel counts covering the same extent at ``target_spacing_zyx_mm`` (rounded, at least 1)."""
+    extent = np.asarray(shape_zyx, dtype=float) * np.asarray(spacing_zyx_mm, dtype=float)
+    return tuple(max(1, int(round(v))) for v in extent / np.asarray(target_spacing_zyx_mm, dtype=float))
+
+
+def _interpolate(volume: np.ndarray, shape_zyx: Sequence[int]) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        out = F.interpolate(tensor, size=tuple(int(v) for v in shape_zyx), mode="trilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def resample_image(volume: np.ndarray, shape_zyx: Sequence[int]) -> np.ndarray:
+    """Trilinear resampling of a (Z, Y, X) volume to ``shape_zyx`` (float32; a copy even when shapes match)."""
+    if tuple(volume.shape) == tuple(int(v) for v in shape_zyx):
+        return np.array(volume, dtype=np.float32, copy=True)
+    return _interpolate(volume, shape_zyx)
+
+
+def resample_mask(mask: np.ndarray, shape_zyx: Sequence[int]) -> np.ndarray:
+    """Resample a 0/1 (Z, Y, X) mask: linear interpolation, then threshold at 0.5 (uint8 0/1).
+
+    Linear-then-threshold keeps smooth boundaries where nearest-neighbour resampling makes staircases, and its
+    inverse is the same operation, which is what makes the round trip to the original grid accurate.
+    """
+    if tuple(mask.shape) == tuple(int(v) for v in shape_zyx):
+        return (np.asarray(mask) > 0).astype(np.uint8)
+    return (_interpolate(np.asarray(mask, dtype=np.float32), shape_zyx) >= 0.5).astype(np.uint8)
+
+
+def resample_to_grid(volume: np.ndarray, grid_zyx: Sequence[int]) -> np.ndarray:
+    """Resample a whole (Z, Y, X) volume onto the classification grid ``(N, H, W)`` (docs/formats.md §4).
+
+    Exactly ``F.interpolate(volume[None, None], size=grid_zyx, mode="trilinear", align_corners=False)``, except
+    that an axis shrunk by a factor ``f >= 2`` is first smoothed with a Gaussian of σ = (f - 1) / 2 voxels
+    (scikit-image's anti-aliasing rule), so that thin structures between the sampled slices are not lost.
+
+    Returns
+    -------
+    float32 array of shape ``grid_zyx``.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    factors = np.asarray(volume.shape, dtype=float) / np.asarray(grid_zyx, dtype=float)
+    smoothed = volume
+    for axis, factor in enumerate(factors):
+        if factor >= ANTIALIAS_FROM_FACTOR:
+            smoothed = ndimage.gaussian_filter1d(smoothed, sigma=(factor - 1.0) / 2.0, axis=axis, mode="nearest",
+                                                 truncate=3.0, output=np.float32)
+    return _interpolate(smoothed, grid_zyx)

@@ -1,0 +1,286 @@
+"""Preprocessor: canonical orientation, exact inverse mapping, cache format, atomic writes and staleness."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dscovid.io.dataset import load_raw_dataset, make_dataset_json, write_json_atomic
+from dscovid.io.image_io import Geometry, write_image
+from dscovid.planning.plans import Configuration
+from dscovid.preprocessing.orientation import (
+    axis_codes,
+    canonical_geometry,
+    canonical_reorientation,
+    from_canonical,
+    to_canonical,
+)
+from dscovid.preprocessing.preprocessor import preprocess_dataset, preprocess_image, restore_to_original
+from dscovid.preprocessing.resampling import resample_to_grid
+
+# --------------------------------------------------------------------------- tiny raw datasets for the tests
+
+
+def rotation_direction(flip_xyz=(1, 1, 1), angle_deg: float = 0.0, permute=(0, 1, 2)) -> tuple[float, ...]:
+    """A direction matrix: columns permuted and flipped, then rotated by ``angle_deg`` about world z."""
+    a = np.deg2rad(angle_deg)
+    rotation = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    columns = np.eye(3)[:, list(permute)] * np.asarray(flip_xyz)[None, :]
+    return tuple((rotation @ columns).reshape(-1).tolist())
+
+
+def phantom(shape_zyx=(28, 56, 48), seed: int = 0, lesion_radius: float = 0.22, n_lesions: int = 2):
+    """(image HU, lung, lesion): a body at 40 HU, two lung ellipsoids at -850 HU, spherical lesions at -450 HU.
+
+    Sizes are fractions of the array, so the structures scale with the shape.
+    """
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_zyx], indexing="ij")
+    image = np.full(shape_zyx, -1000.0, dtype=np.float32)
+    body = (y / 0.9) ** 2 + (x / 0.95) ** 2 <= 1
+    image[body] = 40.0
+    lung = np.zeros(shape_zyx, dtype=np.uint8)
+    for cx in (-0.45, 0.45):
+        lung |= (((z / 0.85) ** 2 + (y / 0.6) ** 2 + ((x - cx) / 0.35) ** 2) <= 1).astype(np.uint8)
+    image[lung > 0] = -850.0
+    lesion = np.zeros(shape_zyx, dtype=np.uint8)
+    for index in range(n_lesions):
+        cx = -0.45 if index % 2 == 0 else 0.45
+        centre = (rng.uniform(-0.3, 0.3), rng.uniform(-0.2, 0.2), cx)
+        ball = ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) <= lesion_radius**2
+        lesion |= (ball & (lung > 0)).astype(np.uint8)
+    image[lesion > 0] = -450.0
+    image += rng.normal(0, 10, shape_zyx).astype(np.float32)
+    return image.astype(np.int16), lung, lesion
+
+
+def make_raw_dataset(root: Path, specs: list[dict], name: str = "Dataset900_Tiny") -> Path:
+    """Write a raw dataset; each spec: ``class``, ``shape``, ``spacing``, optional ``direction``, ``seed``."""
+    folder = root / name
+    cases = {}
+    for index, spec in enumerate(specs):
+        case = spec.get("name", f"case_{index:03d}")
+        image, lung, lesion = phantom(spec.get("shape", (28, 56, 48)), seed=spec.get("seed", index))
+        if spec["class"] == "non_pneumonia":
+            lesion[:] = 0
+            image[lung > 0] = -850
+        geometry = Geometry(tuple(image.shape), tuple(spec.get("spacing", (2.5, 1.5, 1.5))),
+                            tuple(spec.get("origin", (-30.0, 10.0, 100.0))),
+                            tuple(spec.get("direction", np.eye(3).reshape(-1).tolist())))
+        write_image(image, geometry, folder / "imagesTr" / f"{case}_0000.nii.gz")
+        write_image(lesion, geometry, folder / "labelsTr" / f"{case}.nii.gz")
+        write_image(lung, geometry, folder / "lungsTr" / f"{case}.nii.gz")
+        cases[case] = {"class": spec["class"], "lesion_annotated": True}
+    write_json_atomic(make_dataset_json(name, cases), folder / "dataset.json")
+    return folder
+
+
+def small_configuration(spacing=(2.0, 2.0, 2.0), grid=(16, 32, 32), margin=4.0) -> Configuration:
+    return Configuration.from_dict("3d_test", {
+        "data_identifier": "3d_test",
+        "preprocessing": {"target_spacing_zyx_mm": list(spacing), "hu_window": [-1400, 200], "crop_margin_mm": margin,
+                          "mask_outside_lung": True, "num_lesion_samples": 500},
+        "segmentation": {"patch_size_zyx": [8, 16, 16]},
+        "classification": {"grid_zyx": list(grid)},
+        "network": {"stem": "inception", "stem_channels": 8, "seg_widths": [8, 16, 32], "cls_widths": [8, 16, 32],
+                    "side_weights": [0.25, 0.25, 0.5, 1.0], "cross_stitch": True, "tasks": "joint"},
+        "training": {"batch_size": 1, "class_weights": [1.0, 1.0, 1.0], "oversample_foreground": 0.5,
+                     "loss": {"lambda_seg": 1.0, "lambda_cls": 1.0, "lambda_ta": 10.0, "lambda_dice": 1.0,
+                              "lambda_focal": 1.0, "focal_alpha": 0.25, "focal_gamma": 2.0,
+                              "task_aware_scales": [0.25, 0.25, 0.5]},
+                     "stages": [{"name": "pretrain", "epochs": 1, "iterations_per_epoch": 1,
+                                 "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},
+                                 "schedule": "linear", "trainable": ["all"]}]},
+        "inference": {"step_fraction": 1.0, "weighting": "constant", "batch_size": 1},
+    })
+
+
+def small_plans(configuration: Configuration | None = None) -> dict:
+    configuration = configuration or small_configuration()
+    return {"dataset_name": "Dataset900_Tiny", "plans_name": "dscovidPlans", "dscovid_version": "0.1.0",
+            "class_names": ["covid", "cap", "non_pneumonia"],
+            "configurations": {configuration.name: configuration.to_dict()}}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
+
+
+# --------------------------------------------------------------------------------------------- orientation
+
+
+@pytest.mark.parametrize("permute", [(0, 1, 2), (1, 0, 2), (2, 0, 1), (0, 2, 1)])
+@pytest.mark.parametrize("flips", [(1, 1, 1), (-1, 1, -1), (1, -1, -1)])
+def test_canonical_orientation_keeps_every_voxel_at_its_world_position(permute, flips):
+    geometry = Geometry((5, 6, 7), (2.5, 0.8, 0.9), (10.0, -20.0, 30.0), rotation_direction(flips, 12.0, permute))
+    reorientation = canonical_reorientation(geometry)
+    canonical = canonical_geometry(geometry, reorientation)
+    array = np.arange(np.prod(geometry.shape_zyx)).reshape(geometry.shape_zyx)
+    moved = to_canonical(array, reorientation)
+    assert moved.shape == canonical.shape_zyx
+    assert np.array_equal(from_canonical(moved, reorientation), array)
+    # The canonical direction is the nearest to identity: the residual rotation only (12 degrees).
+    assert np.allclose(np.diag(canonical.direction_matrix), [np.cos(np.deg2rad(12)), np.cos(np.deg2rad(12)), 1.0])
+    rng = np.random.default_rng(0)
+    old_m, new_m = geometry.index_to_world_matrix(), canonical.index_to_world_matrix()
+    for _ in range(10):
+        index = tuple(int(rng.integers(0, n)) for n in canonical.shape_zyx)
+        value = moved[index]
+        original_index = np.unravel_index(int(value), geometry.shape_zyx)
+        assert np.allclose(new_m @ np.append(index, 1), old_m @ np.append(original_index, 1), atol=1e-6)
+
+
+def test_axis_codes():
+    assert axis_codes(np.eye(3).reshape(-1)) == "LPS"
+    assert axis_codes(rotation_direction((-1, -1, 1))) == "RAS"
+    assert axis_codes(rotation_direction((1, 1, -1), 0, (2, 1, 0))) == "SPR"
+
+
+# --------------------------------------------------------------------------------------------- round trip
+
+
+def test_classification_grid_is_trilinear_align_corners_false():
+    volume = np.random.default_rng(0).random((20, 24, 28)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(volume)[None, None], size=(16, 32, 36),
+                                               mode="trilinear", align_corners=False)[0, 0].numpy()
+    assert np.allclose(resample_to_grid(volume, (16, 32, 36)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", [
+    np.eye(3).reshape(-1).tolist(),
+    rotation_direction((-1, 1, -1), 0.0, (1, 0, 2)),     # flipped and permuted
+    rotation_direction((1, -1, -1), 15.0, (0, 1, 2)),    # flipped and oblique
+])
+def test_restore_recovers_original_lesion_mask(direction):
+    # Lesions of about 2 cm, resampled from 2.5 x 0.7 x 0.8 mm to 2 x 1 x 1 mm and back.
+    image, lung, lesion = phantom((30, 72, 64), seed=3, lesion_radius=0.4)
+    geometry = Geometry(image.shape, (2.5, 0.7, 0.8), (5.0, -3.0, 40.0), tuple(direction))
+    configuration = small_configuration(spacing=(2.0, 1.0, 1.0), grid=(16, 32, 32))
+    arrays, properties = preprocess_image(image, geometry, configuration, lung=lung, lesion=lesion, case_name="c")
+    assert arrays["image"].dtype == np.float32 and arrays["lesion"].dtype == np.uint8
+    assert 0.0 <= arrays["image"].min() and arrays["image"].max() <= 1.0
+    assert np.all(arrays["image"][arrays["lung"] == 0] == 0)
+    assert arrays["cls_image"].shape == (16, 32, 32) and arrays["cls_lesion"].shape == (16, 32, 32)
+    json.dumps(properties)  # JSON-serialisable
+    restored = restore_to_original(arrays["lesion"], properties, is_mask=True)
+    assert restored.shape == lesion.shape and restored.dtype == np.uint8
+    assert dice(restored, lesion) >= 0.98
+    assert Geometry.from_dict(properties["original_geometry"]).matches(geometry)
+    restored_image = restore_to_original(arrays["image"], properties, is_mask=False)
+    inside = (lung > 0) & (lesion == 0)
+    expected = (np.clip(image.astype(np.float32), -1400, 200) + 1400) / 1600
+    assert np.median(np.abs(restored_image[inside] - expected[inside])) < 0.02
+    # Lesion samples index lesion voxels of the preprocessed grid.
+    locations = np.asarray(properties["lesion_locations_zyx"])
+    assert 0 < len(locations) <= 500
+    assert np.all(arrays["lesion"][tuple(locations.T)] == 1)
+
+
+def test_restore_is_exact_at_the_original_spacing():
+    image, lung, lesion = phantom((20, 40, 36), seed=5, lesion_radius=0.2)
+    geometry = Geometry(image.shape, (2.5, 0.7, 0.8), (0.0, 0.0, 0.0), rotation_direction((1, -1, -1), 7.0, (2, 1, 0)))
+    reorientation = canonical_reorientation(geometry)
+    spacing = canonical_geometry(geometry, reorientation).spacing_zyx_mm
+    arrays, properties = preprocess_image(image, geometry, small_configuration(spacing=spacing), lung=lung,
+                                          lesion=lesion)
+    assert np.array_equal(restore_to_original(arrays["lesion"], properties, is_mask=True), lesion)
+    assert np.array_equal(restore_to_original(arrays["lung"], properties, is_mask=True), lung)
+
+
+def test_preprocessed_geometry_places_the_lesion_where_it_was():
+    image, lung, lesion = phantom((30, 72, 64), seed=4, lesion_radius=0.25, n_lesions=1)
+    geometry = Geometry(image.shape, (2.0, 0.75, 0.75), (0.0, 0.0, 0.0), rotation_direction((-1, 1, -1), 0, (1, 0, 2)))
+    arrays, properties = preprocess_image(image, geometry, small_configuration(), lung=lung, lesion=lesion)
+    before = geometry.index_to_world_matrix() @ np.append(np.argwhere(lesion).mean(axis=0), 1)
+    grid = Geometry.from_dict(properties["preprocessed_geometry"])
+    after = grid.index_to_world_matrix() @ np.append(np.argwhere(arrays["lesion"]).mean(axis=0), 1)
+    assert np.allclose(before[:3], after[:3], atol=1.0)
+
+
+def test_no_lung_is_an_error_naming_the_case():
+    from dscovid.errors import DscovidError
+
+    image, lung, _ = phantom((10, 20, 20))
+    geometry = Geometry(image.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).reshape(-1)))
+    with pytest.raises(DscovidError, match="pelvis_01: no lung found"):
+        preprocess_image(image, geometry, small_configuration(), lung=np.zeros_like(lung), case_name="pelvis_01")
+
+
+# --------------------------------------------------------------------------------------------- the dataset
+
+
+def test_dataset_cache_format_and_rerun_skips_up_to_date(tmp_path):
+    folder = make_raw_dataset(tmp_path / "raw", [{"class": "covid"}, {"class": "non_pneumonia"}])
+    out = tmp_path / "pre" / folder.name
+    dataset = load_raw_dataset(folder)
+    first = preprocess_dataset(dataset, out, small_plans(), ["3d_test"], progress=False)
+    assert first["processed"] == ["case_000", "case_001"] and not first["failed"]
+    with np.load(out / "3d_test" / "case_000.npz") as data:
+        assert set(data.files) == {"image", "lesion", "lung", "cls_image", "cls_lesion"}
+        assert data["lesion"].any()
+    props = json.loads((out / "3d_test" / "case_001.json").read_text())
+    assert props["class_name"] == "non_pneumonia" and props["class_index"] == 2 and props["lesion_annotated"]
+    second = preprocess_dataset(dataset, out, small_plans(), ["3d_test"], progress=False)
+    assert second["processed"] == [] and sorted(second["skipped"]) == ["case_000", "case_001"]
+    # Stale: a touched source file, or a changed preprocessing configuration.
+    label = folder / "labelsTr" / "case_001.nii.gz"
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))
+    assert preprocess_dataset(dataset, out, small_plans(), ["3d_test"], progress=False)["processed"] == ["case_001"]
+    changed = small_plans(small_configuration(margin=6.0))
+    assert preprocess_dataset(dataset, out, changed, ["3d_test"], progress=False)["processed"] == ["case_000",
+                                                                                                  "case_001"]
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from dscovid.io.dataset import load_raw_dataset
+    import dscovid.preprocessing.preprocessor as pre
+    original = pre.preprocess_image
+    def slow(*args, **kwargs):
+        time.sleep(float(sys.argv[4]))  # widen the window in which the kill lands mid-dataset
+        return original(*args, **kwargs)
+    pre.preprocess_image = slow
+    plans = json.loads(Path(sys.argv[3]).read_text())
+    pre.preprocess_dataset(load_raw_dataset(sys.argv[1]), Path(sys.argv[2]), plans, ["3d_test"], progress=False)
+""")
+
+
+def test_killed_run_leaves_no_corrupt_file_and_rerun_redoes_only_missing(tmp_path):
+    folder = make_raw_dataset(tmp_path / "raw", [{"class": "covid"}, {"class": "cap"}, {"class": "covid"},
+                                                 {"class": "non_pneumonia"}])
+    out = tmp_path / "pre" / folder.name
+    plans_file = tmp_path / "plans.json"
+    plans_file.write_text(json.dumps(small_plans()))
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), str(folder), str(out), str(plans_file), "1.0"])
+    target = out / "3d_test"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(target.glob("*.json")):
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = sorted(p.stem for p in target.glob("*.json"))
+    assert 1 <= len(done_before) < 4
+    for npz in target.glob("*.npz"):  # every file under its final name loads completely
+        with np.load(npz) as data:
+            assert data["image"].size > 0
+    result = preprocess_dataset(load_raw_dataset(folder), out, small_plans(), ["3d_test"], progress=False)
+    assert sorted(result["skipped"]) == done_before
+    assert sorted(result["processed"]) == sorted(set(f"case_{i:03d}" for i in range(4)) - set(done_before))
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]  # temporaries of the killed run...
+    for npz in target.glob("*.npz"):
+        with np.load(npz) as data:
+            assert data["lesion"].shape == data["image"].shape
