@@ -211,3 +211,21 @@ def test_cuda_network_with_cpu_accumulators():
     on_cpu = sliding_window_predict(net.cpu(), image, (8, 12, 10), 0.5, batch_size=4)
     assert on_gpu.device.type == "cpu"
     torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_with_boxes_hands_each_patch_its_box():
+    image = torch.randn(1, 9, 17, 11)
+    received = []
+
+    def by_box(batch, boxes):
+        received.extend(boxes.tolist())
+        for patch, (start, size) in zip(batch, boxes.tolist()):
+            z, y, x = start
+            expected = image[:, z : z + size[0], y : y + size[1], x : x + size[2]]
+            assert torch.equal(patch[:, : expected.shape[1], : expected.shape[2], : expected.shape[3]], expected)
+        return batch
+
+    result = sliding_window_predict(by_box, image, (4, 6, 5), step_fraction=0.5, batch_size=3, with_boxes=True)
+    torch.testing.assert_close(result, image)
+    assert sorted(tuple(start) for start, _ in received) == sorted(plan_tiles((9, 17, 11), (4, 6, 5), 0.5))
+    assert all(size == [4, 6, 5] for _, size in received)

@@ -176,6 +176,7 @@ def sliding_window_predict(
     pad_value: float = 0.0,
     sigma_scale: float = 0.125,
     progress: bool = False,
+    with_boxes: bool = False,
 ) -> torch.Tensor:
     """Apply a patch network to a whole volume by tiling it and averaging the tile outputs per voxel.
 
@@ -199,6 +200,9 @@ def sliding_window_predict(
     pad_value : value of the padding added to patches that run past an axis shorter than the patch.
     sigma_scale : σ of the Gaussian weighting as a fraction of the patch size.
     progress : show a tqdm progress bar over the patches.
+    with_boxes : call ``predict_fn(batch, boxes)`` with ``boxes`` an int64 CPU tensor ``(B, 2, 3)``: the start and
+        the size ``(z, y, x)`` of each patch in image voxels (the ``patch_box`` of :mod:`dscovid.model.geometry`;
+        a patch padded past a short axis keeps its full size, so its box reaches past the volume).
 
     Returns
     -------
@@ -229,7 +233,11 @@ def sliding_window_predict(
         for batch_corners in _batches(corners, batch_size):
             batch = torch.stack([_cut_patch(image, corner, patch_size, pad_value) for corner in batch_corners])
             batch = batch.to(device, non_blocking=True)
-            prediction = predict_fn(batch)
+            if with_boxes:
+                boxes = torch.tensor([[corner, patch_size] for corner in batch_corners], dtype=torch.int64)
+                prediction = predict_fn(batch, boxes)
+            else:
+                prediction = predict_fn(batch)
             if (
                 prediction.ndim != 5
                 or prediction.shape[0] != len(batch_corners)
@@ -261,7 +269,10 @@ def sliding_window_predict(
         # No tile touched the region: the number of output channels is unknown without running the network once.
         probe = _cut_patch(image, (0, 0, 0), patch_size, pad_value)[None].to(device)
         with torch.no_grad():
-            channels = predict_fn(probe).shape[1]
+            if with_boxes:
+                channels = predict_fn(probe, torch.tensor([[(0, 0, 0), patch_size]], dtype=torch.int64)).shape[1]
+            else:
+                channels = predict_fn(probe).shape[1]
         return torch.zeros((channels,) + shape_zyx, dtype=torch.float32, device=output_device)
     # In place, to avoid another full-size tensor: voxels with no tile have output 0 and weight 0 → 0 / tiny = 0.
     output.div_(weight_map.clamp_(min=torch.finfo(torch.float32).tiny))
