@@ -14,7 +14,8 @@ Two operations are built on it, both with ``F.affine_grid`` / ``F.grid_sample`` 
 - :func:`paste_box`: write patch features onto the grid, with the fraction of each grid cell that the box covers
   (the segmentation → classification direction of the cross-stitch, and Ŝ entering the classifier).
 
-Both prefilter by area averaging where they downsample, so a small lesion is not lost between sample points. Boxes
+:func:`sample_box` is trilinear and area-averages where it downsamples; :func:`paste_box` is an exact area-weighted
+(conservative) remapping, so a small lesion is neither lost between sample points nor smeared across cells. Boxes
 may lie partly outside the volume: grid features outside it read as zero, patch parts outside it are dropped.
 
 Boxes are given as ``patch_box`` of shape ``(B, 2, 3)``: ``patch_box[:, 0]`` the start and ``patch_box[:, 1]`` the
@@ -78,22 +79,17 @@ def _theta_grid_to_box(start: torch.Tensor, size: torch.Tensor, shape: torch.Ten
     return theta
 
 
-def _theta_box_to_grid(start: torch.Tensor, size: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """Affine map from volume-normalised output coordinates to box-normalised input coordinates, ``(3, 4)`` xyz."""
-    centre = (2.0 * start + size) / shape - 1.0
-    half = size / shape
-    theta = torch.zeros(3, 4, dtype=torch.float64)
-    for row, axis in enumerate((2, 1, 0)):
-        theta[row, row] = 1.0 / half[axis]
-        theta[row, 3] = -centre[axis] / half[axis]
-    return theta
+def _affine_sample(image: torch.Tensor, theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear samples of one ``(C, D, H, W)`` volume on a float64 ``(3, 4)`` theta's grid, in float32.
 
-
-def _affine_sample(image: torch.Tensor, theta: torch.Tensor, size: Sequence[int], padding_mode: str) -> torch.Tensor:
-    """``grid_sample`` of one ``(C, D, H, W)`` volume with a float64 ``(3, 4)`` theta, in float32 (autocast-safe)."""
-    grid = F.affine_grid(theta[None].to(torch.float32).to(image.device), [1, 1, *size], align_corners=False)
-    sampled = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
-    return sampled[0]
+    Inside the volume the edge cells extend to the volume's edge (as ``F.interpolate`` does); sample points outside
+    the volume read zero.
+    """
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        grid = F.affine_grid(theta[None].to(torch.float32).to(image.device), [1, 1, *size], align_corners=False)
+        sampled = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1)
+    return sampled[0] * inside.to(sampled.dtype)
 
 
 def sample_box(
@@ -131,7 +127,7 @@ def sample_box(
         extent = size * grid_size / shape  # box size in grid cells
         native = [max(o, math.ceil(float(e) - 1e-6)) for o, e in zip(out_size, extent)]
         theta = _theta_grid_to_box(start, size, shape)
-        sampled = _affine_sample(grid_features[b], theta, native, padding_mode="zeros")
+        sampled = _affine_sample(grid_features[b], theta, native)
         if native != out_size:
             sampled = F.interpolate(sampled[None], size=out_size, mode="area")[0]
         results.append(sampled)
@@ -165,13 +161,34 @@ def box_coverage(
     return torch.stack(result)[:, None].to(torch.float32).to(device)
 
 
+def _area_matrices(
+    boxes: torch.Tensor, shapes: torch.Tensor, patch_size: Sequence[int], grid_size: Sequence[int], axis: int
+) -> torch.Tensor:
+    """``M[b, j, i]``: the fraction of grid cell j (along ``axis``) that patch voxel i covers, ``(B, n, P)`` float64."""
+    length = shapes[:, axis, None, None]
+    cells, voxels = int(grid_size[axis]), int(patch_size[axis])
+    cell = length / cells
+    j = torch.arange(cells, dtype=torch.float64)[None, :, None]
+    i = torch.arange(voxels, dtype=torch.float64)[None, None, :]
+    voxel = boxes[:, 1, axis, None, None] / voxels
+    lo = (boxes[:, 0, axis, None, None] + i * voxel).clamp(min=0.0)
+    hi = (boxes[:, 0, axis, None, None] + (i + 1) * voxel).clamp(max=length)
+    overlap = (torch.minimum(hi, (j + 1) * cell) - torch.maximum(lo, j * cell)).clamp(min=0.0)
+    return overlap / cell
+
+
 def paste_box(
     patch_features: torch.Tensor,
     patch_box: BoxLike,
     volume_shape: ShapeLike,
     grid_size: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample patch features onto the grid that covers the whole volume.
+    """Resample patch features onto the grid that covers the whole volume, by exact area weighting.
+
+    Each grid cell receives the average of the patch voxels it overlaps, weighted by the overlap (conservative
+    remapping, separable along z, y, x). This is exact for any box position and any ratio of resolutions: an
+    impulse lands in the cell that contains it, and nothing is blurred across a cell boundary. Where the grid is
+    finer than the patch voxels, it is piecewise constant.
 
     Parameters
     ----------
@@ -187,29 +204,24 @@ def paste_box(
     Returns
     -------
     values : (B, C, n, h, w) float32 tensor
-        The patch features at the grid cell centres (edge values extended into partly covered cells), zero where
-        the box does not reach.
+        The average of the patch over the covered part of each cell; zero where the box does not reach.
     coverage : (B, 1, n, h, w) float32 tensor
-        The fraction of each cell inside the box; composite with ``coverage * values + (1 - coverage) * other``.
+        The fraction of each cell inside the box (and the volume); composite with
+        ``coverage * values + (1 - coverage) * other``.
     """
     batch = patch_features.shape[0]
     boxes, shapes = as_boxes(patch_box, volume_shape, batch)
     grid_size = [int(s) for s in grid_size]
-    grid_t = torch.tensor(grid_size, dtype=torch.float64)
-    coverage = box_coverage(boxes, shapes, grid_size, device=patch_features.device)
-    results = []
-    for b in range(batch):
-        start, size, shape = boxes[b, 0], boxes[b, 1], shapes[b]
-        features = patch_features[b].float()
-        extent = size * grid_t / shape
-        patch_size = list(features.shape[1:])
-        reduced = [min(p, max(1, math.ceil(float(e) - 1e-6))) for p, e in zip(patch_size, extent)]
-        if reduced != patch_size:
-            # Area-average first, so that every patch voxel contributes to the cell it falls in.
-            features = F.interpolate(features[None], size=reduced, mode="area")[0]
-        theta = _theta_box_to_grid(start, size, shape)
-        results.append(_affine_sample(features, theta, grid_size, padding_mode="border"))
-    values = torch.stack(results) * (coverage > 0)
+    patch_size = list(patch_features.shape[2:])
+    device = patch_features.device
+    mz, my, mx = (_area_matrices(boxes, shapes, patch_size, grid_size, axis).to(torch.float32).to(device) for axis in range(3))
+    with torch.autocast(device_type=device.type, enabled=False):
+        x = patch_features.float()
+        x = torch.einsum("bwk,bcijk->bcijw", mx, x)
+        x = torch.einsum("bhj,bcijw->bcihw", my, x)
+        weighted = torch.einsum("bni,bcihw->bcnhw", mz, x)
+        coverage = (mz.sum(2)[:, :, None, None] * my.sum(2)[:, None, :, None] * mx.sum(2)[:, None, None, :]).unsqueeze(1)
+        values = torch.where(coverage > 0, weighted / coverage.clamp(min=1e-12), torch.zeros_like(weighted))
     return values, coverage
 
 
