@@ -1,0 +1,195 @@
+"""Find a trained model folder and load its folds for prediction (docs/formats.md §6).
+
+A model folder is ``$DSCOVID_results/DatasetNNN_Name/<Trainer>__<configuration>/`` with one ``fold_K/`` per
+trained fold, each holding ``checkpoint_final.pt``. Checkpoints are read with ``weights_only=True`` (a checkpoint
+may not run code); each holds the effective configuration the network was built from and the plans the data was
+preprocessed with, so prediction rebuilds exactly the trained network and repeats exactly its preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dscovid.errors import DscovidError
+from dscovid.io.dataset import find_dataset
+from dscovid.planning.plans import Configuration
+from dscovid.training.checkpoint import FINAL, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedModel:
+    """The folds of one trained model, ready to predict.
+
+    Attributes
+    ----------
+    model_dir : the ``<Trainer>__<configuration>`` folder.
+    trainer, configuration_name : from the checkpoints.
+    folds : fold names (``"0"``, ``"all"``), in the order of ``networks``.
+    networks : one network per fold, in eval mode, on ``device``.
+    network_configuration : the effective configuration the networks were built from (fold 0's).
+    preprocessing : the plans configuration the training data was preprocessed with.
+    plans : the whole plans dictionary.
+    class_names : the diagnosis classes, in the network's output order.
+    device : where the networks are.
+    """
+
+    model_dir: Path
+    trainer: str
+    configuration_name: str
+    folds: list[str]
+    networks: list[torch.nn.Module]
+    network_configuration: dict
+    preprocessing: Configuration
+    plans: dict
+    class_names: list[str]
+    device: torch.device
+    checkpoint_name: str = FINAL
+    dscovid_versions: list[str] = field(default_factory=list)
+
+    @property
+    def patch_size_zyx(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.network_configuration["segmentation"]["patch_size_zyx"])
+
+    @property
+    def inference(self) -> dict:
+        return dict(self.network_configuration.get("inference") or self.preprocessing.inference)
+
+    def identity(self) -> dict:
+        """What makes two prediction runs comparable: the model folder, configuration, trainer and folds."""
+        return {
+            "model_dir": str(self.model_dir.resolve()),
+            "configuration": self.configuration_name,
+            "trainer": self.trainer,
+            "folds": list(self.folds),
+        }
+
+
+def model_folders(results_root: Path, dataset: str) -> list[Path]:
+    """The ``<Trainer>__<configuration>`` folders of a dataset in the results root."""
+    dataset_dir = find_dataset(dataset, results_root)
+    return sorted(p for p in dataset_dir.iterdir() if p.is_dir() and "__" in p.name)
+
+
+def find_model_folder(
+    results_root: Path, dataset: str, configuration: str | None = None, trainer: str | None = None
+) -> Path:
+    """The model folder of ``dataset`` for ``trainer`` and ``configuration``; either may be omitted when unambiguous."""
+    candidates = [
+        folder
+        for folder in model_folders(results_root, dataset)
+        if (trainer is None or folder.name.split("__", 1)[0] == trainer)
+        and (configuration is None or folder.name.split("__", 1)[1] == configuration)
+    ]
+    wanted = f"{trainer or '<any trainer>'}__{configuration or '<any configuration>'}"
+    if not candidates:
+        known = ", ".join(p.name for p in model_folders(results_root, dataset)) or "none"
+        raise DscovidError(f"{results_root}/{dataset}: no trained model {wanted} (trained: {known})")
+    if len(candidates) > 1:
+        raise DscovidError(
+            f"{results_root}/{dataset}: several trained models match {wanted} "
+            f"({', '.join(p.name for p in candidates)}); pass -c and -tr"
+        )
+    return candidates[0]
+
+
+def available_folds(model_dir: Path, checkpoint_name: str = FINAL) -> list[str]:
+    """Names of the folds of ``model_dir`` that have ``checkpoint_name``, numeric folds first."""
+    folds = [p.name.removeprefix("fold_") for p in model_dir.glob("fold_*") if (p / checkpoint_name).is_file()]
+    return sorted(folds, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
+
+
+def _fold_dir(model_dir: Path, fold: str | int, checkpoint_name: str) -> Path:
+    folder = model_dir / f"fold_{fold}"
+    if not (folder / checkpoint_name).is_file():
+        trained = ", ".join(available_folds(model_dir, checkpoint_name)) or "none"
+        raise DscovidError(f"{model_dir}: fold {fold} has no {checkpoint_name} (trained folds: {trained})")
+    return folder
+
+
+def _plans_of(state: dict, fold_dir: Path) -> dict:
+    plans = state.get("plans")
+    if isinstance(plans, dict):
+        return plans
+    path = fold_dir / "plans.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise DscovidError(f"{fold_dir}: the checkpoint holds no plans and plans.json is unreadable ({error})") from None
+
+
+def load_trained_model(
+    model_dir: str | Path,
+    folds: Sequence[str | int] | None = None,
+    device: torch.device | str = "cpu",
+    checkpoint_name: str = FINAL,
+) -> TrainedModel:
+    """Load the chosen folds (default: every fold with a checkpoint) of a model folder onto ``device``.
+
+    Raises
+    ------
+    DscovidError
+        For a missing folder or fold, an unreadable checkpoint, or folds that disagree on the configuration or
+        the preprocessing (they could not be averaged).
+    """
+    from dscovid.model import build_network  # imported late: the network code is only needed here
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DscovidError(f"{model_dir}: model folder not found")
+    chosen = [str(f) for f in folds] if folds else available_folds(model_dir, checkpoint_name)
+    if not chosen:
+        raise DscovidError(f"{model_dir}: no trained fold (no fold_*/{checkpoint_name})")
+    device = torch.device(device)
+    networks, versions = [], []
+    reference: dict | None = None
+    for fold in chosen:
+        fold_dir = _fold_dir(model_dir, fold, checkpoint_name)
+        path = fold_dir / checkpoint_name
+        state = load_checkpoint(path)
+        for key in ("network_weights", "configuration", "configuration_name"):
+            if key not in state:
+                raise DscovidError(f"{path}: not a dscovid checkpoint (no {key!r})")
+        plans = _plans_of(state, fold_dir)
+        name = state["configuration_name"]
+        preprocessing = Configuration.from_plans(plans, name)
+        if reference is None:
+            reference = {"state": state, "plans": plans, "preprocessing": preprocessing}
+        else:
+            if name != reference["state"]["configuration_name"]:
+                raise DscovidError(f"{path}: configuration {name!r} differs from fold {chosen[0]}'s")
+            if preprocessing.preprocessing_key() != reference["preprocessing"].preprocessing_key():
+                raise DscovidError(f"{path}: preprocessed differently from fold {chosen[0]}; folds cannot be averaged")
+        network = build_network(state["configuration"])
+        try:
+            network.load_state_dict(state["network_weights"])
+        except RuntimeError as error:
+            first = str(error).splitlines()[0]
+            raise DscovidError(f"{path}: weights do not fit the network of its configuration ({first})") from None
+        networks.append(network.to(device).eval())
+        versions.append(str(state.get("dscovid_version", "unknown")))
+    state = reference["state"]
+    plans = reference["plans"]
+    class_names = list(plans.get("class_names") or [])
+    log.info("Loaded %s folds %s from %s", state["configuration_name"], ", ".join(chosen), model_dir)
+    return TrainedModel(
+        model_dir=model_dir,
+        trainer=str(state.get("trainer") or model_dir.name.split("__", 1)[0]),
+        configuration_name=state["configuration_name"],
+        folds=chosen,
+        networks=networks,
+        network_configuration=state["configuration"],
+        preprocessing=reference["preprocessing"],
+        plans=plans,
+        class_names=class_names,
+        device=device,
+        checkpoint_name=checkpoint_name,
+        dscovid_versions=versions,
+    )

@@ -1,0 +1,137 @@
+"""The per-case lesion report and the ``predictions.json`` / ``predictions.csv`` files (docs/formats.md §5).
+
+The report is measured on the ORIGINAL grid (the written mask, the input's spacing), in physical units, with the
+functions of :mod:`dscovid.analysis.findings`; NaN (a measurement that needs a lesion when there is none) is
+written as ``null`` in JSON and as an empty cell in CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dscovid.analysis.findings import (
+    lesion_count,
+    lesion_hu_statistics,
+    lesion_volume_ratio,
+    lung_involvement,
+    peripheral_lesion_ratio,
+)
+from dscovid.io.image_io import Geometry
+
+#: Peripheral thickness σ (mm) of the reported peripheral lesion ratio (equation 1); the paper plots 0-35 mm.
+DEFAULT_PERIPHERAL_THICKNESS_MM = 10.0
+
+#: The report columns, in the order of the CSV (after case, predicted_class and the probabilities).
+REPORT_KEYS = (
+    "lesion_count",
+    "lesion_volume_ml",
+    "lung_volume_ml",
+    "lesion_volume_ratio",
+    "peripheral_lesion_ratio",
+    "lesion_hu_mean",
+    "lesion_hu_std",
+    "left_lung_involvement",
+    "right_lung_involvement",
+)
+
+
+def lesion_report(
+    image_hu: np.ndarray,
+    lesion: np.ndarray,
+    lung: np.ndarray,
+    geometry: Geometry,
+    peripheral_thickness_mm: float = DEFAULT_PERIPHERAL_THICKNESS_MM,
+) -> dict:
+    """The lesion measurements of one case on its original grid.
+
+    Parameters
+    ----------
+    image_hu : (Z, Y, X) CT in HU.
+    lesion, lung : (Z, Y, X) 0/1 masks on the same grid.
+    geometry : the grid (spacing for volumes and the peripheral erosion, direction for left and right).
+    peripheral_thickness_mm : σ of the peripheral lesion ratio.
+
+    Returns
+    -------
+    dict with the :data:`REPORT_KEYS`: volumes in ml (lung volume of lung ∪ lesion), ratios in [0, 1], HU mean and
+    standard deviation of the lesion voxels; NaN where a measurement needs a lesion and there is none.
+    """
+    lesion = np.asarray(lesion) != 0
+    lung = np.asarray(lung) != 0
+    voxel_ml = float(np.prod(geometry.spacing_zyx_mm)) / 1000.0
+    hu = lesion_hu_statistics(image_hu, lesion)
+    involvement = lung_involvement(lesion, lung, geometry)
+    return {
+        "lesion_count": lesion_count(lesion),
+        "lesion_volume_ml": float(np.count_nonzero(lesion)) * voxel_ml,
+        "lung_volume_ml": float(np.count_nonzero(lesion | lung)) * voxel_ml,
+        "lesion_volume_ratio": lesion_volume_ratio(lesion, lung),
+        "peripheral_lesion_ratio": peripheral_lesion_ratio(lesion, lung, geometry.spacing_zyx_mm,
+                                                           peripheral_thickness_mm),
+        "lesion_hu_mean": hu["mean"],
+        "lesion_hu_std": hu["std"],
+        "left_lung_involvement": involvement["left"]["ratio"],
+        "right_lung_involvement": involvement["right"]["ratio"],
+    }
+
+
+def json_safe(value: object) -> object:
+    """``value`` with NaN/inf floats replaced by None and numpy scalars by Python numbers (strict JSON)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def csv_rows(cases: Sequence[Mapping], class_names: Sequence[str]) -> list[dict]:
+    """One row per case: ``case, predicted_class, p_<class>..., <report columns>``."""
+    rows = []
+    for entry in cases:
+        row = {"case": entry["case"], "predicted_class": entry.get("predicted_class")}
+        probabilities = entry.get("probabilities") or {}
+        for name in class_names:
+            row[f"p_{name}"] = probabilities.get(name)
+        for key in REPORT_KEYS:
+            row[key] = entry.get(key)
+        rows.append(row)
+    return rows
+
+
+def write_csv_atomic(rows: Sequence[Mapping], columns: Sequence[str], path: str | os.PathLike) -> Path:
+    """Write ``rows`` as CSV (None and NaN as empty cells) through a temporary file and a rename."""
+    path = Path(path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _cell(row.get(key)) for key in columns})
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(buffer.getvalue())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _cell(value: object) -> object:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
