@@ -77,7 +77,7 @@ def test_loader_batches_in_worker_process(tmp_path):
     finally:
         close_loader(loader)
     batch = batches[0]
-    assert batch["data"].shape == (2, 1, 8, 16, 16) and batch["cls_image"].shape == (2, 1, 8, 16, 16)
+    assert batch["data"].shape == (2, 1, 8, 16, 16) and batch["cls_image"].shape == (2, 1, 16, 16, 16)
     assert batch["patch_box"].shape == (2, 2, 3) and batch["volume_shape"].shape == (2, 3)
     assert batch["data"].dtype == np.float32 and batch["class_index"].dtype == np.int64
     # The second sample of each batch is forced onto a lesion whenever its case has one.

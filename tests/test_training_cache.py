@@ -31,7 +31,7 @@ def to_grid(volume: np.ndarray, grid_zyx) -> np.ndarray:
     return F.interpolate(tensor, size=tuple(grid_zyx), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-def make_case(rng: np.random.Generator, class_index: int, shape=(20, 40, 40), grid=(8, 16, 16), annotated=True):
+def make_case(rng: np.random.Generator, class_index: int, shape=(20, 40, 40), grid=(16, 16, 16), annotated=True):
     """Two lungs; COVID lesions peripheral and bright, CAP lesions central and darker, non-pneumonia none."""
     z, y, x = shape
     lung = _ellipsoid(shape, (z / 2, y / 2, x * 0.3), (z * 0.45, y * 0.4, x * 0.2))
@@ -60,7 +60,7 @@ def make_case(rng: np.random.Generator, class_index: int, shape=(20, 40, 40), gr
     }, locations
 
 
-def make_plans(dataset_name: str, patch=(8, 16, 16), grid=(8, 16, 16), epochs=(2, 2), iterations=4) -> dict:
+def make_plans(dataset_name: str, patch=(8, 16, 16), grid=(16, 16, 16), epochs=(2, 2), iterations=4) -> dict:
     """A shrunk CPU configuration in the plans.json format (docs/formats.md §3)."""
     stage = {"epochs": 1, "iterations_per_epoch": iterations, "schedule": "linear",
              "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0}}
@@ -70,12 +70,14 @@ def make_plans(dataset_name: str, patch=(8, 16, 16), grid=(8, 16, 16), epochs=(2
                           "mask_outside_lung": True, "num_lesion_samples": 10000},
         "segmentation": {"patch_size_zyx": list(patch)},
         "classification": {"grid_zyx": list(grid)},
-        "network": {"stem": "inception", "stem_channels": 4, "seg_widths": [4, 8, 8], "cls_widths": [4, 8, 8],
-                    "side_weights": [0.25, 0.25, 0.5, 1.0], "cross_stitch": True, "tasks": "joint", "norm_groups": 2},
+        "network": {"stem": "inception", "stem_channels": 8, "segmentation_widths": [4, 8, 8],
+                    "classification_widths": [4, 8, 8], "lesion_channels": 4,
+                    "side_output_weights": [0.25, 0.25, 0.5, 1.0], "cross_stitch": True, "tasks": "joint",
+                    "norm_groups": 2},
         "training": {
             "batch_size": 2, "class_weights": [1.0, 1.0, 1.0], "oversample_foreground": 0.5,
             "loss": {"lambda_seg": 1.0, "lambda_cls": 1.0, "lambda_ta": 10.0, "lambda_dice": 1.0, "lambda_focal": 1.0,
-                     "focal_alpha": 0.25, "focal_gamma": 2.0, "task_aware_scales": [0.25, 0.25, 0.5]},
+                     "focal_alpha": 0.75, "focal_gamma": 2.0, "task_aware_scales": [1, 2, 3]},
             "stages": [
                 {**stage, "name": "pretrain", "epochs": epochs[0], "tasks": "separate", "trainable": ["all"]},
                 {**stage, "name": "finetune", "epochs": epochs[1], "tasks": "joint", "trainable": ["all"],
@@ -124,7 +126,7 @@ def test_cache_lists_cases_with_both_files(tmp_path):
     cases = list_cache_cases(dataset_dir / "3d_cpu")
     assert sorted(cases) == ["case_0000", "case_0001", "case_0002"]
     arrays = cases["case_0000"].load()
-    assert arrays["image"].shape == (20, 40, 40) and arrays["cls_image"].shape == (8, 16, 16)
+    assert arrays["image"].shape == (20, 40, 40) and arrays["cls_image"].shape == (16, 16, 16)
     assert cases["case_0000"].stratum().lesion_voxels == arrays["lesion"].sum() > 0
 
 

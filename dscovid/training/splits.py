@@ -7,8 +7,8 @@ it. A file the user put there instead is respected and checked.
 
 Strata are ``class × lesion-volume tercile`` (terciles computed within each class over its annotated cases with
 lesions; a class without lesions, such as non-pneumonia, is one stratum). Within a stratum the cases are shuffled
-with the seed and dealt to the folds that currently hold the fewest validation cases, so fold sizes differ by at
-most one and a stratum smaller than the number of folds is still spread over distinct folds.
+with the seed and dealt round-robin to the folds, smallest folds first, so every stratum is spread as evenly as
+its size allows, fold sizes differ by at most one, and a stratum smaller than the number of folds still works.
 """
 
 from __future__ import annotations
@@ -84,18 +84,16 @@ def make_stratified_splits(
     rng = np.random.default_rng(seed)
     labels = stratum_labels(cases)
     val: list[list[str]] = [[] for _ in range(num_folds)]
-    # Largest strata first, so the small ones fill the folds the large ones left short.
-    strata = sorted(set(labels.values()), key=lambda s: (-sum(v == s for v in labels.values()), s))
-    for stratum in strata:
+    for stratum in sorted(set(labels.values())):
         members = sorted(name for name, label in labels.items() if label == stratum)
         rng.shuffle(members)
-        for name in members:
-            sizes = np.array([len(v) for v in val])
-            candidates = np.flatnonzero(sizes == sizes.min())
-            # Among the emptiest folds prefer one that has no case of this stratum yet.
-            fresh = [f for f in candidates if not any(labels[n] == stratum for n in val[f])]
-            pool = fresh or list(candidates)
-            val[int(rng.choice(pool))].append(name)
+        # Round-robin over the folds, smallest first (ties in random order): each stratum is spread as evenly as
+        # its size allows, and the remainders go to the folds that are short, so fold sizes differ by at most one.
+        sizes = np.array([len(v) for v in val])
+        ties = rng.permutation(num_folds)
+        order = sorted(range(num_folds), key=lambda f: (sizes[f], ties[f]))
+        for k, name in enumerate(members):
+            val[order[k % num_folds]].append(name)
     every = sorted(cases)
     return [{"train": sorted(set(every) - set(v)), "val": sorted(v)} for v in val]
 

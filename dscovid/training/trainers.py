@@ -1,0 +1,102 @@
+"""The trainers: joint DeepSC-COVID, the two single-task networks, and the paper's ablations; and their registry.
+
+Each variant is a few lines: the network's ``tasks`` option or a configuration key it overrides. ``-tr NAME`` looks
+the name up in :data:`TRAINERS` (an explicit dictionary, not a search through modules).
+
+=====================================================  ===========================================================
+trainer                                                paper
+=====================================================  ===========================================================
+``DeepSCCOVIDTrainer``                                 DeepSC-COVID (two stages: separate pre-training, joint
+                                                       fine-tuning with equation 11, λ_ta = 10)
+``SegmentationTrainer``                                Table II "DeepSC-COVID w/o Cls." (lesion subnet alone)
+``ClassificationTrainer``                              Table II "DeepSC-COVID w/o Seg." (classifier alone)
+``DeepSCCOVIDTrainer_noCrossStitch``                   Fig. 8: without the cross-stitch unit
+``DeepSCCOVIDTrainer_convStem``                        Fig. 8: plain convolution instead of the inception block
+``DeepSCCOVIDTrainer_noTaskAware``                     λ_ta = 0 (supplementary ablation)
+``DeepSCCOVIDTrainer_lambdaTA1``/``_lambdaTA100``      λ_ta = 1 / 100 (supplementary ablation)
+``DeepSCCOVIDTrainer_singleScaleTaskAware``            Table III: task-aware loss on one scale only
+=====================================================  ===========================================================
+
+The single-task trainers run the same stages (and so the same number of iterations and learning rates) with their
+one task, which keeps the "multi-task gain" comparison fair.
+"""
+
+from __future__ import annotations
+
+from dscovid.errors import DscovidError
+from dscovid.training.base_trainer import Trainer
+
+
+class DeepSCCOVIDTrainer(Trainer):
+    """The paper's joint model and two-stage schedule (stages from ``training.stages`` of the plans)."""
+
+    tasks = "joint"
+
+
+class SegmentationTrainer(Trainer):
+    """Lesion segmentation alone (Dice + focal loss)."""
+
+    tasks = "segmentation"
+
+    def validation_score(self, metrics: dict[str, float]) -> float:
+        return metrics["val_dice"] if metrics["val_dice"] == metrics["val_dice"] else 0.0
+
+
+class ClassificationTrainer(Trainer):
+    """Classification alone (weighted cross-entropy), on the classification grid without the lesion map."""
+
+    tasks = "classification"
+
+    def validation_score(self, metrics: dict[str, float]) -> float:
+        return metrics["val_accuracy"]
+
+
+class DeepSCCOVIDTrainer_noCrossStitch(DeepSCCOVIDTrainer):  # noqa: N801 - nnU-Net's variant naming
+    overrides = {"network.cross_stitch": False}
+
+
+class DeepSCCOVIDTrainer_convStem(DeepSCCOVIDTrainer):  # noqa: N801
+    overrides = {"network.stem": "conv"}
+
+
+class DeepSCCOVIDTrainer_noTaskAware(DeepSCCOVIDTrainer):  # noqa: N801
+    overrides = {"training.loss.lambda_ta": 0.0}
+
+
+class DeepSCCOVIDTrainer_lambdaTA1(DeepSCCOVIDTrainer):  # noqa: N801
+    overrides = {"training.loss.lambda_ta": 1.0}
+
+
+class DeepSCCOVIDTrainer_lambdaTA100(DeepSCCOVIDTrainer):  # noqa: N801
+    overrides = {"training.loss.lambda_ta": 100.0}
+
+
+class DeepSCCOVIDTrainer_singleScaleTaskAware(DeepSCCOVIDTrainer):  # noqa: N801
+    """Only the last side output Ŝ3 (patch/2) against the shallowest evidence mask V1."""
+
+    overrides = {"training.loss.task_aware_scales": [3]}
+
+
+TRAINERS: dict[str, type[Trainer]] = {
+    cls.__name__: cls
+    for cls in (
+        DeepSCCOVIDTrainer,
+        SegmentationTrainer,
+        ClassificationTrainer,
+        DeepSCCOVIDTrainer_noCrossStitch,
+        DeepSCCOVIDTrainer_convStem,
+        DeepSCCOVIDTrainer_noTaskAware,
+        DeepSCCOVIDTrainer_lambdaTA1,
+        DeepSCCOVIDTrainer_lambdaTA100,
+        DeepSCCOVIDTrainer_singleScaleTaskAware,
+    )
+}
+DEFAULT_TRAINER = "DeepSCCOVIDTrainer"
+
+
+def get_trainer(name: str) -> type[Trainer]:
+    """The trainer class registered under ``name``; the error lists the known names."""
+    try:
+        return TRAINERS[name]
+    except KeyError:
+        raise DscovidError(f"unknown trainer {name!r} (known: {', '.join(TRAINERS)})") from None

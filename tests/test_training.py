@@ -1,0 +1,193 @@
+"""Training: the two-stage schedule end to end on a tiny cache, stage-1 gradient routing, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_training_cache import make_cache, make_plans
+
+from dscovid.cli.train import main as train_main
+from dscovid.errors import DscovidError
+from dscovid.model import build_network
+from dscovid.settings import Roots
+from dscovid.training.augmentation import AugmentationSettings
+from dscovid.training.base_trainer import CLASSIFICATION_PART, SEGMENTATION_PART, TrainingSetup
+from dscovid.training.checkpoint import load_checkpoint
+from dscovid.training.data import list_cache_cases
+from dscovid.training.loader import build_loader, close_loader
+from dscovid.training.run import run_training
+from dscovid.training.schedule import Stage, learning_rate
+from dscovid.training.trainers import TRAINERS, DeepSCCOVIDTrainer, get_trainer
+
+FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json", "checkpoint_latest.pt", "checkpoint_best.pt",
+         "checkpoint_final.pt", "training_log.txt", "progress.png")
+
+
+@pytest.fixture
+def nondeterministic_after():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def _roots(tmp_path) -> Roots:
+    return Roots(preprocessed=tmp_path / "pre", results=tmp_path / "res")
+
+
+def _fixed_batch(dataset_dir, seed=11):
+    cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
+    loader = build_loader(cases, 6, (8, 16, 16), (2.0, 1.5, 1.5), 0.5, AugmentationSettings.none(), seed, 0)
+    batch = next(loader)
+    close_loader(loader)
+    return batch
+
+
+def _losses(network, configuration, batch) -> dict[str, float]:
+    from dscovid.model import build_loss
+
+    trainer = object.__new__(DeepSCCOVIDTrainer)  # only its batch conversion is used
+    trainer.device = torch.device("cpu")
+    inputs = trainer.to_device(batch)
+    network.eval()
+    with torch.no_grad():
+        out = network(inputs["seg_patch"], inputs["patch_box"], inputs["volume_shape"], inputs["cls_image"],
+                      inputs["lesion_context"])
+        result = build_loss(configuration)(out, inputs["lesion_target"], inputs["class_index"],
+                                           inputs["lesion_annotated"])
+    return result.terms
+
+
+def test_two_stage_training_learns_and_writes_the_results_folder(tmp_path):
+    plans = make_plans("Dataset900_Tiny", epochs=(3, 2), iterations=8)
+    dataset_dir = make_cache(tmp_path / "pre", n_cases=12, plans=plans, unannotated=("case_0003",))
+    result = run_training(_roots(tmp_path), None, "3d_cpu", 0, num_workers=1, device="cpu", seed=5)
+
+    fold_dir = tmp_path / "res" / "Dataset900_Tiny" / "DeepSCCOVIDTrainer__3d_cpu" / "fold_0"
+    assert result.fold_dir == fold_dir and result.epochs == 5
+    for name in FILES:
+        assert (fold_dir / name).is_file(), name
+    state = load_checkpoint(fold_dir / "checkpoint_final.pt")  # weights_only=True
+    assert state["epoch"] == 5 and state["stage"] == 1 and state["trainer"] == "DeepSCCOVIDTrainer"
+    assert state["configuration"]["network"]["tasks"] == "joint"
+    json.dumps({k: v for k, v in state.items() if k not in ("network_weights", "optimizer_state")})
+    assert [int(s) for s in state["history"]["stage"]] == [0, 0, 0, 1, 1]
+    assert np.allclose(state["history"]["lr"], [1e-3, 1e-3 * 2 / 3, 1e-3 / 3, 1e-4, 5e-5])
+    log = (fold_dir / "training_log.txt").read_text()
+    assert "Stage 1/2 'pretrain'" in log and "loss separate" in log and "Stage 2/2 'finetune'" in log
+    assert "epoch 5/5" in log
+    splits = json.loads((dataset_dir / "splits_final.json").read_text())
+    assert len(splits) == 10 and state["plans"]["configurations"]["3d_cpu"]["network"]["tasks"] == "joint"
+
+    # The losses fall: the same fixed batch scored with the initial and the trained weights.
+    configuration = state["configuration"]
+    torch.manual_seed(5)
+    initial = build_network(configuration)
+    trained = build_network(configuration)
+    trained.load_state_dict(state["network_weights"])
+    batch = _fixed_batch(dataset_dir)
+    before, after = _losses(initial, configuration, batch), _losses(trained, configuration, batch)
+    assert after["seg"] < before["seg"] and after["cls"] < before["cls"], (before, after)
+
+
+def _trainer(tmp_path, **loss_overrides) -> DeepSCCOVIDTrainer:
+    plans = make_plans("Dataset900_Tiny")
+    plans["configurations"]["3d_cpu"]["training"]["loss"].update(loss_overrides)
+    dataset_dir = make_cache(tmp_path / "pre", n_cases=4, plans=plans)
+    cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
+    configuration = DeepSCCOVIDTrainer.effective_configuration(plans["configurations"]["3d_cpu"])
+    setup = TrainingSetup(plans, "3d_cpu", configuration, cases, [], tmp_path / "out", num_workers=0)
+    trainer = DeepSCCOVIDTrainer(setup)
+    trainer.on_stage_start(0)
+    return trainer
+
+
+@pytest.mark.parametrize("silenced", ["seg", "cls"])
+def test_stage_one_routes_each_loss_to_its_own_part(tmp_path, silenced):
+    """Stage 1 pre-trains the parts separately: a task's loss must not move the other task's part."""
+    trainer = _trainer(tmp_path, **{f"lambda_{silenced}": 0.0})
+    assert trainer.step_mode(trainer.stages[0]) == "separate"
+    batch = _fixed_batch(tmp_path / "pre" / "Dataset900_Tiny")
+    trainer.optimizer.zero_grad(set_to_none=False)
+    trainer._separate_backward(trainer.to_device(batch))
+    quiet, active = (SEGMENTATION_PART, CLASSIFICATION_PART) if silenced == "seg" else (CLASSIFICATION_PART,
+                                                                                        SEGMENTATION_PART)
+    grads = {n: p.grad for n, p in trainer.network.named_parameters()}
+    assert all(float(g.abs().sum()) == 0 for n, g in grads.items() if n.startswith(quiet))
+    assert sum(float(g.abs().sum()) > 0 for n, g in grads.items() if n.startswith(active)) > 5
+    # both rows of the cross-stitch are covered by exactly one part
+    assert {n for n in grads if n.startswith("cross_stitch")} == {
+        "cross_stitch.w_seg1", "cross_stitch.w_cls2", "cross_stitch.w_seg2", "cross_stitch.w_cls1"}
+
+
+def test_joint_stage_backpropagates_task_aware_loss_into_both_parts(tmp_path):
+    trainer = _trainer(tmp_path, lambda_seg=0.0, lambda_cls=0.0)  # only λ_ta · L_ta left
+    trainer.on_stage_start(1)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    inputs = trainer.to_device(_fixed_batch(tmp_path / "pre" / "Dataset900_Tiny"))
+    trainer.compute_loss(trainer.forward(inputs), inputs).total.backward()
+    named = dict(trainer.network.named_parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in named.items()
+               if n.startswith("lesion_subnet."))
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in named.items()
+               if n.startswith("classification_subnet."))
+
+
+def test_deterministic_seed_gives_identical_weights(tmp_path, nondeterministic_after):
+    make_cache(tmp_path / "pre", n_cases=12, plans=make_plans("Dataset900_Tiny", epochs=(1, 1), iterations=2))
+
+    def weights(seed, name):
+        roots = Roots(preprocessed=tmp_path / "pre", results=tmp_path / name)
+        result = run_training(roots, "Dataset900_Tiny", "3d_cpu", 1, seed=seed, deterministic=True, device="cpu",
+                              num_workers=1, run_final_validation=False)
+        return load_checkpoint(result.fold_dir / "checkpoint_final.pt")["network_weights"]
+
+    first, second, other = weights(3, "a"), weights(3, "b"), weights(4, "c")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("name, tasks", [("SegmentationTrainer", "segmentation"),
+                                         ("ClassificationTrainer", "classification"),
+                                         ("DeepSCCOVIDTrainer_noCrossStitch", "joint")])
+def test_single_task_and_ablation_trainers_train(tmp_path, name, tasks):
+    make_cache(tmp_path / "pre", n_cases=10, plans=make_plans("Dataset900_Tiny", epochs=(1, 1), iterations=2))
+    result = run_training(_roots(tmp_path), None, "3d_cpu", 2, name, device="cpu", num_workers=0)
+    state = load_checkpoint(result.fold_dir / "checkpoint_final.pt")
+    assert result.fold_dir.parent.name == f"{name}__3d_cpu" and state["epoch"] == 2
+    assert state["configuration"]["network"]["tasks"] == tasks
+    saved = json.loads((result.fold_dir / "plans.json").read_text())
+    assert saved["configurations"]["3d_cpu"]["network"]["tasks"] == tasks  # what the predictor will rebuild
+    if name.endswith("noCrossStitch"):
+        assert not any(k.startswith("cross_stitch") for k in state["network_weights"])
+        assert saved["configurations"]["3d_cpu"]["network"]["cross_stitch"] is False
+
+
+def test_registry_and_ablation_overrides():
+    with pytest.raises(DscovidError, match="unknown trainer 'Nope' \\(known: DeepSCCOVIDTrainer, Segmentation"):
+        get_trainer("Nope")
+    base = make_plans("x")["configurations"]["3d_cpu"]
+    assert TRAINERS["DeepSCCOVIDTrainer_lambdaTA100"].effective_configuration(base)["training"]["loss"]["lambda_ta"] == 100
+    assert TRAINERS["DeepSCCOVIDTrainer_convStem"].effective_configuration(base)["network"]["stem"] == "conv"
+    assert base["network"]["stem"] == "inception"  # the plans are not changed in place
+
+
+def test_linear_decay_schedule():
+    stage = Stage("s", 4, 1, {"name": "adam", "lr": 1e-3})
+    assert [learning_rate(stage, e) for e in range(4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+
+
+def test_existing_fold_is_not_overwritten_and_cli_errors_are_one_line(tmp_path, capsys):
+    make_cache(tmp_path / "pre", n_cases=10, plans=make_plans("Dataset900_Tiny", epochs=(1, 1), iterations=1))
+    args = ["0", "--preprocessed", str(tmp_path / "pre"), "--results", str(tmp_path / "res"), "--device", "cpu",
+            "--workers", "0", "-q"]
+    assert train_main(args) == 0
+    assert train_main(args) == 1
+    assert "already holds checkpoints: pass --continue" in capsys.readouterr().err
+    assert train_main([*args, "-tr", "Bogus"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown trainer 'Bogus'" in err and "DeepSCCOVIDTrainer" in err
+    assert train_main([*args, "--continue"]) == 0  # already finished: resumes at the end, nothing left to train
+    assert train_main(["11", *args[1:]]) == 1
+    assert "fold must be 0-9 or 'all'" in capsys.readouterr().err
