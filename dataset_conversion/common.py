@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 from tqdm import tqdm
 
 from dscovid import __version__
@@ -37,7 +38,7 @@ from dscovid.io.dataset import (
     parse_dataset_name,
     write_json_atomic,
 )
-from dscovid.io.image_io import Geometry, write_image
+from dscovid.io.image_io import Geometry, read_sitk, write_image
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,24 @@ def require_same_grid(image: Geometry, mask: Geometry, kind: str) -> None:
         raise DscovidError(f"{kind} shape {mask.shape_zyx} does not match image {image.shape_zyx}")
     if not geometries_agree(image, mask):
         raise DscovidError(f"{kind} geometry does not match the image ({image.describe_difference(mask)})")
+
+
+def read_label_array(path: str | Path, kind: str = "label") -> tuple[np.ndarray, Geometry]:
+    """Read a source mask as it is stored (any integer values), refusing one that is not a 3D scalar volume."""
+    mask_image = read_sitk(path)
+    if mask_image.GetDimension() != 3 or mask_image.GetNumberOfComponentsPerPixel() != 1:
+        raise DscovidError(f"{kind} {path} is not a 3D single-channel image")
+    array = sitk.GetArrayFromImage(mask_image)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DscovidError(f"{kind} {path} contains NaN or infinite values")
+    return array, Geometry.of(mask_image)
+
+
+def read_label_on_grid(path: str | Path, image: Geometry, kind: str = "label") -> np.ndarray:
+    """Read a source mask that must lie on its CT's grid (else the case is skipped) and binarise it (> 0)."""
+    array, geometry = read_label_array(path, kind)
+    require_same_grid(image, geometry, kind)
+    return binarise(array)
 
 
 def output_path(out_dir: Path, folder: str, case: str) -> Path:

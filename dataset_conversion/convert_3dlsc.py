@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from dataset_conversion.common import (
@@ -43,6 +42,7 @@ from dataset_conversion.common import (
     find_volume,
     geometries_agree,
     natural_key,
+    read_label_array,
     relative_to,
     require_source_dir,
     run_conversion,
@@ -52,7 +52,7 @@ from dataset_conversion.common import (
     write_case_volume,
 )
 from dscovid.errors import DscovidError
-from dscovid.io.image_io import Geometry, read_image, read_sitk
+from dscovid.io.image_io import read_image
 
 log = logging.getLogger(__name__)
 
@@ -370,11 +370,7 @@ def convert_3dlsc_case(job: CaseJob, out_dir: Path) -> dict:
     if job.class_name == "non_pneumonia":
         label = np.zeros(ct.shape, dtype=np.uint8)
     elif "label" in job.sources:
-        label_image = read_sitk(job.sources["label"])
-        if label_image.GetDimension() != 3 or label_image.GetNumberOfComponentsPerPixel() != 1:
-            raise DscovidError(f"label {job.sources['label']} is not a 3D single-channel image")
-        raw = sitk.GetArrayFromImage(label_image)
-        label_geometry = Geometry.of(label_image)
+        raw, label_geometry = read_label_array(job.sources["label"])
         fields = anatomy_fields(ct, geometry.spacing_zyx_mm)
         transform, fit = choose_label_transform(
             raw, ct, fields, header_matches=geometries_agree(geometry, label_geometry), fix_orientation=fix,
