@@ -1,0 +1,321 @@
+"""The DeepSC-COVID network: shapes, parameter counts, gradient flow, evidence masks, ablations, inference API."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from dscovid.errors import DscovidError
+from dscovid.model import DeepSCCOVID, NetworkConfig, build_loss, build_network
+from dscovid.model.evidence import evidence_masks, select_class
+from dscovid.model.examples import example_configuration
+from dscovid.model.geometry import composite, paste_box
+
+LOG = logging.getLogger(__name__)
+
+TINY_NETWORK = {
+    "stem_channels": 8,
+    "segmentation_widths": [8, 16, 32],
+    "classification_widths": [8, 16, 32],
+    "lesion_channels": 4,
+}
+PATCH = (8, 16, 16)
+GRID = (16, 32, 32)
+VOLUME = (40, 64, 48)
+
+
+def _configuration(network: dict | None = None, loss: dict | None = None, patch=PATCH, grid=GRID) -> dict:
+    return {
+        "segmentation": {"patch_size_zyx": list(patch)},
+        "classification": {"grid_zyx": list(grid)},
+        "network": dict(TINY_NETWORK, **(network or {})),
+        "training": {"loss": loss or {}, "class_weights": [1.0, 2.0, 0.5]},
+    }
+
+
+def _batch(batch: int = 2, patch=PATCH, grid=GRID, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    boxes = torch.tensor([[[4, 10, 6], list(patch)], [[36, -4, 40], list(patch)]][:batch])
+    return {
+        "seg_patch": torch.rand(batch, 1, *patch, generator=generator),
+        "patch_box": boxes,
+        "volume_shape": torch.tensor([VOLUME] * batch),
+        "cls_image": torch.rand(batch, 1, *grid, generator=generator),
+        "lesion_context": (torch.rand(batch, 1, *grid, generator=generator) > 0.8).float(),
+    }
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_paper_configuration_parameter_count():
+    net = build_network(example_configuration("3d_paper"))
+    counts = {name: _count(child) for name, child in net.named_children()}
+    LOG.info("3d_paper parameters: %d %s", _count(net), counts)
+    # The authors' network: stems 0.0084 M each, lesion subnet 4.73 M, classification subnet 3.49 M (8.2 M).
+    assert counts["stem_seg"] == counts["stem_cls"] == 8404
+    assert counts["lesion_subnet"] == pytest.approx(4.73e6, rel=0.01)
+    assert counts["classification_subnet"] == pytest.approx(3.49e6, rel=0.01)
+    assert counts["cross_stitch"] == 4
+    assert _count(net) == pytest.approx(8.2e6, rel=0.01)
+
+
+def test_paper_widths_forward_at_reduced_spatial_size():
+    configuration = example_configuration("3d_paper")
+    net = build_network(configuration)
+    batch = _batch(1)
+    with torch.no_grad():
+        out = net(**batch)
+    assert out.lesion_logits.shape == (1, 1, *PATCH)
+    assert [tuple(s.shape[2:]) for s in out.side_outputs] == [(1, 2, 2), (2, 4, 4), (4, 8, 8), PATCH]
+    assert out.class_logits.shape == (1, 3)
+    assert [tuple(e.shape) for e in out.evidence] == [(1, 3, 4, 8, 8), (1, 3, 2, 4, 4), (1, 3, 1, 2, 2)]
+    assert out.lesion_on_grid.shape == (1, 1, *GRID)
+
+
+def test_cpu_configuration_shapes_and_loss():
+    configuration = example_configuration("3d_cpu")
+    patch = tuple(configuration["segmentation"]["patch_size_zyx"])
+    grid = tuple(configuration["classification"]["grid_zyx"])
+    net = build_network(configuration)
+    LOG.info("3d_cpu parameters: %d", _count(net))
+    assert 100_000 < _count(net) < 2_000_000
+    batch = _batch(2, patch, grid)
+    out = net(**batch)
+    assert out.lesion_logits.shape == (2, 1, *patch)
+    assert out.class_logits.shape == (2, 3)
+    assert [tuple(e.shape[2:]) for e in out.evidence] == [tuple(g // 2**k for g in grid) for k in (2, 3, 4)]
+    terms = build_loss(configuration)(out, torch.zeros(2, 1, *patch), torch.tensor([0, 2]), torch.tensor([True, True]))
+    assert torch.isfinite(terms.total) and set(terms.terms) == {"seg", "dice", "focal", "cls", "ta", "total"}
+
+
+def _grads(net: torch.nn.Module, loss_config: dict, annotated=(True, True)) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    configuration = _configuration(loss=loss_config)
+    batch = _batch()
+    for key in ("seg_patch", "cls_image"):
+        batch[key].requires_grad_(True)
+    out = net(**batch)
+    target = torch.zeros(2, 1, *PATCH)
+    target[:, :, 2:6, 4:12, 4:12] = 1
+    terms = build_loss(configuration)(out, target, torch.tensor([0, 1]), torch.tensor(annotated))
+    net.zero_grad()
+    terms.total.backward()
+    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in net.named_parameters()}
+    grads["input.seg_patch"] = batch["seg_patch"].grad
+    grads["input.cls_image"] = batch["cls_image"].grad
+    return grads
+
+
+def _norm(grads: dict, prefix: str) -> float:
+    return sum(float(g.abs().sum()) for name, g in grads.items() if name.startswith(prefix))
+
+
+@pytest.fixture(scope="module")
+def tiny_net() -> DeepSCCOVID:
+    torch.manual_seed(0)
+    return build_network(_configuration())
+
+
+def test_joint_loss_trains_all_four_cross_stitch_scalars(tiny_net):
+    grads = _grads(tiny_net, {})
+    for name in ("w_seg1", "w_cls2", "w_seg2", "w_cls1"):
+        assert float(grads[f"cross_stitch.{name}"].abs()) > 0, name
+
+
+def test_task_aware_loss_reaches_both_subnets_and_cross_stitch(tiny_net):
+    grads = _grads(tiny_net, {"lambda_seg": 0.0, "lambda_cls": 0.0, "lambda_ta": 1.0})
+    assert _norm(grads, "lesion_subnet.") > 0
+    assert _norm(grads, "classification_subnet.units.") > 0
+    assert _norm(grads, "classification_subnet.linear") > 0
+    assert _norm(grads, "cross_stitch.") > 0
+    assert _norm(grads, "stem_seg.") > 0 and _norm(grads, "stem_cls.") > 0
+
+
+def test_classification_loss_reaches_lesion_subnet_through_s_hat(tiny_net):
+    grads = _grads(tiny_net, {"lambda_seg": 0.0, "lambda_cls": 1.0, "lambda_ta": 0.0})
+    assert _norm(grads, "lesion_subnet.") > 0
+    assert _norm(grads, "stem_seg.") > 0
+    for name in ("w_seg1", "w_cls2", "w_seg2", "w_cls1"):
+        assert float(grads[f"cross_stitch.{name}"].abs()) > 0, name
+
+
+def test_segmentation_loss_reaches_classification_stem_via_cross_stitch(tiny_net):
+    grads = _grads(tiny_net, {"lambda_seg": 1.0, "lambda_cls": 0.0, "lambda_ta": 0.0})
+    assert _norm(grads, "stem_cls.") > 0
+    assert _norm(grads, "classification_subnet.") == 0
+
+
+def test_cross_stitch_reads_the_classification_features_of_the_patch_region(tiny_net):
+    """Sample 0's box covers z 4..12 of 40, i.e. stem-grid slices 0.8..2.4 of 8: only slices 0..3 feed it."""
+    batch = _batch()
+    i_cls = tiny_net.encode_classification(batch["cls_image"]).detach().requires_grad_(True)
+    seg = tiny_net.segment_patches(batch["seg_patch"], batch["patch_box"], batch["volume_shape"], i_cls)
+    seg.lesion_logits[0].sum().backward()
+    per_slice = i_cls.grad[0].abs().sum(dim=(0, 2, 3))
+    assert float(per_slice[:3].sum()) > 0
+    assert float(per_slice[4:].sum()) == 0
+    assert float(i_cls.grad[1].abs().sum()) == 0  # and only its own scan
+
+
+def test_unannotated_sample_gets_no_segmentation_gradient(tiny_net):
+    grads = _grads(tiny_net, {"lambda_seg": 1.0, "lambda_cls": 0.0, "lambda_ta": 0.0}, annotated=(True, False))
+    assert float(grads["input.seg_patch"][0].abs().sum()) > 0
+    assert float(grads["input.seg_patch"][1].abs().sum()) == 0
+    # The joint loss still trains on it (classification and task-aware terms).
+    joint = _grads(tiny_net, {}, annotated=(True, False))
+    assert float(joint["input.seg_patch"][1].abs().sum()) > 0
+
+
+def test_evidence_masks_are_equation_5(tiny_net):
+    batch = _batch()
+    with torch.no_grad():
+        out = tiny_net(**batch)
+        i_cls = tiny_net.encode_classification(batch["cls_image"])
+        features = []
+        x = torch.cat(
+            [
+                tiny_net.classification_subnet.lesion_embed(
+                    torch.nn.functional.adaptive_avg_pool3d(out.lesion_on_grid, i_cls.shape[2:])
+                ),
+                tiny_net.classification_subnet.feature_embed(
+                    tiny_net.cross_stitch.w_seg2 * _seg_part(tiny_net, batch, i_cls) + tiny_net.cross_stitch.w_cls1 * i_cls
+                ),
+            ],
+            dim=1,
+        )
+        for unit in tiny_net.classification_subnet.units:
+            x = unit(x)
+            features.append(x)
+    weight = tiny_net.classification_subnet.linear.weight
+    offsets = [0, 8, 24, 56]
+    for level in range(3):
+        w = weight[:, offsets[level] : offsets[level + 1]]
+        by_hand = torch.einsum("bkzyx,jk->bjzyx", features[level], w)
+        torch.testing.assert_close(out.evidence[level], by_hand, atol=1e-5, rtol=1e-5)
+    # GAP and the bias-free linear layer commute: each logit is the sum of its evidence masks' spatial means.
+    torch.testing.assert_close(out.class_logits, sum(v.mean(dim=(2, 3, 4)) for v in out.evidence), atol=1e-5, rtol=1e-5)
+    chosen = select_class(out.evidence, torch.tensor([2, 0]))
+    torch.testing.assert_close(chosen[1][1, 0], out.evidence[1][1, 0])
+    torch.testing.assert_close(chosen[0][0, 0], out.evidence[0][0, 2])
+    assert evidence_masks(features, weight)[2].shape == (2, 3, 1, 2, 2)
+
+
+def _seg_part(net, batch, i_cls):
+    seg = net.segment_patches(batch["seg_patch"], batch["patch_box"], batch["volume_shape"], i_cls)
+    values, coverage = paste_box(seg.seg_features, batch["patch_box"], batch["volume_shape"], i_cls.shape[2:])
+    return composite(values, coverage, i_cls)
+
+
+def test_inference_api_reproduces_training_forward(tiny_net):
+    batch = _batch()
+    with torch.no_grad():
+        out = tiny_net(**batch)
+        i_cls = tiny_net.encode_classification(batch["cls_image"])
+        seg = tiny_net.segment_patches(batch["seg_patch"], batch["patch_box"], batch["volume_shape"], i_cls)
+        torch.testing.assert_close(seg.lesion_logits, out.lesion_logits)
+        seg_on_grid, coverage = paste_box(seg.seg_features, batch["patch_box"], batch["volume_shape"], i_cls.shape[2:])
+        lesion, lesion_cover = paste_box(seg.lesion_probability, batch["patch_box"], batch["volume_shape"], GRID)
+        lesion_on_grid = composite(lesion, lesion_cover, batch["lesion_context"])
+        logits, evidence = tiny_net.classify(i_cls, lesion_on_grid, seg_on_grid, coverage)
+    torch.testing.assert_close(logits, out.class_logits)
+    torch.testing.assert_close(evidence[0], out.evidence[0])
+    # One scan's features shared by several patches (sliding window).
+    with torch.no_grad():
+        shared = tiny_net.segment_patches(batch["seg_patch"], batch["patch_box"], VOLUME, i_cls[:1])
+        alone = tiny_net.segment_patches(batch["seg_patch"][1:], batch["patch_box"][1:], VOLUME, i_cls[:1])
+    torch.testing.assert_close(shared.lesion_logits[1:], alone.lesion_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_live_patch_replaces_context_inside_the_box(tiny_net):
+    batch = _batch()
+    batch["lesion_context"] = torch.full((2, 1, *GRID), 0.25)
+    with torch.no_grad():
+        out = tiny_net(**batch)
+    grid = out.lesion_on_grid[0, 0]
+    # Sample 0: box z 4..12, y 10..26, x 6..22 of (40, 64, 48) → grid cells z 1.6..4.8, y 5..13, x 4..14.67.
+    assert float(grid[0, 0, 0]) == pytest.approx(0.25)
+    inside = grid[2:4, 6:12, 5:14]
+    probability = torch.sigmoid(out.lesion_logits[0, 0])
+    assert float(inside.min()) >= float(probability.min()) - 1e-6
+    assert float(inside.max()) <= float(probability.max()) + 1e-6
+    assert not torch.allclose(inside, torch.full_like(inside, 0.25))
+
+
+def test_ablation_switches():
+    plain = build_network(_configuration({"stem": "conv"}))
+    assert plain.stem_seg.__class__.__name__ == "PlainStem3d"
+    no_stitch = build_network(_configuration({"cross_stitch": False}))
+    assert not hasattr(no_stitch, "cross_stitch")
+    batch = _batch()
+    out = no_stitch(**batch)
+    assert out.class_logits.shape == (2, 3)
+    seg_only = build_network(_configuration({"tasks": "segmentation"}))
+    assert not hasattr(seg_only, "classification_subnet") and not hasattr(seg_only, "stem_cls")
+    out = seg_only(batch["seg_patch"])
+    assert out.class_logits is None and out.lesion_logits.shape == (2, 1, *PATCH)
+    terms = build_loss(_configuration({"tasks": "segmentation"}))(out, torch.zeros(2, 1, *PATCH))
+    assert set(terms.terms) == {"seg", "dice", "focal", "total"}
+    cls_only = build_network(_configuration({"tasks": "classification"}))
+    assert not hasattr(cls_only, "lesion_subnet") and not hasattr(cls_only, "stem_seg")
+    out = cls_only(cls_image=batch["cls_image"])
+    assert out.lesion_logits is None and out.class_logits.shape == (2, 3)
+    terms = build_loss(_configuration({"tasks": "classification"}))(out, class_index=torch.tensor([1, 2]))
+    assert set(terms.terms) == {"cls", "total"}
+    # λ_ta = 0 and single-scale are loss options.
+    joint = build_network(_configuration())(**batch)
+    assert (
+        "ta"
+        not in build_loss(_configuration(loss={"lambda_ta": 0}))(joint, torch.zeros(2, 1, *PATCH), torch.tensor([0, 1])).terms
+    )
+    single = build_loss(_configuration(loss={"task_aware_scales": [3]}))(joint, torch.zeros(2, 1, *PATCH), torch.tensor([0, 1]))
+    multi = build_loss(_configuration())(joint, torch.zeros(2, 1, *PATCH), torch.tensor([0, 1]))
+    assert single.terms["ta"] != pytest.approx(multi.terms["ta"])
+
+
+def test_lesion_context_option():
+    batch = _batch()
+    net = build_network(_configuration({"lesion_context": "none"}))
+    with torch.no_grad():
+        out = net(**{**batch, "lesion_context": None})
+    assert float(out.lesion_on_grid[0, 0, 0, 0, 0]) == 0.0
+    with pytest.raises(ValueError, match="lesion_context"):
+        build_network(_configuration())(**{**batch, "lesion_context": None})
+
+
+def test_configuration_errors_name_the_key():
+    with pytest.raises(DscovidError, match=r"network\.widths"):
+        build_network(_configuration({"widths": [1, 2, 3]}))
+    with pytest.raises(DscovidError, match=r"network\.tasks"):
+        build_network(_configuration({"tasks": "both"}))
+    with pytest.raises(DscovidError, match=r"segmentation\.patch_size_zyx"):
+        build_network(_configuration(patch=(12, 16, 16)))
+    with pytest.raises(DscovidError, match=r"classification\.grid_zyx"):
+        build_network(_configuration(grid=(16, 32, 40)))
+    with pytest.raises(DscovidError, match=r"network\.stem_channels"):
+        build_network(_configuration({"stem_channels": 12}))
+    with pytest.raises(DscovidError, match=r"network\.norm_groups"):
+        build_network(_configuration({"norm_groups": 3}))
+    config = NetworkConfig.from_dict(example_configuration("3d_paper")["network"])
+    assert config == NetworkConfig() and NetworkConfig.from_dict(config.to_dict()) == config
+    # Sizes are only checked for the branches that exist.
+    build_network({"network": dict(TINY_NETWORK, tasks="classification"), "classification": {"grid_zyx": [16, 32, 32]}})
+
+
+def test_instance_norm_variant_runs():
+    net = build_network(_configuration({"norm": "instance"}))
+    out = net(**_batch())
+    assert torch.isfinite(out.class_logits).all()
+
+
+def test_bfloat16_autocast_on_cpu_keeps_losses_float32(tiny_net):
+    batch = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_net(**batch)
+        terms = build_loss(_configuration())(out, torch.zeros(2, 1, *PATCH), torch.tensor([0, 1]))
+    assert terms.total.dtype == torch.float32 and torch.isfinite(terms.total)
+    terms.total.backward()
+    assert tiny_net.cross_stitch.w_seg1.grad is not None
