@@ -158,3 +158,65 @@ def test_command_line(folders, tmp_path, capsys):
     assert evaluate_main(["-ref", str(tmp_path / "nowhere"), "-pred", str(pred)]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("dscovid_evaluate: error:") and "nowhere" in error and "\n" not in error
+
+
+# ---------------------------------------------------------------- cross-validation summary (Table II)
+
+
+def _fold_summary(dsc, nsd, rmsd, accuracy, auc):
+    return {
+        "segmentation": {"mean": {"dsc": 0.0}, "lesion_cases": {"mean": {
+            "dsc": dsc, "sensitivity": 0.8, "specificity": 0.99, "nsd": nsd, "rmsd": rmsd}}},
+        "classification": {"accuracy": accuracy, "macro": {"sensitivity": 0.9, "specificity": 0.95, "f1": 0.85,
+                                                           "auc": auc}},
+    }
+
+
+@pytest.fixture
+def results_root(tmp_path):
+    root = tmp_path / "results"
+    dataset = root / "Dataset007_Cv"
+    folds = {
+        "DeepSCTrainer__3d_cpu": [(0.70, 0.60, 3.0, 0.90, 0.95), (0.80, 0.70, 5.0, 0.80, None)],
+        "LesionOnlyTrainer__3d_cpu": [(0.60, 0.50, 4.0, 0.70, 0.80)],
+        "DeepSCTrainer__3d_fullres": [(0.90, 0.90, 1.0, 1.0, 1.0)],
+    }
+    for folder, values in folds.items():
+        for fold, value in enumerate(values):
+            write_json_atomic(_fold_summary(*value), dataset / folder / f"fold_{fold}" / "validation" / "summary.json")
+    (dataset / "DeepSCTrainer__3d_cpu" / "fold_2").mkdir()  # a fold still training: no summary yet
+    return root
+
+
+def test_cv_summary_table(results_root):
+    from dscovid.evaluation.cv_summary import collect_cv_summary, format_csv, format_markdown
+
+    rows = collect_cv_summary(results_root / "Dataset007_Cv", configuration="3d_cpu")
+    assert [(r.trainer, r.folds) for r in rows] == [("DeepSCTrainer", [0, 1]), ("LesionOnlyTrainer", [0])]
+    mean, std, count = rows[0].mean_std("segmentation", "dsc")
+    assert (mean, std, count) == (pytest.approx(0.75), pytest.approx(0.05), 2)
+    assert rows[0].mean_std("classification", "auc") == (pytest.approx(0.95), 0.0, 1)  # the null fold is skipped
+    markdown = format_markdown(rows)
+    line = next(line for line in markdown.splitlines() if line.startswith("| DeepSCTrainer"))
+    assert "| 75.00 (5.00) |" in line and "| 4.00 (1.00) |" in line and "| 85.00 (5.00) |" in line
+    table = list(csv.DictReader(format_csv(rows).splitlines()))
+    assert float(table[1]["segmentation_dsc_mean"]) == pytest.approx(0.6)
+    assert table[0]["classification_auc_n"] == "1"
+    ordered = collect_cv_summary(results_root / "Dataset007_Cv", trainers=["LesionOnlyTrainer", "DeepSCTrainer"])
+    assert [(r.trainer, r.configuration) for r in ordered] == [
+        ("LesionOnlyTrainer", "3d_cpu"), ("DeepSCTrainer", "3d_cpu"), ("DeepSCTrainer", "3d_fullres")]
+
+
+def test_cv_summary_command(results_root, tmp_path, capsys, monkeypatch):
+    from dscovid.cli.cv_summary import main as cv_main
+
+    monkeypatch.setenv("DSCOVID_results", str(results_root))
+    assert cv_main(["-d", "7", "-c", "3d_cpu", "-o", str(tmp_path / "table")]) == 0
+    assert "DeepSCTrainer" in capsys.readouterr().out
+    assert (tmp_path / "table" / "cv_summary_3d_cpu.md").is_file()
+    assert (tmp_path / "table" / "cv_summary_3d_cpu.csv").is_file()
+    assert cv_main(["-d", "7", "-tr", "NoSuchTrainer"]) == 1
+    assert "NoSuchTrainer" in capsys.readouterr().err
+    monkeypatch.delenv("DSCOVID_results")
+    assert cv_main(["-d", "7"]) == 1
+    assert "DSCOVID_results" in capsys.readouterr().err
