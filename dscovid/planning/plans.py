@@ -150,19 +150,31 @@ _FRACTION = _Number(minimum=0, maximum=1)
 _SIZE3 = _List(_POSITIVE_INT, length=3, what="positive integers")
 _SPACING3 = _List(_POSITIVE, length=3, what="positive numbers (mm)")
 
-#: Network block: the keys dscovid.model.build_network reads (docs/model.md).
-NETWORK_SPEC = _Object(
-    required={
-        "stem": _Str(("inception", "conv")),
-        "stem_channels": _POSITIVE_INT,
-        "seg_widths": _List(_POSITIVE_INT, length=3, what="positive integers"),
-        "cls_widths": _List(_POSITIVE_INT, length=3, what="positive integers"),
-        "side_weights": _List(_NON_NEGATIVE, length=4, what="non-negative numbers"),
-        "cross_stitch": _Bool(),
-        "tasks": _Str(("joint", "segmentation", "classification")),
-    },
-    optional={"norm_groups": _POSITIVE_INT, "cross_stitch_init": _List(_Number(), length=2, what="numbers")},
-)
+class _ModelBlock(_Spec):
+    """``network`` or ``training.loss``: validated by the model's own dataclasses (one source of truth).
+
+    :class:`dscovid.model.config.NetworkConfig` / ``LossConfig`` name keys as ``network.<key>`` or
+    ``training.loss.<key>``; the configuration's path is put in front.
+    """
+
+    def __init__(self, which: str):
+        self.which = which
+
+    def check(self, value: object, path: str) -> None:
+        from dscovid.model.config import LossConfig, NetworkConfig  # the model package owns these keys
+
+        if not isinstance(value, dict):
+            raise _fail(path, f"must be an object, got {type(value).__name__}")
+        prefix = path[: -len(self.which)]  # "configurations.3d_cpu." in front of "network"
+        try:
+            if self.which == "network":
+                NetworkConfig.from_dict(value)
+            else:
+                LossConfig.from_dict(value)
+        except DscovidError as error:
+            message = re.sub(rf"(?<![\w.])({re.escape(self.which)})\b", lambda m: prefix + m.group(1), str(error))
+            raise DscovidError(message) from None
+
 
 STAGE_SPEC = _Object(
     required={
@@ -183,19 +195,6 @@ STAGE_SPEC = _Object(
     optional={"tasks": _Str(("joint", "segmentation", "classification", "separate"))},
 )
 
-LOSS_SPEC = _Object(
-    required={
-        "lambda_seg": _NON_NEGATIVE,
-        "lambda_cls": _NON_NEGATIVE,
-        "lambda_ta": _NON_NEGATIVE,
-        "lambda_dice": _NON_NEGATIVE,
-        "lambda_focal": _NON_NEGATIVE,
-        "focal_alpha": _FRACTION,
-        "focal_gamma": _NON_NEGATIVE,
-        "task_aware_scales": _List(_NON_NEGATIVE, length=3, what="non-negative numbers"),
-    },
-)
-
 CONFIGURATION_SPEC = _Object(
     required={
         "data_identifier": _Str(identifier=True),
@@ -210,12 +209,12 @@ CONFIGURATION_SPEC = _Object(
         ),
         "segmentation": _Object(required={"patch_size_zyx": _SIZE3}),
         "classification": _Object(required={"grid_zyx": _SIZE3}),
-        "network": NETWORK_SPEC,
+        "network": _ModelBlock("network"),
         "training": _Object(
             required={
                 "batch_size": _POSITIVE_INT,
                 "class_weights": _List(_NON_NEGATIVE, min_length=2, what="non-negative numbers"),
-                "loss": LOSS_SPEC,
+                "loss": _ModelBlock("training.loss"),
                 "stages": _List(STAGE_SPEC, min_length=1),
                 "oversample_foreground": _FRACTION,
             },
@@ -250,8 +249,24 @@ PLANS_SPEC = _Object(
 
 
 def validate_configuration(configuration: dict, path: str = "configuration") -> None:
-    """Check one configuration dictionary; raise a DscovidError naming the first wrong key under ``path``."""
+    """Check one configuration dictionary; raise a DscovidError naming the first wrong key under ``path``.
+
+    Beyond the schema, the sizes must suit the network (``dscovid.model.network_config``: the patch divisible by
+    8, the classification grid by 16) and there must be one class weight per network class.
+    """
     CONFIGURATION_SPEC.check(configuration, path)
+    from dscovid.model.build import network_config
+
+    try:
+        network = network_config(configuration)
+    except DscovidError as error:
+        message = re.sub(r"(?<![\w.])(segmentation|classification|network)\.", lambda m: f"{path}.{m.group(1)}.",
+                         str(error))
+        raise DscovidError(message) from None
+    weights = configuration["training"]["class_weights"]
+    if len(weights) != network.num_classes:
+        raise _fail(f"{path}.training.class_weights",
+                    f"must hold {network.num_classes} weights (network.num_classes), got {len(weights)}")
 
 
 def validate_plans(plans: dict) -> None:
@@ -262,6 +277,7 @@ def validate_plans(plans: dict) -> None:
     PLANS_SPEC.check(plans, "")
     n_classes = len(plans["class_names"])
     for name, configuration in plans["configurations"].items():
+        validate_configuration(configuration, f"configurations.{name}")
         weights = configuration["training"]["class_weights"]
         if len(weights) != n_classes:
             raise _fail(f"configurations.{name}.training.class_weights",
