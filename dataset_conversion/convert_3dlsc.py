@@ -153,6 +153,15 @@ class AnatomyFields:
     stride: int
 
 
+def _close_disk(mask_yx: np.ndarray, radius: float) -> np.ndarray:
+    """Binary closing of a 2D mask by a disk, through two distance transforms (same result as
+    ``binary_closing`` with a disk, about twice as fast for the 10 mm disks used here)."""
+    pad = int(np.ceil(radius)) + 1
+    padded = np.pad(mask_yx, pad)
+    dilated = ndimage.distance_transform_edt(~padded) <= radius
+    return (ndimage.distance_transform_edt(dilated) > radius)[pad:-pad, pad:-pad]
+
+
 def anatomy_fields(ct_zyx: np.ndarray, spacing_zyx_mm: tuple[float, float, float]) -> AnatomyFields:
     """Derive the body and lung fields of a CT in HU (thresholds -500 HU; closing radius 10 mm)."""
     pixel_mm = float(min(spacing_zyx_mm[1], spacing_zyx_mm[2]))
@@ -172,10 +181,9 @@ def anatomy_fields(ct_zyx: np.ndarray, spacing_zyx_mm: tuple[float, float, float
     body = ndimage.binary_fill_holes(patient, structure=in_plane)
     air_inside = body & ~patient
     radius = max(1, int(round(10.0 / (pixel_mm * stride))))
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-    disk = (yy**2 + xx**2 <= radius**2)[None]
-    padded = np.pad(air_inside, ((0, 0), (radius, radius), (radius, radius)))
-    closed = ndimage.binary_closing(padded, structure=disk)[:, radius:-radius, radius:-radius]
+    closed = np.zeros_like(air_inside)
+    for z in np.flatnonzero(air_inside.any(axis=(1, 2))):
+        closed[z] = _close_disk(air_inside[z], radius)
     lungs = ndimage.binary_fill_holes(closed, structure=in_plane) & body
     return AnatomyFields(body=body, lungs=lungs, stride=stride)
 

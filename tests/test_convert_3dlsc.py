@@ -172,3 +172,39 @@ def test_lung_npy_in_another_axis_order_is_reported_then_fixed(tmp_path: Path) -
     written, _ = read_mask(tmp_path / "Dataset204_LSC" / "lungsTr" / "normal_7.nii.gz")
     np.testing.assert_array_equal(written, lung)
     assert verify_dataset(tmp_path / "Dataset204_LSC") == []
+
+
+def test_disk_closing_matches_scipy() -> None:
+    from scipy import ndimage
+
+    from dataset_conversion.convert_3dlsc import _close_disk
+
+    mask = np.random.default_rng(1).random((40, 50)) > 0.7
+    radius = 3
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    disk = yy**2 + xx**2 <= radius**2
+    expected = ndimage.binary_closing(np.pad(mask, radius + 1), structure=disk)[radius + 1:-radius - 1, radius + 1:-radius - 1]
+    np.testing.assert_array_equal(_close_disk(mask, radius), expected)
+
+
+@pytest.mark.realdata
+def test_mirrored_masks_are_caught_on_a_real_covid_ct(test_data: Path) -> None:
+    """On a real COVID-19 CT (2.5 mm), a mask of its dense lung voxels in one lung fits as is and
+    every single flip is reported, with the flip that undoes it found by --fix-orientation."""
+    from scipy import ndimage
+
+    from dscovid.io.image_io import read_image
+
+    ct, geometry = read_image(test_data / "covid_ct_md_derived" / "P002_ct_2p5mm.nii.gz")
+    fields = anatomy_fields(ct, geometry.spacing_zyx_mm)
+    assert fields.stride == 1 and 3000 < fields.lungs.sum() * np.prod(geometry.spacing_zyx_mm) / 1000 < 6000  # ml
+    lesion = ndimage.binary_opening(fields.lungs & (ct > -700) & (ct < -200))
+    lesion[:, :, ct.shape[2] // 2:] = False
+    lesion = lesion.astype(np.uint8)
+    assert choose_label_transform(lesion, ct, fields, True, False)[0] == IDENTITY
+    for axis in range(3):
+        flipped = np.flip(lesion, axis)
+        with pytest.raises(DscovidError, match="mirrored or rotated"):
+            choose_label_transform(flipped, ct, fields, True, False)
+        fixed, _ = choose_label_transform(flipped, ct, fields, True, True)
+        assert fixed == AxisTransform((0, 1, 2), tuple(a == axis for a in range(3)))
