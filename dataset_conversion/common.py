@@ -381,7 +381,6 @@ def run_conversion(
         else:
             log.warning("skipping %s: %s", job.source_id, value)
             report.skipped.append(SkippedCase(job.source_id, str(value)))
-            _remove_case_outputs(out_dir, job.case)
         bar.update()
 
     if num_processes > 1 and len(pending) > 1:
@@ -395,10 +394,6 @@ def run_conversion(
             collect(job, stamp, _run_job(worker, job, out_dir))
     bar.close()
 
-    for case in sorted(set(previous_cases) - set(entries)):
-        if is_safe_case_name(case):
-            _remove_case_outputs(out_dir, case)
-
     report.converted = sorted(entries)
     report.up_to_date.sort()
     report.skipped.sort(key=lambda item: natural_key(item.source_id))
@@ -411,6 +406,10 @@ def run_conversion(
     if not entries:
         log.error("%s: no case could be converted; dataset.json not written", out_dir)
         return report
+    # Only now that dataset.json will be rewritten: files of cases no longer listed would fail verification.
+    for case in sorted((set(previous_cases) | set(seen)) - set(entries)):
+        if is_safe_case_name(case):
+            _remove_case_outputs(out_dir, case)
     meta = make_dataset_json(
         name=out_dir.name,
         cases=entries,

@@ -71,3 +71,14 @@ def test_convert_mosmed(tmp_path: Path) -> None:
     assert "study_0256" in third.converted and "study_0256" not in third.up_to_date
     assert set(third.up_to_date) == {"study_0001", "study_0255", "study_1100"}
     assert verify_dataset(out) == []
+
+
+def test_a_run_where_everything_fails_leaves_the_previous_dataset_intact(tmp_path: Path) -> None:
+    root = tmp_path / "MosMedData"
+    _write(_ct(1), root / "studies" / "CT-0" / "study_0001.nii.gz")
+    out = tmp_path / "Dataset113_MosMed"
+    assert convert_mosmed(root, out).converted == ["study_0001"]
+    _write(np.full((5, 16, 12), 50, np.int16), root / "studies" / "CT-0" / "study_0001.nii.gz")  # no air: not HU
+    report = convert_mosmed(root, out)
+    assert report.converted == [] and "Hounsfield" in report.skipped[0].reason
+    assert verify_dataset(out) == []
