@@ -1,0 +1,324 @@
+"""dscovid_predict end to end with a randomly initialised model saved as a trained fold folder.
+
+The model is built with ``build_network`` from the 3d_cpu preset (planned by the real planner) and saved the way the
+trainer saves ``checkpoint_final.pt``, so no training is needed. Random weights make the lesion mask arbitrary, but
+every property checked here holds for any weights: output geometry identical to the input's, the mask inside the
+lung and equal to the thresholded probability, reports consistent with the mask, failures named.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from dscovid import __version__
+from dscovid.cli.predict import main as predict_main
+from dscovid.errors import DscovidError
+from dscovid.inference.inputs import case_name_problems, discover_cases
+from dscovid.inference.model_loading import available_folds, find_model_folder, load_trained_model
+from dscovid.inference.predictor import predict_cases, run_networks
+from dscovid.io.dataset import CLASS_NAMES, write_json_atomic
+from dscovid.io.image_io import Geometry, read_image, write_image
+
+TRAINER, CONFIGURATION = "DeepSCCOVIDTrainer", "3d_cpu"
+
+# A fingerprint like the real chest CT data's (about 0.8 mm in-plane, 2.5 mm slices); the planner turns the 3d_cpu
+# preset into a configuration from it (coarse spacing so that a case fits its voxel budget: fast tests).
+_FINGERPRINT = {
+    "pooled": {
+        "median_lung_box_mm_zyx": [250.0, 300.0, 350.0],
+        "class_counts": {"covid": 4, "cap": 3, "non_pneumonia": 3},
+        "median_spacing_zyx_mm": [2.5, 0.8, 0.8],
+        "median_shape_zyx": [120, 512, 512],
+        "num_cases": 10,
+        "spacings_zyx_mm": [[2.5, 0.8, 0.8]] * 10,
+        "lung_box_shapes_zyx": [[100, 375, 437]] * 10,
+    }
+}
+
+
+def save_fake_model(results: Path, folds=(0, 1), dataset: str = "Dataset999_Fake") -> Path:
+    """A model folder with randomly initialised folds, checkpoints as the trainer writes them."""
+    from dscovid.model import build_network
+    from dscovid.planning.planner import plan_experiment
+    from dscovid.training.checkpoint import FINAL, save_checkpoint
+    from dscovid.training.trainers import get_trainer
+
+    plans = plan_experiment(_FINGERPRINT, dataset, list(CLASS_NAMES), presets=[CONFIGURATION])
+    configuration = get_trainer(TRAINER).effective_configuration(plans["configurations"][CONFIGURATION])
+    model_dir = results / dataset / f"{TRAINER}__{CONFIGURATION}"
+    for fold in folds:
+        torch.manual_seed(100 + int(fold))
+        network = build_network(configuration)
+        state = {
+            "network_weights": network.state_dict(),
+            "optimizer_state": None,
+            "grad_scaler_state": None,
+            "epoch": 1,
+            "stage": 1,
+            "trainer": TRAINER,
+            "configuration_name": CONFIGURATION,
+            "configuration": configuration,
+            "plans": plans,
+            "history": {},
+            "ema": None,
+            "best_ema": None,
+            "dscovid_version": __version__,
+        }
+        save_checkpoint(state, model_dir / f"fold_{fold}" / FINAL)
+        write_json_atomic(plans, model_dir / f"fold_{fold}" / "plans.json")
+    return model_dir
+
+
+def _rotation(axis: int, degrees: float) -> np.ndarray:
+    angle = math.radians(degrees)
+    c, s = math.cos(angle), math.sin(angle)
+    i, j = [a for a in range(3) if a != axis]
+    matrix = np.eye(3)
+    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
+    return matrix
+
+
+def synthetic_oblique_case() -> tuple[np.ndarray, Geometry]:
+    """A small synthetic chest CT (int16 HU) whose direction matrix is oblique (rotated 17° and 6°)."""
+    synthetic = pytest.importorskip("dataset_conversion.synthetic")
+    case = synthetic.generate_case(seed=7, index=1, scale=0.5)
+    direction = _rotation(2, 17.0) @ _rotation(0, 6.0) @ case.geometry.direction_matrix
+    geometry = Geometry(case.geometry.shape_zyx, case.geometry.spacing_zyx_mm, (12.5, -30.25, 101.0),
+                        tuple(float(v) for v in direction.ravel()))
+    return case.image_hu, geometry
+
+
+def _assert_same_geometry(path: Path, expected: Geometry) -> None:
+    image = sitk.ReadImage(str(path))
+    actual = Geometry.of(image)
+    assert actual.shape_zyx == expected.shape_zyx, path
+    # NIfTI stores spacing and origin as float32: identical up to float32 rounding (6e-8 relative, 3e-5 mm at 500 mm).
+    np.testing.assert_allclose(actual.spacing_zyx_mm, expected.spacing_zyx_mm, rtol=1e-7, atol=1e-6)
+    np.testing.assert_allclose(actual.origin_xyz_mm, expected.origin_xyz_mm, rtol=1e-7, atol=5e-5)
+    np.testing.assert_allclose(actual.direction, expected.direction, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_fake_model(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="module")
+def oblique_run(model_dir, tmp_path_factory):
+    """One prediction of the oblique synthetic case with probabilities saved."""
+    image, geometry = synthetic_oblique_case()
+    inputs = tmp_path_factory.mktemp("inputs")
+    write_image(image, geometry, inputs / "oblique_0000.nii.gz")
+    output = tmp_path_factory.mktemp("predictions")
+    summary = predict_cases(model_dir, inputs, output, device="cpu", save_probabilities=True, progress=False)
+    return summary, output, geometry, inputs
+
+
+def test_every_output_has_the_input_geometry_and_the_mask_lies_in_the_lung(oblique_run):
+    summary, output, geometry, _ = oblique_run
+    assert summary["failed"] == []
+    assert [c["case"] for c in summary["cases"]] == ["oblique"]
+    files = ["oblique.nii.gz", "oblique_evidence.nii.gz", "oblique_lesion_prob.nii.gz", "oblique_lung.nii.gz"]
+    for name in files:
+        _assert_same_geometry(output / name, geometry)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "oblique.nii.gz")))
+    lung = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "oblique_lung.nii.gz")))
+    probability = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "oblique_lesion_prob.nii.gz")))
+    evidence = sitk.ReadImage(str(output / "oblique_evidence.nii.gz"))
+    assert mask.dtype == np.uint8 and lung.dtype == np.uint8
+    assert evidence.GetPixelID() == sitk.sitkFloat32 and probability.dtype == np.float32
+    assert set(np.unique(mask)) <= {0, 1}
+    assert lung.sum() > 0.05 * lung.size  # the lungs were found in the oblique scan
+    assert not (mask & (1 - lung)).any(), "lesion voxels outside the lung"
+    np.testing.assert_array_equal(mask, ((probability >= 0.5) & (lung == 1)).astype(np.uint8))
+    assert np.isfinite(sitk.GetArrayViewFromImage(evidence)).all()
+    # Nothing else (no temporary files) in the output folder.
+    assert sorted(p.name for p in output.iterdir()) == sorted(files + ["predictions.csv", "predictions.json"])
+
+
+def test_predictions_json_and_csv_follow_the_format(oblique_run, model_dir):
+    summary, output, geometry, _ = oblique_run
+    stored = json.loads((output / "predictions.json").read_text())
+    assert stored == summary
+    assert stored["dscovid_version"] == __version__
+    assert stored["model_dir"] == str(model_dir.resolve())
+    assert stored["configuration"] == CONFIGURATION and stored["trainer"] == TRAINER
+    assert stored["folds"] == ["0", "1"]
+    assert stored["class_names"] == list(CLASS_NAMES)
+    entry = stored["cases"][0]
+    assert set(entry["probabilities"]) == set(CLASS_NAMES)
+    assert math.isclose(sum(entry["probabilities"].values()), 1.0, abs_tol=1e-5)
+    assert entry["predicted_class"] == max(entry["probabilities"], key=entry["probabilities"].get)
+    assert set(entry["timing_s"]) == {"read", "preprocess", "network", "export"}
+    assert entry["files"]["mask"] == "oblique.nii.gz" and entry["files"]["evidence"] == "oblique_evidence.nii.gz"
+    assert 0 < entry["tiles"]["run"] <= entry["tiles"]["total"]
+    # The report is measured on the written mask, in physical units.
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "oblique.nii.gz")))
+    lung = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "oblique_lung.nii.gz")))
+    voxel_ml = float(np.prod(geometry.spacing_zyx_mm)) / 1000.0
+    assert math.isclose(entry["lesion_volume_ml"], mask.sum() * voxel_ml, rel_tol=1e-6)  # NIfTI keeps float32 spacing
+    assert math.isclose(entry["lung_volume_ml"], (mask | lung).sum() * voxel_ml, rel_tol=1e-6)
+    if mask.any():
+        assert entry["lesion_count"] >= 1 and 0 < entry["lesion_volume_ratio"] <= 1
+        assert entry["lesion_hu_mean"] is not None
+    rows = (output / "predictions.csv").read_text().splitlines()
+    assert rows[0].split(",")[:5] == ["case", "predicted_class", "p_covid", "p_cap", "p_non_pneumonia"]
+    assert len(rows) == 2 and rows[1].startswith("oblique,")
+
+
+def test_lung_restriction_gives_the_whole_volume_result_inside_the_lung(model_dir):
+    model = load_trained_model(model_dir, folds=["0"])
+    rng = np.random.default_rng(0)
+    image = rng.random((36, 140, 150), dtype=np.float32)
+    lung = np.zeros(image.shape, np.uint8)
+    lung[2:9, 5:30, 6:40] = 1  # touches only some tiles
+    cls_image = rng.random((32, 64, 64), dtype=np.float32)
+    restricted = run_networks(model, image, lung, cls_image)
+    everywhere = run_networks(model, image, np.ones_like(lung), cls_image)
+    assert restricted.tiles_run < restricted.tiles_total == everywhere.tiles_run
+    inside = lung == 1
+    np.testing.assert_allclose(restricted.lesion_probability[inside], everywhere.lesion_probability[inside], atol=1e-5)
+    assert (restricted.lesion_probability[~inside] == 0).all()
+    assert restricted.class_probabilities.shape == (3,) and restricted.evidence.shape == image.shape
+    overlapping = run_networks(model, image, lung, cls_image, step_fraction=0.5, weighting="gaussian")
+    assert overlapping.tiles_run > restricted.tiles_run
+    assert np.isfinite(overlapping.lesion_probability).all()
+
+
+def _write_failing_inputs(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "unreadable_0000.nii.gz").write_bytes(b"\x1f\x8b not really a gzip file")
+    nan = np.full((12, 20, 20), -1000.0, np.float32)
+    nan[3, 4, 5] = np.nan
+    write_image(nan, Geometry((12, 20, 20), (2.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                folder / "nan.mha")  # not .nii.gz: ITK's NIfTI reader turns NaN into 0
+    not_hu = np.random.default_rng(1).integers(0, 255, (12, 20, 20)).astype(np.uint8)
+    write_image(not_hu, Geometry((12, 20, 20), (2.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                folder / "not_hu_0000.nii.gz")
+
+
+def _check_failures(output: Path, expected: dict[str, str], good: str) -> None:
+    summary = json.loads((output / "predictions.json").read_text())
+    reasons = {f["case"]: f["reason"] for f in summary["failed"]}
+    assert set(reasons) == set(expected)
+    for name, words in expected.items():
+        assert words in reasons[name].lower(), (name, reasons[name])
+    assert [c["case"] for c in summary["cases"]] == [good]
+    for name in expected:  # nothing written for a failed case
+        assert not list(output.glob(f"{name}*")), name
+    assert not [p for p in output.iterdir() if p.name.startswith(".")]
+    assert (output / f"{good}.nii.gz").exists()
+
+
+def test_failing_cases_are_named_and_the_others_finish(model_dir, oblique_run, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    _write_failing_inputs(inputs)
+    shutil.copy(oblique_run[3] / "oblique_0000.nii.gz", inputs / "good_0000.nii.gz")
+    output = tmp_path / "out"
+    status = predict_main(["-i", str(inputs), "-o", str(output), "-m", str(model_dir), "-f", "0", "-q",
+                           "--device", "cpu"])
+    assert status == 1
+    assert "3 case(s) failed" in capsys.readouterr().err
+    _check_failures(output, {"unreadable": "unreadable", "nan": "nan", "not_hu": "hounsfield"}, good="good")
+
+
+@pytest.mark.realdata
+def test_real_failing_inputs_2d_and_no_lungs(model_dir, oblique_run, test_data, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(oblique_run[3] / "oblique_0000.nii.gz", inputs / "good_0000.nii.gz")
+    output = tmp_path / "out"
+    status = predict_main(["-i", str(inputs), str(test_data / "pydicom" / "CT_small.dcm"),
+                           str(test_data / "totalsegmentator" / "example_ct_sm.nii.gz"),
+                           "-o", str(output), "-m", str(model_dir), "-f", "0", "-q", "--device", "cpu"])
+    assert status == 1
+    _check_failures(output, {"CT_small": "2d", "example_ct_sm": "no lung"}, good="good")
+
+
+@pytest.mark.realdata
+def test_real_chest_ct_keeps_its_geometry(model_dir, test_data, tmp_path):
+    source = test_data / "covid_ct_md_derived" / "P002_ct_2p5mm.nii.gz"
+    if not source.exists():
+        pytest.skip(f"{source} not available")
+    _, geometry = read_image(source)
+    output = tmp_path / "out"
+    summary = predict_cases(model_dir, source, output, folds=["0"], device="cpu", save_probabilities=True,
+                            progress=False)
+    assert summary["failed"] == []
+    entry = summary["cases"][0]
+    name = entry["case"]
+    for file in entry["files"].values():
+        _assert_same_geometry(output / file, geometry)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(output / f"{name}.nii.gz")))
+    lung = sitk.GetArrayFromImage(sitk.ReadImage(str(output / f"{name}_lung.nii.gz")))
+    assert not (mask & (1 - lung)).any()
+    assert 2000 < entry["lung_volume_ml"] < 9000  # an adult's lungs
+    assert entry["tiles"]["run"] <= entry["tiles"]["total"]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_dicom_series_keeps_its_geometry(model_dir, test_data, tmp_path):
+    series = test_data / "covid_ct_md" / "COVID-19 subjects" / "P002"
+    if not series.is_dir():
+        pytest.skip(f"{series} not available")
+    _, geometry = read_image(series)
+    output = tmp_path / "out"
+    summary = predict_cases(model_dir, series.parent, output, folds=["0"], device="cpu", progress=False)
+    assert summary["failed"] == [] and [c["case"] for c in summary["cases"]] == ["P002"]
+    for file in summary["cases"][0]["files"].values():
+        _assert_same_geometry(output / file, geometry)
+
+
+def test_output_of_another_model_is_refused_unless_overwrite(model_dir, oblique_run, tmp_path):
+    _, output, _, inputs = oblique_run
+    target = tmp_path / "out"
+    shutil.copytree(output, target)
+    with pytest.raises(DscovidError, match="another model"):
+        predict_cases(model_dir, inputs, target, folds=["1"], device="cpu", progress=False)
+    summary = predict_cases(model_dir, inputs, target, folds=["1"], device="cpu", progress=False, overwrite=True)
+    assert summary["folds"] == ["1"] and [c["case"] for c in summary["cases"]] == ["oblique"]
+    # The earlier run's probability files (not asked for now) are gone with it.
+    assert not (target / "oblique_lesion_prob.nii.gz").exists()
+
+
+def test_model_folder_and_fold_lookup(model_dir):
+    results = model_dir.parent.parent
+    assert find_model_folder(results, "Dataset999_Fake") == model_dir
+    assert find_model_folder(results, "999", CONFIGURATION, TRAINER) == model_dir
+    with pytest.raises(DscovidError, match="no trained model"):
+        find_model_folder(results, "Dataset999_Fake", "3d_paper")
+    assert available_folds(model_dir) == ["0", "1"]
+    with pytest.raises(DscovidError, match="trained folds: 0, 1"):
+        load_trained_model(model_dir, folds=[5])
+    with pytest.raises(DscovidError, match="not '3d_paper'"):
+        predict_cases(model_dir, model_dir, model_dir, configuration="3d_paper", device="cpu")
+
+
+def test_input_discovery(tmp_path):
+    geometry = Geometry((4, 5, 6), (1.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    volume = np.zeros((4, 5, 6), np.int16)
+    write_image(volume, geometry, tmp_path / "a_0000.nii.gz")
+    write_image(volume, geometry, tmp_path / "a_0001.nii.gz")  # a second channel: not CT, skipped
+    write_image(volume, geometry, tmp_path / "scan.mha")
+    series = tmp_path / "patient7"
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    (tmp_path / "notes.txt").write_text("not an image")
+    cases = discover_cases(tmp_path)
+    assert [(c.name, c.path.name) for c in cases] == [("a", "a_0000.nii.gz"), ("patient7", "patient7"),
+                                                      ("scan", "scan.mha")]
+    assert [c.name for c in discover_cases(series)] == ["patient7"]
+    assert [c.name for c in discover_cases(tmp_path / "scan.mha")] == ["scan"]
+    twice = discover_cases([tmp_path / "scan.mha", tmp_path / "scan.mha"])
+    assert case_name_problems(twice)[0] is None and "already used" in case_name_problems(twice)[1]
+    with pytest.raises(DscovidError, match="no such file"):
+        discover_cases(tmp_path / "missing")
