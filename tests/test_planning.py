@@ -95,7 +95,7 @@ def test_cpu_configuration_fits_its_budgets(thin_and_thick):
     cpu = thin["configurations"]["3d_cpu"]
     budget = cpu["budget"]
     spacing = cpu["preprocessing"]["target_spacing_zyx_mm"]
-    assert np.prod(np.round(np.asarray([250.0, 200.0, 300.0]) / spacing)) <= budget["max_case_voxels"]
+    assert np.prod(np.round(np.asarray([270.0, 220.0, 320.0]) / spacing)) <= budget["max_case_voxels"]  # + margins
     figures = estimate(cpu["segmentation"]["patch_size_zyx"], cpu["classification"]["grid_zyx"], cpu["network"],
                        cpu["training"]["batch_size"])
     seconds = figures.flops_per_iteration / (budget["cpu_gflops"] * 1e9) * budget["planned_iterations"]

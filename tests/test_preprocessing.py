@@ -282,3 +282,33 @@ def test_killed_run_leaves_no_corrupt_file_and_rerun_redoes_only_missing(tmp_pat
     for npz in target.glob("*.npz"):
         with np.load(npz) as data:
             assert data["lesion"].shape == data["image"].shape
+
+
+# --------------------------------------------------------------------------------------------- the command
+
+
+def test_command_plans_and_preprocesses_then_skips(tmp_path, capsys):
+    from dscovid.cli.plan_and_preprocess import main
+
+    make_raw_dataset(tmp_path / "raw", [{"class": "covid"}, {"class": "cap"}, {"class": "non_pneumonia"}],
+                     name="Dataset901_Cli")
+    args = ["-d", "901", "--raw", str(tmp_path / "raw"), "--preprocessed", str(tmp_path / "pre"), "-c", "3d_cpu",
+            "-np", "1", "-q"]
+    assert main(args) == 0
+    out = tmp_path / "pre" / "Dataset901_Cli"
+    assert {p.name for p in out.iterdir()} >= {"dataset.json", "dataset_fingerprint.json", "plans.json", "3d_cpu"}
+    assert not (out / "3d_paper").exists()  # planned, but only -c configurations are preprocessed
+    plans = json.loads((out / "plans.json").read_text())
+    assert set(plans["configurations"]) == {"3d_paper", "3d_cpu"}
+    assert len(list((out / "3d_cpu").glob("*.npz"))) == 3
+    stamp = (out / "3d_cpu" / "case_000.npz").stat().st_mtime_ns
+    assert main(args) == 0  # nothing changed: nothing is redone
+    assert (out / "3d_cpu" / "case_000.npz").stat().st_mtime_ns == stamp
+    # A plans file of another dataset is refused in one line.
+    plans["dataset_name"] = "Dataset999_Other"
+    other = tmp_path / "other_plans.json"
+    other.write_text(json.dumps(plans))
+    capsys.readouterr()
+    assert main(args + ["--plans", str(other)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "the plans are for Dataset999_Other, not Dataset901_Cli" in error and "\n" not in error

@@ -5,7 +5,7 @@ Per preset it decides
 - the **target spacing**: nnU-Net's rule (per-axis median; an anisotropic axis takes the 10th percentile of its
   spacings, never finer than the other axes). ``keep_in_plane`` (3d_paper) keeps that median in-plane
   resolution of the data; ``fit_voxel_budget`` (3d_cpu) then coarsens the finest axes first until the median lung
-  box holds at most ``budget.max_case_voxels`` voxels;
+  box plus its crop margins holds at most ``budget.max_case_voxels`` voxels;
 - the **segmentation patch** and **classification grid**: the preset's sizes, clipped to the median lung box at the
   target spacing, rounded up to a multiple of ``budget.patch_divisor`` (8) / ``budget.grid_divisor`` (16), the
   factors by which the network downsamples each input (``dscovid.model.build``);
@@ -92,7 +92,9 @@ def _target_spacing(preset: dict, pooled: Mapping, override: Sequence[float] | N
     if rule == "keep_in_plane":
         return spacing
     if rule == "fit_voxel_budget":
-        return fit_voxel_budget(spacing, pooled["median_lung_box_mm_zyx"], int(preset["budget"]["max_case_voxels"]))
+        margin = 2 * float(preset["preprocessing"]["crop_margin_mm"])  # the crop is the lung box plus its margin
+        extent = [float(v) + margin for v in pooled["median_lung_box_mm_zyx"]]
+        return fit_voxel_budget(spacing, extent, int(preset["budget"]["max_case_voxels"]))
     raise DscovidError(f"preset {preset['name']}: preprocessing.spacing_rule: unknown rule {rule!r} "
                        "(known: keep_in_plane, fit_voxel_budget)")
 
