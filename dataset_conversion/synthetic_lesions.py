@@ -25,12 +25,12 @@ import numpy as np
 from dataset_conversion.synthetic_anatomy import Anatomy, lung_mask
 
 #: Lesions per scan for COVID-19 (1..10) and CAP (1..5): P(count).
-COVID_COUNT_PROBABILITIES = np.array([0.10, 0.14, 0.19, 0.15, 0.12, 0.10, 0.08, 0.06, 0.035, 0.025])
+COVID_COUNT_PROBABILITIES = np.array([0.08, 0.12, 0.18, 0.15, 0.13, 0.11, 0.09, 0.07, 0.04, 0.03])
 CAP_COUNT_PROBABILITIES = np.array([0.55, 0.24, 0.12, 0.05, 0.04])
 
 #: Gamma shape and scale of the per-scan lesion volume ratio (mean = shape × scale).
-COVID_LVR_GAMMA = (2.3, 0.068)
-CAP_LVR_GAMMA = (1.7, 0.026)
+COVID_LVR_GAMMA = (2.3, 0.073)
+CAP_LVR_GAMMA = (2.0, 0.0215)
 
 
 @dataclass(frozen=True)
@@ -85,21 +85,23 @@ class Lesion:
 
 @dataclass(frozen=True)
 class LungSample:
-    """Random points of the lungs with their in-plane depth below the pleura (mm), and the lung volume (ml)."""
+    """Random points of the lungs with their in-plane depth below the pleura (mm), the in-plane direction toward
+    the nearest pleura (unit vectors), and the lung volume (ml)."""
 
     points: np.ndarray
     depth_mm: np.ndarray
+    outward: np.ndarray
     volume_ml: float
 
 
-_IN_PLANE = np.array([[np.cos(a), np.sin(a), 0.0] for a in np.linspace(0, 2 * np.pi, 12, endpoint=False)])
+_IN_PLANE = np.array([[np.cos(a), np.sin(a), 0.0] for a in np.linspace(0, 2 * np.pi, 8, endpoint=False)])
 
 
-def sample_lung(anatomy: Anatomy, rng: np.random.Generator, count: int = 16000, probes: int = 1500) -> LungSample:
+def sample_lung(anatomy: Anatomy, rng: np.random.Generator, count: int = 16000, probes: int = 900) -> LungSample:
     """Estimate the lung volume and sample points inside the lung with their distance to the lung's edge in-plane.
 
-    The depth is measured along 12 in-plane rays (the paper's peripheral rim is an in-plane erosion) in 2 mm steps
-    up to 60 mm.
+    The depth is measured along 8 in-plane rays (the paper's peripheral rim is an in-plane erosion) in 2.5 mm
+    steps up to 60 mm.
     """
     low = np.array([-1.1 * anatomy.a_in, -1.1 * anatomy.b_in_ant, anatomy.base_z])
     high = np.array([1.1 * anatomy.a_in, 1.1 * anatomy.b_in_post, anatomy.apex_z])
@@ -108,12 +110,14 @@ def sample_lung(anatomy: Anatomy, rng: np.random.Generator, count: int = 16000, 
     volume_ml = float(inside.mean() * np.prod(high - low) / 1000.0)
     candidates = points[inside][:probes]
     depth = np.full(len(candidates), 60.0)
-    for step in np.arange(2.0, 61.0, 2.0):
+    outward = np.tile(_IN_PLANE[0], (len(candidates), 1))
+    for step in np.arange(2.5, 61.0, 2.5):
         probe = candidates[:, None, :] + step * _IN_PLANE[None, :, :]
         outside = ~lung_mask(anatomy, probe[..., 0], probe[..., 1], probe[..., 2])
         hit = outside.any(axis=1) & (depth >= 60.0)
-        depth[hit] = step - 1.0
-    return LungSample(points=candidates, depth_mm=depth, volume_ml=volume_ml)
+        depth[hit] = step - 1.25
+        outward[hit] = _IN_PLANE[np.argmax(outside[hit], axis=1)]
+    return LungSample(points=candidates, depth_mm=depth, outward=outward, volume_ml=volume_ml)
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -129,18 +133,33 @@ def _in_lung_volume_ml(lesion: Lesion, anatomy: Anatomy, rng: np.random.Generato
     return float(inside.mean() * np.prod(high - low) / 1000.0)
 
 
-def _blob(centre: np.ndarray, radius_mm: float, elongation_z: float, parts: int, rng: np.random.Generator):
-    """Ellipsoid centres, semi-axes and rotations of a lobulated blob of about ``radius_mm`` around ``centre``."""
+def _blob(centre: np.ndarray, radius_mm: float, elongation_z: float, parts: int, rng: np.random.Generator,
+          outward: np.ndarray | None = None, flatness: float = 1.0):
+    """Ellipsoid centres, semi-axes and rotations of a lobulated blob of about ``radius_mm`` around ``centre``.
+
+    With ``outward`` (unit vector toward the nearest pleura) the blob is flattened along it by ``flatness`` and
+    widened along the pleura (same volume): a subpleural lesion spreads under the pleura rather than into the lung.
+    """
     centres, axes, rotations = [centre], [], []
+    if outward is not None:
+        tangent = np.cross(outward, [0.0, 0.0, 1.0])
+        tangent /= max(np.linalg.norm(tangent), 1e-9)
+        frame = np.stack([outward, tangent, np.cross(outward, tangent)], axis=1)
+        stretch = np.array([flatness, flatness**-0.5, flatness**-0.5])
     for k in range(parts):
         if k:
             offset = rng.normal(size=3)
+            if outward is not None:
+                offset -= 0.8 * (offset @ outward) * outward
             offset *= rng.uniform(0.3, 0.75) * radius_mm / np.linalg.norm(offset)
             centres.append(centre + offset)
         scale = radius_mm * (1.0 if k == 0 else rng.uniform(0.45, 0.8))
-        axes.append(scale * rng.uniform(0.6, 1.3, 3) * np.array([1.0, 1.0, elongation_z]))
-        rotation = _random_rotation(rng) if elongation_z == 1.0 else _small_rotation(rng)
-        rotations.append(rotation)
+        if outward is not None:
+            axes.append(scale * rng.uniform(0.75, 1.25, 3) * stretch)
+            rotations.append(frame @ _small_rotation(rng, 15.0))
+        else:
+            axes.append(scale * rng.uniform(0.6, 1.3, 3) * np.array([1.0, 1.0, elongation_z]))
+            rotations.append(_random_rotation(rng) if elongation_z == 1.0 else _small_rotation(rng))
     return np.array(centres), np.array(axes), np.array(rotations)
 
 
@@ -154,15 +173,15 @@ def _small_rotation(rng: np.random.Generator, degrees: float = 25.0) -> np.ndarr
 
 
 def _choose_centre(sample: LungSample, weights: np.ndarray, placed: list[tuple[np.ndarray, float]], radius: float,
-                   rng: np.random.Generator) -> np.ndarray:
-    """Pick a lung point by weight, away from the lesions already placed (so they stay separate lesions)."""
+                   rng: np.random.Generator) -> int:
+    """Pick a lung point (its index) by weight, away from the lesions already placed (so they stay separate)."""
     weights = weights.copy()
     for centre, other in placed:
         distance = np.linalg.norm(sample.points - centre, axis=1)
         weights[distance < 1.05 * (radius + other) + 6.0] *= 1e-6
     if not np.isfinite(weights).all() or weights.sum() <= 0:
         weights = np.ones(len(weights))
-    return sample.points[rng.choice(len(weights), p=weights / weights.sum())]
+    return int(rng.choice(len(weights), p=weights / weights.sum()))
 
 
 def plan_lesions(anatomy: Anatomy, class_name: str, rng: np.random.Generator,
@@ -198,7 +217,7 @@ def plan_lesions(anatomy: Anatomy, class_name: str, rng: np.random.Generator,
     for volume, kind in sorted(zip(volumes, kinds), key=lambda item: -item[0]):
         radius = float((3.0 * volume * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0))
         if covid:
-            target_depth = rng.uniform(0.0, 0.45) * radius
+            target_depth = rng.uniform(0.0, 0.35) * radius
             weights = np.exp(-0.5 * ((sample.depth_mm - target_depth) / 5.0) ** 2) * lower
             elongation, parts, edge = 1.0, int(rng.integers(2, 5)), rng.uniform(2.0, 4.0)
         else:
@@ -208,8 +227,11 @@ def plan_lesions(anatomy: Anatomy, class_name: str, rng: np.random.Generator,
             if not pleural:
                 weights *= np.exp(-hilum_distance / 60.0)
             elongation, parts, edge = rng.uniform(1.2, 1.7), int(rng.integers(1, 4)), rng.uniform(1.0, 2.0)
-        centre = _choose_centre(sample, weights + 1e-12, placed, radius, rng)
-        centres, axes, rotations = _blob(centre, radius / elongation ** (1 / 3), elongation, parts, rng)
+        choice = _choose_centre(sample, weights + 1e-12, placed, radius, rng)
+        centre = sample.points[choice]
+        outward = sample.outward[choice] if covid else None
+        centres, axes, rotations = _blob(centre, radius / elongation ** (1 / 3), elongation, parts, rng,
+                                         outward=outward, flatness=rng.uniform(0.45, 0.8))
         if kind == "consolidation":
             level, core = rng.uniform(5.0, 50.0), 0.0
         elif kind == "mixed":
