@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from dscovid import __version__
 from dscovid.cli.predict import main as predict_main
@@ -24,7 +23,8 @@ from dscovid.errors import DscovidError
 from dscovid.inference.inputs import case_name_problems, discover_cases
 from dscovid.inference.model_loading import available_folds, find_model_folder, load_trained_model
 from dscovid.inference.predictor import predict_cases, run_networks
-from dscovid.io.dataset import CLASS_NAMES, write_json_atomic
+from dscovid.inference.untrained_model import save_untrained_model
+from dscovid.io.dataset import CLASS_NAMES
 from dscovid.io.image_io import Geometry, read_image, write_image
 
 TRAINER, CONFIGURATION = "DeepSCCOVIDTrainer", "3d_cpu"
@@ -46,35 +46,10 @@ _FINGERPRINT = {
 
 def save_fake_model(results: Path, folds=(0, 1), dataset: str = "Dataset999_Fake") -> Path:
     """A model folder with randomly initialised folds, checkpoints as the trainer writes them."""
-    from dscovid.model import build_network
     from dscovid.planning.planner import plan_experiment
-    from dscovid.training.checkpoint import FINAL, save_checkpoint
-    from dscovid.training.trainers import get_trainer
 
     plans = plan_experiment(_FINGERPRINT, dataset, list(CLASS_NAMES), presets=[CONFIGURATION])
-    configuration = get_trainer(TRAINER).effective_configuration(plans["configurations"][CONFIGURATION])
-    model_dir = results / dataset / f"{TRAINER}__{CONFIGURATION}"
-    for fold in folds:
-        torch.manual_seed(100 + int(fold))
-        network = build_network(configuration)
-        state = {
-            "network_weights": network.state_dict(),
-            "optimizer_state": None,
-            "grad_scaler_state": None,
-            "epoch": 1,
-            "stage": 1,
-            "trainer": TRAINER,
-            "configuration_name": CONFIGURATION,
-            "configuration": configuration,
-            "plans": plans,
-            "history": {},
-            "ema": None,
-            "best_ema": None,
-            "dscovid_version": __version__,
-        }
-        save_checkpoint(state, model_dir / f"fold_{fold}" / FINAL)
-        write_json_atomic(plans, model_dir / f"fold_{fold}" / "plans.json")
-    return model_dir
+    return save_untrained_model(results, plans, CONFIGURATION, TRAINER, folds, seed=100)
 
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:

@@ -1,0 +1,61 @@
+"""A randomly initialised model folder in the layout of a trained one (docs/formats.md §6).
+
+For checking an installation, timing the predictor and testing it without training: the folds are built with
+``build_network`` from a plans configuration with the trainer's overrides applied, and saved exactly as the trainer
+saves ``checkpoint_final.pt`` (so they load with ``weights_only=True`` through the same code path as real folds).
+Their predictions are meaningless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from dscovid import __version__
+from dscovid.io.dataset import write_json_atomic
+
+
+def save_untrained_model(
+    results_root: str | Path,
+    plans: Mapping,
+    configuration_name: str,
+    trainer_name: str = "DeepSCCOVIDTrainer",
+    folds: Sequence[int | str] = (0,),
+    seed: int = 0,
+) -> Path:
+    """Write ``<results_root>/<dataset>/<trainer>__<configuration>/fold_K/`` with random weights per fold.
+
+    Returns
+    -------
+    The model folder (``<trainer>__<configuration>``), ready for :func:`dscovid.inference.predictor.predict_cases`.
+    """
+    from dscovid.model import build_network
+    from dscovid.training.checkpoint import FINAL, save_checkpoint
+    from dscovid.training.trainers import get_trainer
+
+    plans = dict(plans)
+    configuration = get_trainer(trainer_name).effective_configuration(plans["configurations"][configuration_name])
+    model_dir = Path(results_root) / plans["dataset_name"] / f"{trainer_name}__{configuration_name}"
+    for index, fold in enumerate(folds):
+        torch.manual_seed(seed + index)
+        network = build_network(configuration)
+        state = {
+            "network_weights": network.state_dict(),
+            "optimizer_state": None,
+            "grad_scaler_state": None,
+            "epoch": 0,
+            "stage": 0,
+            "trainer": trainer_name,
+            "configuration_name": configuration_name,
+            "configuration": configuration,
+            "plans": plans,
+            "history": {},
+            "ema": None,
+            "best_ema": None,
+            "dscovid_version": __version__,
+        }
+        save_checkpoint(state, model_dir / f"fold_{fold}" / FINAL)
+        write_json_atomic(plans, model_dir / f"fold_{fold}" / "plans.json")
+    return model_dir
