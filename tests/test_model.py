@@ -319,3 +319,25 @@ def test_bfloat16_autocast_on_cpu_keeps_losses_float32(tiny_net):
     assert terms.total.dtype == torch.float32 and torch.isfinite(terms.total)
     terms.total.backward()
     assert tiny_net.cross_stitch.w_seg1.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_forward_backward(dtype):
+    torch.manual_seed(0)
+    configuration = _configuration()
+    net = build_network(configuration).cuda()
+    batch = {k: (v.cuda() if k in ("seg_patch", "cls_image", "lesion_context") else v) for k, v in _batch().items()}
+    with torch.autocast("cuda", dtype=dtype):
+        out = net(**batch)
+        terms = build_loss(configuration)(out, torch.zeros(2, 1, *PATCH, device="cuda"), torch.tensor([0, 1], device="cuda"))
+    assert out.lesion_logits.dtype == dtype
+    assert terms.total.dtype == torch.float32 and torch.isfinite(terms.total)
+    terms.total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    assert float(net.cross_stitch.w_cls2.grad.abs()) > 0
+    with torch.no_grad():
+        reference = build_network(configuration)
+        reference.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
+        cpu_out = reference(**_batch())
+    torch.testing.assert_close(out.class_logits.float().cpu(), cpu_out.class_logits, atol=0.1, rtol=0.1)
