@@ -426,7 +426,7 @@ def run_conversion(
         **(extra or {}),
     )
     write_json_atomic(meta, out_dir / "dataset.json")
-    log.info("%s", report.summary_lines()[0])
+    log.debug("%s", report.summary_lines()[0])
     return report
 
 
