@@ -316,7 +316,7 @@ def choose_label_transform(
     if as_is.in_body < MIN_IN_BODY:
         now = f"{1 - as_is.in_body:.0%} of lesion voxels fall outside the body"
     else:
-        now = f"as is only {as_is.in_lungs:.0%} of lesion voxels lie in the lungs (median {as_is.median_hu:.0f} HU)"
+        now = f"as is {as_is.in_lungs:.0%} of lesion voxels lie in the lungs (median {as_is.median_hu:.0f} HU)"
     then = f"{shown.describe()} it fits ({fits[shown].in_lungs:.0%} in the lungs, median {fits[shown].median_hu:.0f} HU)"
     advice = ("several orientations fit, so none was applied" if fix_orientation
               else "rerun with --fix-orientation to apply it" if best is not None
