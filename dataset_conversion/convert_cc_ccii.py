@@ -63,7 +63,7 @@ def slice_files(scan_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.stem))
 
 
-def read_slices(files: list[Path], where: str) -> np.ndarray:
+def read_slices(files: list[Path]) -> np.ndarray:
     """Stack 8-bit slices into a (Z, Y, X) uint8 volume, refusing unreadable or differently sized slices."""
     slices = []
     for path in files:
@@ -75,7 +75,7 @@ def read_slices(files: list[Path], where: str) -> np.ndarray:
             raise DscovidError(f"{path}: cannot be read as an image ({error})") from None
     shapes = {s.shape for s in slices}
     if len(shapes) > 1:
-        raise DscovidError(f"{where}: slices differ in size ({', '.join(map(str, sorted(shapes)))})")
+        raise DscovidError(f"slices differ in size ({', '.join(map(str, sorted(shapes)))})")
     return np.stack(slices)
 
 
@@ -102,8 +102,8 @@ def convert_cc_ccii_case(job: CaseJob, out_dir: Path) -> dict:
     """Stack and write one CC-CCII scan (worker; raises DscovidError to skip it)."""
     files = slice_files(Path(job.sources["image"]))
     if len(files) < 2:
-        raise DscovidError(f"{job.sources['image']}: {len(files)} slice image(s); a 3D scan needs at least 2")
-    volume = read_slices(files, job.source_id)
+        raise DscovidError(f"{len(files)} slice image(s) (.png/.jpg); a 3D scan needs at least 2")
+    volume = read_slices(files)
     options = job.options
     spacing = assumed_spacing_zyx_mm(volume.shape, options["fov_mm"], options["z_extent_mm"],
                                      tuple(options["spacing_zyx_mm"]) if options.get("spacing_zyx_mm") else None)
