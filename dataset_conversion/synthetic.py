@@ -151,7 +151,8 @@ def sample_grid(anatomy: Anatomy, rng: np.random.Generator, full_size: bool = Fa
     if full_size:
         n_xy = 512
         spacing_z = rng.uniform(1.0, 1.5)
-        fov = max(fov, 512 * 0.6)
+        # A large patient's shoulders may be cut by the field of view, as on real scans.
+        fov = float(np.clip(fov, 512 * 0.6, 512 * 0.8))
         thickness = spacing_z * rng.choice([1.0, 1.0, 1.25, 1.6])
         psf = rng.uniform(0.7, 1.2)
         noise = rng.uniform(18.0, 40.0)
@@ -326,6 +327,7 @@ def _landmarks(anatomy: Anatomy, grid: Grid) -> dict[str, list[float]]:
         "subcutaneous_fat": (0.0, -(anatomy.b_in_ant + anatomy.rib_mm + anatomy.muscle_mm + 0.5 * anatomy.fat_mm),
                              0.0),
         "right_lung": (-0.7 * a, -0.1 * anatomy.b_in_ant, 0.1 * H),
+        "air_in_front": (0.0, -(anatomy.body_half_extent()[1] + 12.0), 0.0),
     }
     offset = np.asarray(grid.patient_to_world_mm)
     return {name: [round(float(v), 3) for v in np.asarray(p) + offset] for name, p in points.items()}
@@ -392,9 +394,9 @@ def case_name(index: int) -> str:
     return f"case_{index:04d}"
 
 
-def _write_case(args: tuple[Path, int, int, bool]) -> tuple[str, str, dict]:
-    out_dir, seed, index, full_size = args
-    case = generate_case(seed, index, full_size=full_size)
+def _write_case(args: tuple[Path, int, int, bool, float]) -> tuple[str, str, dict]:
+    out_dir, seed, index, full_size, scale = args
+    case = generate_case(seed, index, full_size=full_size, scale=scale)
     name = case_name(index)
     write_image(case.image_hu, case.geometry, out_dir / "imagesTr" / f"{name}{CHANNEL_SUFFIX}.nii.gz")
     write_image(case.lesion, case.geometry, out_dir / "labelsTr" / f"{name}.nii.gz")
@@ -425,13 +427,15 @@ def generate_dataset(
     full_size: bool = False,
     first_index: int = 0,
     num_processes: int = 1,
+    scale: float = 1.0,
 ) -> Path:
     """Write a raw dataset of ``n_cases`` synthetic cases (``case_{first_index:04d}`` onward) to ``out_dir``.
 
     The folder gets ``imagesTr/<case>_0000.nii.gz`` (int16 HU), ``labelsTr/<case>.nii.gz`` (uint8 lesion mask),
     ``lungsReference/<case>.nii.gz`` (the true lung masks, for testing lung segmentation; the pipeline does not read
     them) and ``dataset.json`` (written last, so a folder without it is an unfinished run). A folder that already
-    holds a synthetic dataset is replaced; any other non-empty folder is refused.
+    holds a synthetic dataset is replaced; any other non-empty folder is refused. ``scale`` < 1 makes tiny cases
+    for fast tests of other stages (see :func:`generate_case`).
 
     Returns
     -------
@@ -442,9 +446,11 @@ def generate_dataset(
         raise DscovidError(f"number of cases must be at least 1, got {n_cases}")
     if first_index < 0:
         raise DscovidError(f"first index must be >= 0, got {first_index}")
+    if not 0.1 <= scale <= 4.0:
+        raise DscovidError(f"scale must be between 0.1 and 4, got {scale:g}")
     _prepare_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(out_dir, seed, index, full_size) for index in range(first_index, first_index + n_cases)]
+    jobs = [(out_dir, seed, index, full_size, scale) for index in range(first_index, first_index + n_cases)]
     results = []
     if num_processes > 1:
         with ProcessPoolExecutor(max_workers=num_processes) as pool:
@@ -461,7 +467,7 @@ def generate_dataset(
         cases,
         description="Synthetic chest CT phantoms with COVID-19 / CAP lesions (dscovid dataset_conversion.synthetic)",
         synthetic={"generator_version": GENERATOR_VERSION, "seed": int(seed), "n_cases": int(n_cases),
-                   "first_index": int(first_index), "full_size": bool(full_size),
+                   "first_index": int(first_index), "full_size": bool(full_size), "scale": float(scale),
                    "plr_thickness_mm": PLR_THICKNESS_MM, "lung_reference_folder": "lungsReference"},
     )
     write_json_atomic(data, out_dir / "dataset.json")

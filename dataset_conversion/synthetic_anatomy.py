@@ -103,7 +103,7 @@ class Anatomy:
 
     def body_half_extent(self) -> tuple[float, float, float]:
         """Largest half-widths of the body along X, and anterior/posterior extents along Y (mm)."""
-        lateral = self.a_in * 1.04 + self.rib_mm + self.muscle_mm + 30.0 + self.fat_mm
+        lateral = self.a_in * 1.04 + self.rib_mm + self.muscle_mm + 5.0 + self.fat_mm
         anterior = self.b_in_ant * 1.02 + self.rib_mm + self.muscle_mm + self.fat_mm
         posterior = self.b_in_post + self.rib_mm + self.back_muscle_mm + self.fat_mm
         return lateral, anterior, posterior

@@ -83,13 +83,17 @@ def summarize(cases: list[dict]) -> dict[str, float]:
     }
 
 
-def measure_findings(n_cases: int, seed: int, scale: float = 1.0, num_processes: int = 1,
-                     first_index: int = 0) -> dict[str, float]:
-    """Generate ``n_cases`` cases (in memory, not written) and summarise their findings (see :func:`summarize`)."""
+def measure_cases(n_cases: int, seed: int, scale: float = 1.0, num_processes: int = 1,
+                  first_index: int = 0) -> list[dict]:
+    """Generate ``n_cases`` cases (in memory, not written) and measure each (see :func:`measure_case`)."""
     jobs = [(seed, index, scale) for index in range(first_index, first_index + n_cases)]
     if num_processes > 1:
         with ProcessPoolExecutor(max_workers=num_processes) as pool:
-            cases = list(pool.map(_measure, jobs, chunksize=4))
-    else:
-        cases = [_measure(job) for job in jobs]
-    return summarize(cases)
+            return list(pool.map(_measure, jobs, chunksize=4))
+    return [_measure(job) for job in jobs]
+
+
+def measure_findings(n_cases: int, seed: int, scale: float = 1.0, num_processes: int = 1,
+                     first_index: int = 0) -> dict[str, float]:
+    """Generate and measure ``n_cases`` cases and summarise their findings (see :func:`summarize`)."""
+    return summarize(measure_cases(n_cases, seed, scale, num_processes, first_index))

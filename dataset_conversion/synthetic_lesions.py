@@ -25,7 +25,7 @@ import numpy as np
 from dataset_conversion.synthetic_anatomy import Anatomy, lung_mask
 
 #: Lesions per scan for COVID-19 (1..10) and CAP (1..5): P(count).
-COVID_COUNT_PROBABILITIES = np.array([0.08, 0.12, 0.18, 0.15, 0.13, 0.11, 0.09, 0.07, 0.04, 0.03])
+COVID_COUNT_PROBABILITIES = np.array([0.08, 0.12, 0.17, 0.15, 0.13, 0.11, 0.09, 0.07, 0.045, 0.035])
 CAP_COUNT_PROBABILITIES = np.array([0.55, 0.24, 0.12, 0.05, 0.04])
 
 #: Gamma shape and scale of the per-scan lesion volume ratio (mean = shape × scale).

@@ -17,6 +17,7 @@ def _run(args: argparse.Namespace) -> int:
         full_size=args.full_size,
         first_index=args.first_index,
         num_processes=args.np,
+        scale=args.scale,
     )
     print(args.output)
     return 0
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="512x512 slices, 200-350 slices of 1-1.5 mm (for benchmarks; slow)")
     parser.add_argument("--first-index", type=int, default=0,
                         help="number of the first case (case_NNNN): give a test set distinct names")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply the voxel counts of each case (e.g. 0.4 for tiny cases in tests; default 1)")
     parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
     return run_command(parser, _run, argv)
 
