@@ -10,6 +10,7 @@ see :mod:`dscovid.training.trainers`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dscovid.errors import DscovidError
@@ -159,14 +161,8 @@ class Trainer:
         log.info("Resumed from %s at epoch %d of %d", path.name, self.epoch, self.total_epochs)
 
     def on_train_start(self) -> None:
-        """Open the log file and start the data loaders (seeded by the run seed, the rank and the first epoch)."""
-        if self.context.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._file_handler = logging.FileHandler(self.output_dir / "training_log.txt", encoding="utf-8")
-            self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            logging.getLogger("dscovid").addHandler(self._file_handler)
-            if logging.getLogger("dscovid").getEffectiveLevel() > logging.INFO:
-                logging.getLogger("dscovid").setLevel(logging.INFO)
+        """Start the data loaders (seeded by the run seed, the rank and the first epoch)."""
+        self.open_log()
         s = self.setup
         patch = self.configuration["segmentation"]["patch_size_zyx"]
         spacing = self.configuration["preprocessing"]["target_spacing_zyx_mm"]
@@ -426,8 +422,27 @@ class Trainer:
             "dscovid_version": __version__,
         }
 
+    def weights_digest(self) -> str:
+        """SHA-1 of the network's weights (bit-exact comparison of runs and of DDP replicas)."""
+        digest = hashlib.sha1()
+        for name, tensor in sorted(self.network.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def check_replicas(self) -> None:
+        """Under DDP, confirm that every process ends with the same weights (they diverge only through a bug)."""
+        if not self.context.enabled:
+            return
+        digests: list[str | None] = [None] * self.context.world_size
+        dist.all_gather_object(digests, self.weights_digest())
+        if len(set(digests)) != 1:
+            raise DscovidError(f"the {self.context.world_size} DDP replicas ended with different weights: {digests}")
+        log.info("Replica weights identical on %d processes (sha1 %s)", self.context.world_size, digests[0][:12])
+
     def on_train_end(self) -> None:
-        """Write the final checkpoint, stop the loaders, close the log file."""
+        """Check the replicas, write the final checkpoint, stop the loaders."""
+        self.check_replicas()
         if self.context.is_main:
             save_checkpoint(self.checkpoint_state(), self.output_dir / FINAL)
             log.info("Training finished after %d epochs: %s written", self.epoch, FINAL)
@@ -436,6 +451,23 @@ class Trainer:
                 close_loader(loader)
         self.train_loader = self.val_loader = None
         self.context.barrier()
+
+    def open_log(self) -> None:
+        """Append this run's messages to ``training_log.txt`` (main process; idempotent)."""
+        if not self.context.is_main or self._file_handler is not None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._file_handler = logging.FileHandler(self.output_dir / "training_log.txt", encoding="utf-8")
+        self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        package = logging.getLogger("dscovid")
+        package.addHandler(self._file_handler)
+        quiet = package.getEffectiveLevel()
+        if quiet > logging.INFO:
+            # The file always gets INFO; the console keeps the level the user asked for (-q).
+            for handler in logging.getLogger().handlers:
+                if handler.level == logging.NOTSET:
+                    handler.setLevel(quiet)
+            package.setLevel(logging.INFO)
 
     def close_log(self) -> None:
         if self._file_handler is not None:

@@ -23,6 +23,10 @@ each worker draws from its own generator seeded by ``(run seed, worker)``, so a 
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,9 +85,10 @@ class PatchLoader(DataLoader):
         self.rng = np.random.default_rng(seed)
 
     def set_thread_id(self, thread_id: int) -> None:
-        # Each background worker gets its own stream, reproducible from the run seed.
+        # Called once inside each background worker: its own stream, reproducible from the run seed.
         super().set_thread_id(thread_id)
         self.rng = np.random.default_rng([self.seed, thread_id])
+        _exit_with_parent()
 
     def make_sample(self, case: CacheCase, force_lesion: bool) -> dict:
         """One sample of ``case`` (arrays without the batch axis)."""
@@ -119,6 +124,19 @@ class PatchLoader(DataLoader):
         picks = self.rng.integers(len(self._data), size=self.batch_size)
         samples = [self.make_sample(self._data[int(i)], force) for i, force in zip(picks, self.forced)]
         return collate(samples)
+
+
+def _exit_with_parent() -> None:
+    """Ask Linux to end this worker when the training process dies (a ``kill -9`` leaves no orphan workers)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(0)
 
 
 def collate(samples: Sequence[dict]) -> dict:

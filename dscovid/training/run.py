@@ -57,22 +57,12 @@ def find_preprocessed_dataset(root: Path, dataset: str | None) -> Path:
 
 
 def read_plans(path: Path) -> dict:
-    """The plans dictionary of a preprocessed dataset (the network and loss builders validate their own keys)."""
+    """The validated plans dictionary of a preprocessed dataset (errors name the file and the key)."""
     from dscovid.planning.plans import load_plans
 
-    try:
-        return load_plans(path)
-    except DscovidError as error:
-        if not Path(path).exists():
-            raise DscovidError(f"{path}: plans file not found (run dscovid_plan_and_preprocess first)") from None
-        # The plans schema and the model's keys are still being aligned; the model's builders check what they read.
-        log.warning("plans schema check: %s (continuing: the network and loss builders check their own keys)", error)
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DscovidError(f"{path}: plans file not found (run dscovid_plan_and_preprocess first)") from None
-    except json.JSONDecodeError as error:
-        raise DscovidError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not Path(path).exists():
+        raise DscovidError(f"{path}: plans file not found (run dscovid_plan_and_preprocess first)")
+    return load_plans(path)
 
 
 def parse_fold(fold: int | str) -> int | str:
@@ -159,6 +149,8 @@ def run_training(
     context = init_distributed(torch_device.type)
     if context.enabled and torch_device.type == "cuda":
         torch_device = torch.device("cuda", context.local_rank)
+    if not context.is_main:
+        logging.getLogger("dscovid").setLevel(logging.WARNING)  # one voice on the console: rank 0's
     try:
         dataset_dir = find_preprocessed_dataset(roots.require("preprocessed"), dataset)
         plans = read_plans(dataset_dir / "plans.json")
@@ -215,13 +207,14 @@ def _prepare_fold_dir(trainer: Trainer, dataset_dir: Path, plans: dict, continue
     """Resume or refuse to overwrite, and copy the plans, dataset.json and fingerprint in (main process)."""
     fold_dir = trainer.output_dir
     latest = fold_dir / LATEST
+    if not continue_training and (latest.exists() or (fold_dir / FINAL).exists()):
+        raise DscovidError(f"{fold_dir} already holds checkpoints: pass --continue to resume, or delete the folder")
+    trainer.open_log()
     if continue_training:
         if latest.exists():
             trainer.resume(latest)
         else:
             log.warning("No %s in %s: starting from scratch", LATEST, fold_dir)
-    elif latest.exists() or (fold_dir / FINAL).exists():
-        raise DscovidError(f"{fold_dir} already holds checkpoints: pass --continue to resume, or delete the folder")
     if not trainer.context.is_main:
         return
     fold_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,99 @@
+"""Training in other processes: resume after ``kill -9``, and two DDP replicas under ``torchrun`` (gloo)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_training_cache import make_cache, make_plans
+
+from dscovid.training.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+FOLD_DIR = Path("res") / "Dataset900_Tiny" / "DeepSCCOVIDTrainer__3d_cpu" / "fold_0"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def _command(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dscovid.cli.train", "0", "--preprocessed", str(tmp_path / "pre"),
+            "--results", str(tmp_path / "res"), "--device", "cpu", "--no-validation", *extra]
+
+
+def _alive_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_kill_minus_nine_then_continue_finishes_at_the_right_epoch(tmp_path):
+    make_cache(tmp_path / "pre", n_cases=12, plans=make_plans("Dataset900_Tiny", epochs=(3, 3), iterations=6))
+    latest = tmp_path / FOLD_DIR / "checkpoint_latest.pt"
+    process = subprocess.Popen(_command(tmp_path, "--workers", "1"), env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    killed_at = load_checkpoint(latest)["epoch"]
+    assert 1 <= killed_at < 6
+    assert not (tmp_path / FOLD_DIR / "checkpoint_final.pt").exists()
+    # the data-loading worker followed its parent (no orphan left spinning)
+    deadline = time.monotonic() + 10
+    while _alive_with(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive_with(str(tmp_path))
+
+    done = subprocess.run(_command(tmp_path, "--workers", "1", "--continue"), env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = load_checkpoint(tmp_path / FOLD_DIR / "checkpoint_final.pt")
+    assert final["epoch"] == 6 and final["stage"] == 1
+    assert final["history"]["epoch"] == [float(e) for e in range(6)]  # no epoch repeated or skipped
+    log = (tmp_path / FOLD_DIR / "training_log.txt").read_text()
+    assert f"Resumed from checkpoint_latest.pt at epoch {killed_at} of 6" in log
+
+
+def test_two_ddp_processes_keep_identical_replicas(tmp_path):
+    make_cache(tmp_path / "pre", n_cases=12, plans=make_plans("Dataset900_Tiny", epochs=(1, 1), iterations=3))
+    with socket.socket() as probe:  # torchrun's static rendezvous needs a concrete free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    command = torchrun + _command(tmp_path, "--workers", "0")[1:]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    log = (tmp_path / FOLD_DIR / "training_log.txt").read_text()
+    assert "batch 1 x 2 process(es)" in log  # the global batch of 2 split over the replicas
+    assert "Replica weights identical on 2 processes" in log
+    final = load_checkpoint(tmp_path / FOLD_DIR / "checkpoint_final.pt")
+    assert final["epoch"] == 2  # both stages ran: the routed stage-1 step and the DDP joint step
+    torch.manual_seed(12345)
+    from dscovid.model import build_network
+
+    initial = build_network(final["configuration"]).state_dict()
+    assert any(not torch.equal(initial[k], final["network_weights"][k]) for k in initial)
