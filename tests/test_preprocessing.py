@@ -312,3 +312,12 @@ def test_command_plans_and_preprocesses_then_skips(tmp_path, capsys):
     assert main(args + ["--plans", str(other)]) == 1
     error = capsys.readouterr().err.strip()
     assert "the plans are for Dataset999_Other, not Dataset901_Cli" in error and "\n" not in error
+
+
+def test_sparse_classification_grid_equals_dense():
+    lesion = np.zeros((96, 40, 50), dtype=np.uint8)
+    lesion[30:41, 10:20, 5:9] = 1
+    lesion[88:96, 30:35, 40:50] = 1  # touching the volume's edge
+    dense = resample_to_grid(lesion, (16, 32, 16))
+    assert np.allclose(resample_to_grid(lesion, (16, 32, 16), sparse=True), dense, atol=1e-6)
+    assert not resample_to_grid(np.zeros_like(lesion), (16, 32, 16), sparse=True).any()

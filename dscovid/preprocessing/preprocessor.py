@@ -45,7 +45,13 @@ from dscovid.preprocessing.orientation import (
     from_canonical,
     to_canonical,
 )
-from dscovid.preprocessing.resampling import resample_image, resample_mask, resample_to_grid, shape_for_spacing
+from dscovid.preprocessing.resampling import (
+    resample_image,
+    resample_mask,
+    resample_masks,
+    resample_to_grid,
+    shape_for_spacing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,8 @@ def lung_bounding_box(lung: np.ndarray, spacing_zyx_mm: Sequence[float], margin_
 
 def _scale_window(image: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
     low, high = hu_window
-    scaled = np.clip(np.asarray(image, dtype=np.float32), low, high)
+    scaled = np.array(image, dtype=np.float32)  # one float32 copy, then everything in place
+    np.clip(scaled, low, high, out=scaled)
     scaled -= np.float32(low)
     scaled *= np.float32(1.0 / (high - low))
     return scaled
@@ -169,19 +176,17 @@ def preprocess_image(
 
     target_shape = shape_for_spacing(cropped_shape, canonical.spacing_zyx_mm, configuration.target_spacing_zyx_mm)
     image = resample_image(image, target_shape)
-    lung_r = resample_mask(lung_c[crop], target_shape)
     if lesion_c is not None:
-        lesion_r = resample_mask(lesion_c[crop], target_shape)
+        lung_r, lesion_r = resample_masks((lung_c[crop], lesion_c[crop]), target_shape)
     else:
-        lesion_r = np.zeros(target_shape, dtype=np.uint8)
+        lung_r, lesion_r = resample_mask(lung_c[crop], target_shape), np.zeros(target_shape, dtype=np.uint8)
     lap("resample")
     if configuration.mask_outside_lung:
         image *= lung_r  # the paper multiplies the CT by the lung mask
     lap("normalise")
 
     cls_image = resample_to_grid(image, configuration.grid_zyx)
-    cls_lesion = resample_to_grid(lesion_r, configuration.grid_zyx) if lesion_r.any() else \
-        np.zeros(configuration.grid_zyx, dtype=np.float32)
+    cls_lesion = resample_to_grid(lesion_r, configuration.grid_zyx, sparse=True)
     lap("classification_grid")
     locations = _sample_locations(lesion_r, configuration.num_lesion_samples, case_name)
     lap("sample_lesions")

@@ -51,12 +51,34 @@ def resample_mask(mask: np.ndarray, shape_zyx: Sequence[int]) -> np.ndarray:
     return (_interpolate(np.asarray(mask, dtype=np.float32), shape_zyx) >= 0.5).astype(np.uint8)
 
 
-def resample_to_grid(volume: np.ndarray, grid_zyx: Sequence[int]) -> np.ndarray:
+def _smooth(volume: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    for axis, factor in enumerate(factors):
+        if factor >= ANTIALIAS_FROM_FACTOR:
+            volume = ndimage.gaussian_filter1d(volume, sigma=(factor - 1.0) / 2.0, axis=axis, mode="nearest",
+                                               truncate=3.0, output=np.float32)
+    return volume
+
+
+def resample_masks(masks: Sequence[np.ndarray], shape_zyx: Sequence[int]) -> list[np.ndarray]:
+    """:func:`resample_mask` for several masks of one shape in a single interpolation (channels)."""
+    shape_zyx = tuple(int(v) for v in shape_zyx)
+    if tuple(masks[0].shape) == shape_zyx:
+        return [(np.asarray(mask) > 0).astype(np.uint8) for mask in masks]
+    stacked = torch.from_numpy(np.stack([np.asarray(mask, dtype=np.float32) for mask in masks]))[None]
+    with torch.no_grad():
+        out = F.interpolate(stacked, size=shape_zyx, mode="trilinear", align_corners=False)[0]
+    return [(channel >= 0.5).numpy().astype(np.uint8) for channel in out]
+
+
+def resample_to_grid(volume: np.ndarray, grid_zyx: Sequence[int], sparse: bool = False) -> np.ndarray:
     """Resample a whole (Z, Y, X) volume onto the classification grid ``(N, H, W)`` (docs/formats.md §4).
 
     Exactly ``F.interpolate(volume[None, None], size=grid_zyx, mode="trilinear", align_corners=False)``, except
     that an axis shrunk by a factor ``f >= 2`` is first smoothed with a Gaussian of σ = (f - 1) / 2 voxels
     (scikit-image's anti-aliasing rule), so that thin structures between the sampled slices are not lost.
+
+    ``sparse=True`` (for a lesion mask, mostly zero) smooths only the non-zero bounding box plus the filter's reach;
+    the result is the same, the cost scales with the lesions rather than the volume.
 
     Returns
     -------
@@ -64,9 +86,18 @@ def resample_to_grid(volume: np.ndarray, grid_zyx: Sequence[int]) -> np.ndarray:
     """
     volume = np.asarray(volume, dtype=np.float32)
     factors = np.asarray(volume.shape, dtype=float) / np.asarray(grid_zyx, dtype=float)
-    smoothed = volume
-    for axis, factor in enumerate(factors):
-        if factor >= ANTIALIAS_FROM_FACTOR:
-            smoothed = ndimage.gaussian_filter1d(smoothed, sigma=(factor - 1.0) / 2.0, axis=axis, mode="nearest",
-                                                 truncate=3.0, output=np.float32)
+    if not np.any(factors >= ANTIALIAS_FROM_FACTOR):
+        return _interpolate(volume, grid_zyx)
+    if not sparse:
+        return _interpolate(_smooth(volume, factors), grid_zyx)
+    present = [np.flatnonzero(np.any(volume, axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if present[0].size == 0:
+        return np.zeros(tuple(int(v) for v in grid_zyx), dtype=np.float32)
+    box = []
+    for axis, indices in enumerate(present):
+        reach = int(3.0 * (factors[axis] - 1.0) / 2.0 + 0.5) + 1 if factors[axis] >= ANTIALIAS_FROM_FACTOR else 0
+        box.append(slice(max(0, indices[0] - reach), min(volume.shape[axis], indices[-1] + 1 + reach)))
+    smoothed = np.zeros_like(volume)
+    # 'nearest' edges: a box that stops inside the volume has zeros beyond it, exactly what the filter would see.
+    smoothed[tuple(box)] = _smooth(volume[tuple(box)], factors)
     return _interpolate(smoothed, grid_zyx)
