@@ -57,7 +57,7 @@ t0 = time.perf_counter()
 cache = Path(plans_file).parent / "lung_masks" if lung_mode == "cache" else None
 if lung_mode == "segment":
     from dscovid.preprocessing.lung_mask import segment_lungs
-    lung = np.asarray(segment_lungs(image, geometry.spacing_zyx_mm), dtype=np.uint8)
+    lung = np.asarray(segment_lungs(image, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
 else:
     lung = segment_and_cache(case, image, geometry, cache)
 timing["lung_mask"] = time.perf_counter() - t0; memory["lung_mask"] = rss_mb()

@@ -65,7 +65,7 @@ def test_lung_masks_are_segmented_once_and_reused_by_the_preprocessor(tmp_path, 
     shutil.rmtree(folder / "lungsTr")
     calls = []
 
-    def fake_segment_lungs(image_hu, spacing_zyx_mm):
+    def fake_segment_lungs(image_hu, spacing_zyx_mm, direction=None):
         calls.append(image_hu.shape)
         # The phantom's lungs are the only voxels near -850 HU; lesions are inside them.
         return ((image_hu < -700) & (image_hu > -950)).astype(np.uint8) | (np.abs(image_hu + 450) < 60)
@@ -89,6 +89,6 @@ def test_a_scan_without_lung_is_an_error_naming_the_case(tmp_path, monkeypatch):
     shutil.rmtree(folder / "lungsTr")
     import dscovid.preprocessing.lung_mask as lung_mask
 
-    monkeypatch.setattr(lung_mask, "segment_lungs", lambda image, spacing: np.zeros(image.shape, np.uint8))
+    monkeypatch.setattr(lung_mask, "segment_lungs", lambda image, spacing, direction=None: np.zeros(image.shape, np.uint8))
     with pytest.raises(DscovidError, match="pelvis: no lung found"):
         extract_fingerprint(load_raw_dataset(folder), tmp_path / "pre", progress=False)

@@ -152,7 +152,7 @@ def preprocess_image(
     if lung is None:
         from dscovid.preprocessing.lung_mask import segment_lungs  # imported late: heavy
 
-        lung = np.asarray(segment_lungs(image_hu, geometry.spacing_zyx_mm), dtype=np.uint8)
+        lung = np.asarray(segment_lungs(image_hu, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
         lap("lung_mask")
     for name, mask in (("lung", lung), ("lesion", lesion)):
         if mask is not None and tuple(mask.shape) != tuple(image_hu.shape):
