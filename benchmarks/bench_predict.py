@@ -1,0 +1,319 @@
+"""Time dscovid_predict on a full-size synthetic chest CT, and its sliding window against MONAI's.
+
+For each configuration (3d_paper, 3d_cpu): plan it from the scan's own fingerprint, save a randomly initialised
+fold (the timing does not depend on the weights), predict the scan with ``predict_cases`` and print seconds per
+scan split into read / preprocess / network / export, the peak memory (CPU resident, and GPU allocated on CUDA), and
+the network's achieved GFLOP/s against a plain matrix product on the same device. Then the same lesion branch is run
+through MONAI's ``sliding_window_inference`` (same patch, step, batch and precision, the cross-stitch fed the same
+way) over (a) the preprocessed lung box and (b) the whole scan resampled to the target spacing, as a MONAI pipeline
+without lung cropping would; our lung-restricted run is compared with both.
+
+Each configuration runs in its own process so that the peak memory of one is not that of another (or of the
+synthetic scan's generation).
+
+    python benchmarks/bench_predict.py                                  # both configurations, CUDA if available
+    python benchmarks/bench_predict.py --configurations 3d_cpu --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _fingerprint(case) -> dict:
+    """The pooled fingerprint the planner needs, from the one scan (its spacing and lung box)."""
+    spacing = [float(v) for v in case.geometry.spacing_zyx_mm]
+    nonzero = np.nonzero(case.lung)
+    box = [int(a.max() - a.min() + 1) for a in nonzero]
+    box_mm = [b * s for b, s in zip(box, spacing)]
+    return {
+        "pooled": {
+            "median_lung_box_mm_zyx": box_mm,
+            "class_counts": {"covid": 1, "cap": 1, "non_pneumonia": 1},
+            "median_spacing_zyx_mm": spacing,
+            "median_shape_zyx": list(case.geometry.shape_zyx),
+            "num_cases": 3,
+            "spacings_zyx_mm": [spacing] * 3,
+            "lung_box_shapes_zyx": [box] * 3,
+        }
+    }
+
+
+def _matmul_gflops(device: torch.device) -> float:
+    """Achieved GFLOP/s of a large matrix product in the precision the predictor uses there."""
+    n, dtype = (8192, torch.float16) if device.type == "cuda" else (2048, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    repeats = 20 if device.type == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _segment_flops(network, patch, device, i_cls, shape) -> float:
+    """FLOPs of the lesion branch on one patch (convolutions and matrix products, multiply-add = 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cross = network.uses_cross_stitch
+    patch_t = torch.zeros((1, 1, *patch), device=device)
+    box = torch.tensor([[(0, 0, 0), patch]])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        network.segment_patches(patch_t, box if cross else None, shape if cross else None, i_cls if cross else None)
+    return float(counter.get_total_flops())
+
+
+def _run_configuration(args: dict, queue) -> None:
+    from monai.inferers import sliding_window_inference
+
+    from dscovid.inference.inputs import CaseInput
+    from dscovid.inference.model_loading import load_trained_model
+    from dscovid.inference.predictor import _autocast, load_case, predict_cases
+    from dscovid.inference.sliding_window import plan_tiles, sliding_window_predict
+    from dscovid.inference.untrained_model import save_untrained_model
+    from dscovid.planning.planner import plan_experiment
+    from dscovid.preprocessing.resampling import resample_image, shape_for_spacing
+
+    torch.set_num_threads(args["threads"])
+    device = torch.device(args["device"])
+    work = Path(args["work"])
+    name = args["configuration"]
+    plans = plan_experiment(args["fingerprint"], "Dataset990_Bench", ["covid", "cap", "non_pneumonia"], [name])
+    model_dir = save_untrained_model(work / "results", plans, name)
+    model = load_trained_model(model_dir, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    summary = predict_cases(
+        model=model,
+        inputs=args["scan"],
+        output_dir=work / f"out_{name}",
+        device=device,
+        step_fraction=args["step"],
+        progress=False,
+        overwrite=True,
+    )
+    wall = time.perf_counter() - start
+    rss_predict = _rss_gb()
+    gpu_predict = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if summary["failed"]:
+        raise RuntimeError(f"prediction failed: {summary['failed']}")
+    entry = summary["cases"][0]
+
+    # The lesion branch alone: ours over the lung tiles, MONAI over the lung box and over the whole scan.
+    loaded = load_case(CaseInput("bench", Path(args["scan"])), model.preprocessing)
+    network = model.networks[0]
+    patch = model.patch_size_zyx
+    settings = model.inference
+    step = args["step"] or settings["step_fraction"]
+    batch = int(settings["batch_size"])
+    cls_t = torch.from_numpy(loaded.cls_image)[None, None].to(device)
+    with torch.no_grad(), _autocast(device):
+        i_cls = network.encode_classification(cls_t)
+    volume = torch.from_numpy(loaded.image)[None].to(device)
+
+    def ours_fn(x, boxes, shape=tuple(loaded.image.shape)):
+        with _autocast(device):
+            return network.segment_patches(x, boxes, shape, i_cls).lesion_probability.float()
+
+    def monai_fn_for(shape):
+        def monai_fn(x, slices):
+            boxes = torch.tensor([[[s.start for s in sl[-3:]], list(patch)] for sl in slices])
+            with _autocast(device):
+                return network.segment_patches(x, boxes, shape, i_cls).lesion_probability.float()
+
+        return monai_fn
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        begin = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - begin, (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))
+
+    out_device = device if device.type == "cuda" else torch.device("cpu")
+    lung = loaded.lung_preprocessed != 0
+    ours_s, ours_gpu = timed(
+        lambda: sliding_window_predict(
+            ours_fn, volume, patch, step, "constant", batch, region=lung, device=device, output_device=out_device, with_boxes=True
+        )
+    )
+    box_s, box_gpu = timed(
+        lambda: sliding_window_inference(
+            volume[None],
+            patch,
+            batch,
+            monai_fn_for(tuple(volume.shape[1:])),
+            overlap=1 - step,
+            mode="constant",
+            sw_device=device,
+            device=out_device,
+            with_coord=True,
+        )
+    )
+    # The whole scan at the target spacing (no lung crop), windowed as in preprocessing.
+    configuration = model.preprocessing
+    low, high = configuration.hu_window
+    whole = (np.clip(loaded.image_hu.astype(np.float32), low, high) - low) / (high - low)
+    canonical_spacing = loaded.properties["canonical_geometry"]["spacing_zyx_mm"]
+    whole = resample_image(whole, shape_for_spacing(whole.shape, canonical_spacing, configuration.target_spacing_zyx_mm))
+    whole_t = torch.from_numpy(whole)[None].to(device)
+    whole_s, whole_gpu = timed(
+        lambda: sliding_window_inference(
+            whole_t[None],
+            patch,
+            batch,
+            monai_fn_for(tuple(whole_t.shape[1:])),
+            overlap=1 - step,
+            mode="constant",
+            sw_device=device,
+            device=out_device,
+            with_coord=True,
+        )
+    )
+
+    flops_patch = _segment_flops(network, patch, device, i_cls, tuple(loaded.image.shape))
+    tiles_run = len(plan_tiles(loaded.image.shape, patch, step, lung))
+    queue.put(
+        {
+            "configuration": name,
+            "device": str(device),
+            "scan_shape_zyx": list(loaded.image_hu.shape),
+            "preprocessed_shape_zyx": list(loaded.image.shape),
+            "whole_scan_at_target_spacing_zyx": list(whole.shape),
+            "patch_zyx": list(patch),
+            "step_fraction": step,
+            "timing_s": entry["timing_s"],
+            "wall_s": wall,
+            "tiles": entry["tiles"],
+            "tiles_whole_scan": len(plan_tiles(whole.shape, patch, step)),
+            "peak_rss_gb_predict": rss_predict,
+            "peak_rss_gb_all": _rss_gb(),
+            "peak_gpu_gb_predict": gpu_predict,
+            "segment_gflop_per_patch": flops_patch / 1e9,
+            "segment_gflops_achieved": flops_patch * tiles_run / ours_s / 1e9,
+            "matmul_gflops": _matmul_gflops(device),
+            "lesion_branch_s": {"dscovid_lung_tiles": ours_s, "monai_lung_box": box_s, "monai_whole_scan": whole_s},
+            "lesion_branch_peak_gpu_gb": {
+                "dscovid_lung_tiles": ours_gpu,
+                "monai_lung_box": box_gpu,
+                "monai_whole_scan": whole_gpu,
+            },
+        }
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configurations", nargs="+", default=["3d_paper", "3d_cpu"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--small", action="store_true", help="the small grid instead of 512×512 (quick check)")
+    parser.add_argument("--step", type=float, default=None, help="sliding-window step (default: the plans')")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    from dataset_conversion.synthetic import generate_case
+    from dscovid.io.image_io import write_image
+
+    work = Path(tempfile.mkdtemp(prefix="dscovid_bench_"))
+    start = time.perf_counter()
+    case = generate_case(args.seed, args.index, full_size=not args.small)
+    scan = work / "bench_0000.nii.gz"
+    write_image(case.image_hu, case.geometry, scan)
+    print(
+        f"synthetic scan {case.geometry.shape_zyx} at {np.round(case.geometry.spacing_zyx_mm, 3)} mm "
+        f"({case.class_name}), generated in {time.perf_counter() - start:.0f} s; device {args.device}"
+    )
+    fingerprint = _fingerprint(case)
+    del case
+
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for name in args.configurations:
+        queue = context.Queue()
+        job = {
+            "configuration": name,
+            "device": args.device,
+            "threads": args.threads,
+            "work": str(work),
+            "scan": str(scan),
+            "fingerprint": fingerprint,
+            "step": args.step,
+        }
+        process = context.Process(target=_run_configuration, args=(job, queue))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            print(f"{name}: failed (exit {process.exitcode})")
+            continue
+        results.append(queue.get())
+
+    for r in results:
+        t = r["timing_s"]
+        lb = r["lesion_branch_s"]
+        print(
+            f"\n== {r['configuration']} on {r['device']}: scan {r['scan_shape_zyx']} -> preprocessed "
+            f"{r['preprocessed_shape_zyx']}, patch {r['patch_zyx']}, step {r['step_fraction']}"
+        )
+        print(
+            f"seconds per scan: read {t['read']:.2f}  preprocess {t['preprocess']:.2f}  network {t['network']:.2f}"
+            f"  export {t['export']:.2f}  (wall {r['wall_s']:.2f})"
+        )
+        print(
+            f"peak memory: CPU resident {r['peak_rss_gb_predict']:.2f} GB during prediction "
+            f"({r['peak_rss_gb_all']:.2f} GB with the MONAI runs), GPU allocated {r['peak_gpu_gb_predict']:.2f} GB"
+        )
+        print(
+            f"lesion branch: {r['segment_gflop_per_patch']:.1f} GFLOP per patch, achieved "
+            f"{r['segment_gflops_achieved']:.0f} GFLOP/s vs matmul {r['matmul_gflops']:.0f} GFLOP/s "
+            f"({100 * r['segment_gflops_achieved'] / r['matmul_gflops']:.1f} %)"
+        )
+        print(
+            f"tiles: {r['tiles']['run']} over the lung of {r['tiles']['total']} in the lung box, "
+            f"{r['tiles_whole_scan']} over the whole scan"
+        )
+        print(
+            f"lesion branch time: dscovid (lung tiles) {lb['dscovid_lung_tiles']:.2f} s, MONAI lung box "
+            f"{lb['monai_lung_box']:.2f} s (ratio {lb['monai_lung_box'] / lb['dscovid_lung_tiles']:.2f}x), "
+            f"MONAI whole scan {lb['monai_whole_scan']:.2f} s "
+            f"(ratio {lb['monai_whole_scan'] / lb['dscovid_lung_tiles']:.2f}x)"
+        )
+        gpu = r["lesion_branch_peak_gpu_gb"]
+        if r["device"].startswith("cuda"):
+            print(
+                f"lesion branch peak GPU GB: dscovid {gpu['dscovid_lung_tiles']:.2f}, MONAI lung box "
+                f"{gpu['monai_lung_box']:.2f}, MONAI whole scan {gpu['monai_whole_scan']:.2f}"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0 if len(results) == len(args.configurations) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
