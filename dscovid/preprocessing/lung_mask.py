@@ -23,19 +23,26 @@ No trained weights: thresholds, connected components and morphology, most of it 
    re-decided voxel by voxel from the full-resolution HU (air: in; dense and not lesion filling: out).
 
 The result is a uint8 0/1 mask (:func:`segment_lungs`) or right/left labels 1/2 (:func:`segment_lung_sides`,
-lungmask's R231 convention: 1 = right lung, 2 = left lung).
+lungmask's R231 convention: 1 = right lung, 2 = left lung). :func:`find_scans` and :func:`write_lung_masks` serve
+the command ``dscovid_lung_mask``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from dscovid.errors import DscovidError
+from dscovid.io.dataset import CHANNEL_SUFFIX
+from dscovid.io.image_io import is_volume_file, read_image, strip_ending, write_image
 
 log = logging.getLogger(__name__)
 
@@ -495,3 +502,89 @@ def _refine(
     labels_box[take] = band_full[take]
     labels[full_box] = labels_box
     return labels
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _holds_dicom(folder: Path) -> bool:
+    return any(entry.is_file() and _is_dicom_file(entry) for entry in folder.iterdir())
+
+
+def case_name_of(path: Path) -> str:
+    """The case name of an input scan: a volume's file name without ending and ``_0000``, or a DICOM folder's name."""
+    name = path.name if path.is_dir() else strip_ending(path)
+    return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
+
+
+def find_scans(path: str | os.PathLike) -> list[tuple[str, Path]]:
+    """The CT scans under ``path`` as ``(case, path)`` pairs, sorted by case.
+
+    ``path`` is a volume file, a folder holding one DICOM series, or a folder of volume files and of folders
+    holding DICOM series (searched at any depth).
+
+    Raises
+    ------
+    DscovidError
+        When ``path`` does not exist, holds no scan, or two scans would get the same case name.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DscovidError(f"{path}: no such file or folder")
+    if path.is_file():
+        scans = [path]
+    elif _holds_dicom(path):
+        scans = [path]
+    else:
+        scans = sorted(entry for entry in path.iterdir() if is_volume_file(entry))
+        scans += sorted(Path(root) for root, _, _ in os.walk(path) if Path(root) != path and _holds_dicom(Path(root)))
+    if not scans:
+        raise DscovidError(f"{path}: no CT volume (.nii.gz, .nii, .mha, .nrrd) or DICOM series found")
+    cases: dict[str, Path] = {}
+    for scan in scans:
+        case = case_name_of(scan)
+        if case in cases:
+            raise DscovidError(f"{path}: two scans would both be written as case {case!r}: {cases[case]} and {scan}")
+        cases[case] = scan
+    return sorted(cases.items())
+
+
+def write_lung_masks(
+    scans: Sequence[tuple[str, Path]],
+    output_dir: str | os.PathLike,
+    settings: LungMaskSettings | None = None,
+    progress: bool = True,
+) -> list[tuple[str, str]]:
+    """Segment each scan and write ``<output_dir>/<case>.nii.gz`` (uint8 0/1) on the scan's own grid.
+
+    A case that fails (unreadable, no lung) is skipped and reported; the others still run.
+
+    Returns
+    -------
+    ``(case, reason)`` for each failed case, in input order.
+    """
+    output_dir = Path(output_dir)
+    failures = []
+    for case, scan in tqdm(scans, desc="lung masks", unit="scan", disable=not progress):
+        try:
+            image, geometry = read_image(scan)
+            started = time.perf_counter()
+            sides = segment_lung_sides(image, geometry.spacing_zyx_mm, geometry.direction, settings)
+            seconds = time.perf_counter() - started
+            write_image((sides > 0).astype(np.uint8), geometry, output_dir / f"{case}.nii.gz")
+        except DscovidError as error:
+            failures.append((case, str(error)))
+            continue
+        volumes = lung_volumes_ml(sides, geometry.spacing_zyx_mm)
+        log.info("%s: right lung %.0f ml, left lung %.0f ml (%.1f s)", case, volumes["right"], volumes["left"], seconds)
+    return failures

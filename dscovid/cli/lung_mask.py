@@ -1,0 +1,39 @@
+"""``dscovid_lung_mask -i IN -o OUT``: classical lung masks (dense lesions included), one ``<case>.nii.gz`` per scan."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dscovid.cli._common import run_command
+from dscovid.preprocessing.lung_mask import LungMaskSettings, find_scans, write_lung_masks
+
+
+def _run(args: argparse.Namespace) -> int:
+    scans = find_scans(args.input)
+    settings = LungMaskSettings(closing_radius_mm=args.closing_radius_mm)
+    failures = write_lung_masks(scans, args.output, settings, progress=not args.quiet)
+    for case, reason in failures:
+        print(f"{case}: {reason}", file=sys.stderr)
+    written = len(scans) - len(failures)
+    print(f"{written} of {len(scans)} lung mask(s) written to {args.output}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dscovid_lung_mask",
+        description="Segment the lungs of chest CT scans without any trained model (dense lesions are kept inside "
+        "the mask) and write one 0/1 mask per scan, <case>.nii.gz, on the scan's own grid.",
+    )
+    parser.add_argument("-i", "--input", required=True, metavar="IN",
+                        help="a CT volume file, a DICOM series folder, or a folder of volumes and DICOM series")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder for <case>.nii.gz")
+    parser.add_argument("--closing-radius-mm", type=float, default=LungMaskSettings.closing_radius_mm,
+                        help="radius of the per-lung closing that brings pleural lesions into the mask "
+                        "(default %(default)s mm)")
+    return run_command(parser, _run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
