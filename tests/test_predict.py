@@ -297,3 +297,17 @@ def test_input_discovery(tmp_path):
     assert case_name_problems(twice)[0] is None and "already used" in case_name_problems(twice)[1]
     with pytest.raises(DscovidError, match="no such file"):
         discover_cases(tmp_path / "missing")
+
+
+def test_a_case_failing_during_export_leaves_no_file(model_dir, oblique_run, tmp_path, monkeypatch):
+    _, output, _, inputs = oblique_run
+    target = tmp_path / "out"
+    shutil.copytree(output, target)  # an earlier run of the same model: its files for the case must go too
+
+    def broken_report(*args, **kwargs):
+        raise DscovidError("report exploded")
+
+    monkeypatch.setattr("dscovid.inference.predictor.lesion_report", broken_report)
+    summary = predict_cases(model_dir, inputs, target, device="cpu", progress=False)
+    assert summary["failed"] == [{"case": "oblique", "reason": "report exploded"}] and summary["cases"] == []
+    assert sorted(p.name for p in target.iterdir()) == ["predictions.csv", "predictions.json"]

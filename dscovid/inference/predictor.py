@@ -254,6 +254,22 @@ def _evidence_of_class(evidence: Sequence[torch.Tensor], index: int, shape: Sequ
 # ----------------------------------------------------------------------------------------------- export
 
 
+def output_files(name: str) -> dict[str, str]:
+    """Every file a case may have in the output folder, by role (docs/formats.md §5)."""
+    return {
+        "mask": f"{name}.nii.gz",
+        "evidence": f"{name}_evidence.nii.gz",
+        "lesion_probability": f"{name}_lesion_prob.nii.gz",
+        "lung": f"{name}_lung.nii.gz",
+    }
+
+
+def remove_case_files(output_dir: Path, name: str) -> None:
+    """Remove whatever files of case ``name`` the output folder holds (a failed case leaves none, old or new)."""
+    for file_name in output_files(name).values():
+        (output_dir / file_name).unlink(missing_ok=True)
+
+
 def export_case(
     loaded: LoadedCase,
     output: NetworkOutput,
@@ -265,41 +281,54 @@ def export_case(
     """Write one case's files on its original grid and return its ``predictions.json`` entry (without timings).
 
     The lesion probability is resampled to the original grid first and thresholded there (inside the original
-    lung mask), so the mask has the input's resolution, not the preprocessed one.
+    lung mask), so the mask has the input's resolution, not the preprocessed one. The evidence map, the file writes
+    (gzip) and the lesion report run in parallel threads: each spends its time in code that releases the GIL
+    (torch resampling, ITK's writer, NumPy and SciPy). If any part fails, every file of the case is removed.
     """
     from dscovid.preprocessing.preprocessor import restore_to_original
 
     name, geometry = loaded.name, loaded.geometry
-    written: list[Path] = []
+    names = output_files(name)
+    files = {"mask": names["mask"]}
+
+    def write_evidence() -> None:
+        evidence = restore_to_original(output.evidence, loaded.properties, is_mask=False)
+        write_image(evidence.astype(np.float32, copy=False), geometry, output_dir / names["evidence"])
+
+    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix=f"dscovid-export-{name}")
+    futures: list[Future] = []
     try:
+        if output.evidence is not None:
+            files["evidence"] = names["evidence"]
+            futures.append(pool.submit(write_evidence))
         probability = restore_to_original(output.lesion_probability, loaded.properties, is_mask=False)
         lesion = ((probability >= LESION_THRESHOLD) & (loaded.lung != 0)).astype(np.uint8)
-        files = {"mask": f"{name}.nii.gz"}
-        written.append(write_image(lesion, geometry, output_dir / files["mask"]))
+        futures.append(pool.submit(write_image, lesion, geometry, output_dir / names["mask"]))
         if save_probabilities:
-            files["lesion_probability"] = f"{name}_lesion_prob.nii.gz"
-            files["lung"] = f"{name}_lung.nii.gz"
-            written.append(write_image(probability.astype(np.float32), geometry, output_dir / files["lesion_probability"]))
-            written.append(write_image(loaded.lung.astype(np.uint8), geometry, output_dir / files["lung"]))
+            files["lesion_probability"] = names["lesion_probability"]
+            files["lung"] = names["lung"]
+            futures.append(pool.submit(write_image, probability.astype(np.float32, copy=False), geometry,
+                                       output_dir / names["lesion_probability"]))
+            futures.append(pool.submit(write_image, loaded.lung.astype(np.uint8, copy=False), geometry,
+                                       output_dir / names["lung"]))
         del probability
-        if output.evidence is not None:
-            evidence = restore_to_original(output.evidence, loaded.properties, is_mask=False).astype(np.float32)
-            files["evidence"] = f"{name}_evidence.nii.gz"
-            written.append(write_image(evidence, geometry, output_dir / files["evidence"]))
-            del evidence
         entry: dict = {"case": name, "predicted_class": None, "probabilities": None}
         if output.class_probabilities is not None:
             probabilities = output.class_probabilities
             entry["predicted_class"] = class_names[int(np.argmax(probabilities))]
             entry["probabilities"] = {c: float(p) for c, p in zip(class_names, probabilities)}
         entry.update(lesion_report(loaded.image_hu, lesion, loaded.lung, geometry, peripheral_thickness_mm))
+        for future in futures:
+            future.result()
         entry["files"] = files
         entry["tiles"] = {"run": output.tiles_run, "total": output.tiles_total}
         return entry
     except BaseException:
-        for path in written:  # all of a case's files or none
-            path.unlink(missing_ok=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # no writer may finish after the clean-up
+        remove_case_files(output_dir, name)
         raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------------------------------------- the output folder
@@ -435,9 +464,11 @@ def predict_cases(
     settings = model.inference
     step_used = float(step_fraction if step_fraction is not None else settings.get("step_fraction", 1.0))
 
-    def fail(name: str, reason: str) -> None:
+    def fail(name: str, reason: str, remove_files: bool = True) -> None:
         log.error("%s: failed: %s", name, reason)
         failed.append({"case": name, "reason": reason})
+        if remove_files:
+            remove_case_files(output_dir, name)
 
     reader = _start_reader(num_workers)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dscovid-write")
@@ -479,8 +510,8 @@ def predict_cases(
             job = queue.popleft()
             submit_next()  # keep the background reader busy while this case runs
             name = job.case.name
-            if job.problem is not None:
-                fail(name, job.problem)
+            if job.problem is not None:  # an unsafe or duplicate name: its "files" may belong to another case
+                fail(name, job.problem, remove_files=False)
                 bar.update()
                 continue
             try:

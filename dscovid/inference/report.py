@@ -122,6 +122,7 @@ def write_csv_atomic(rows: Sequence[Mapping], columns: Sequence[str], path: str 
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             stream.write(buffer.getvalue())
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600: a results table is for everyone who can read the folder
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
