@@ -176,8 +176,9 @@ def main() -> None:
     hu = fingerprint["pooled"]["hu_lung"]
     hu_props = {"mean": hu["mean"], "std": hu["std"], "median": hu["median"], "min": hu["min"], "max": hu["max"],
                 "percentile_00_5": hu["percentile_00_5"], "percentile_99_5": hu["percentile_99_5"]}
-    if not Path(args.nnunet_python).exists():
-        print(f"nnU-Net comparison skipped: {args.nnunet_python} not found (make a separate venv with nnunetv2)")
+    if not Path(args.nnunet_python).exists() or subprocess.run(
+            [args.nnunet_python, "-c", "import nnunetv2"], capture_output=True).returncode != 0:
+        print(f"nnU-Net comparison skipped: no nnunetv2 in {args.nnunet_python} (make a separate venv with nnunetv2)")
         return
     target = [str(v) for v in plans["configurations"]["3d_paper"]["preprocessing"]["target_spacing_zyx_mm"]]
     for spacing, label in spacings:
@@ -185,16 +186,15 @@ def main() -> None:
         report = _run_child(args.nnunet_python, _NNUNET_CHILD,
                             [str(case.image), str(case.label), spacing_text, json.dumps(hu_props)])
         ours = results[(spacing, "cache")]
-        ours_total = sum(ours["timing_s"].values())
-        ours_without_read = ours_total - ours["timing_s"]["read"] - ours["timing_s"]["lung_mask"] - \
-            ours["timing_s"]["write"]
-        print(f"nnU-Net DefaultPreprocessor.run_case, {label}: {report['seconds']:.2f} s (read, crop, normalise, "
-              f"resample, class locations; no write), peak RSS {report['peak_rss_mb']:.0f} MB, "
+        # Like for like: nnU-Net's run_case reads the image and label and preprocesses; it neither reads a lung
+        # mask nor writes, and it works on the whole field of view (its crop to non-zero keeps the air).
+        ours_comparable = sum(v for k, v in ours["timing_s"].items() if k not in ("lung_mask", "write"))
+        print(f"nnU-Net DefaultPreprocessor.run_case, {label}: {report['seconds']:.2f} s (read, crop to non-zero, "
+              f"normalise, resample, class locations), peak RSS {report['peak_rss_mb']:.0f} MB, "
               f"shape {report['shape_out']}")
-        print(f"    dscovid (read + cached lung + preprocess + write) {ours_total:.2f} s, without read/lung/write "
-              f"{ours_without_read:.2f} s; nnU-Net / dscovid = {report['seconds'] / ours_total:.2f}x "
-              f"(peak memory {report['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x)")
-
+        print(f"    dscovid read + preprocess {ours_comparable:.2f} s (with cached lung mask and write "
+              f"{sum(ours['timing_s'].values()):.2f} s): nnU-Net / dscovid = {report['seconds'] / ours_comparable:.1f}x "
+              f"time, {report['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x peak memory")
 
 if __name__ == "__main__":
     main()
