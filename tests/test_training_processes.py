@@ -97,3 +97,27 @@ def test_two_ddp_processes_keep_identical_replicas(tmp_path):
 
     initial = build_network(final["configuration"]).state_dict()
     assert any(not torch.equal(initial[k], final["network_weights"][k]) for k in initial)
+
+
+def test_pipeline_from_raw_synthetic_through_training_to_fold_validation(tmp_path, monkeypatch):
+    """dscovid_make_synthetic -> dscovid_plan_and_preprocess -> dscovid_train (both stages) -> validation/summary.json."""
+    from dscovid.cli.make_synthetic import main as make_synthetic
+    from dscovid.cli.plan_and_preprocess import main as plan_and_preprocess
+    from dscovid.cli.train import main as train
+
+    for name in ("raw", "preprocessed", "results"):
+        monkeypatch.setenv(f"DSCOVID_{name}", str(tmp_path / name))
+    assert make_synthetic(["-o", str(tmp_path / "raw" / "Dataset951_Synth"), "-n", "10", "--seed", "1", "-q"]) == 0
+    assert plan_and_preprocess(["-d", "951", "-c", "3d_cpu", "-np", "1", "-q"]) == 0
+    assert train(["3", "--epochs", "1", "--iterations", "2", "--device", "cpu", "--workers", "1", "-q"]) == 0
+
+    fold_dir = tmp_path / "results" / "Dataset951_Synth" / "DeepSCCOVIDTrainer__3d_cpu" / "fold_3"
+    state = load_checkpoint(fold_dir / "checkpoint_final.pt")
+    assert state["epoch"] == 2 and state["configuration_name"] == "3d_cpu"
+    import json
+
+    splits = json.loads((tmp_path / "preprocessed" / "Dataset951_Synth" / "splits_final.json").read_text())
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    predicted = json.loads((fold_dir / "validation" / "predictions.json").read_text())
+    assert sorted(c["case"] for c in predicted["cases"]) == sorted(splits[3]["val"])
+    assert summary["classification"] is not None and "segmentation" in summary

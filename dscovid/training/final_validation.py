@@ -4,12 +4,11 @@ Writes ``fold_K/validation/`` (the predictor's masks, ``predictions.json``/``.cs
 ``fold_K/validation/summary.json`` (``dscovid.evaluation``). The held-out cases are read from the raw dataset
 (``$DSCOVID_raw/DatasetNNN_Name/imagesTr``), because validation must go through the whole pipeline a user runs,
 preprocessing and export included. It is skipped, with a warning that says why, when the raw dataset is not
-available or when the installed package has no predictor or evaluator.
+available (for example when only the preprocessed cache was copied to a cluster node).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
 from pathlib import Path
@@ -22,14 +21,6 @@ from dscovid.settings import Roots
 log = logging.getLogger("dscovid.training")
 
 
-def _optional(module: str, attribute: str):
-    """``module.attribute`` if that exists in this installation, else None."""
-    try:
-        return getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError):
-        return None
-
-
 def validate_fold(
     fold_dir: Path, roots: Roots, dataset_dir: Path, configuration: str, val_cases: list[str], device: torch.device
 ) -> dict | None:
@@ -37,31 +28,29 @@ def validate_fold(
     if not val_cases:
         log.info("No held-out cases (fold 'all'): final validation skipped")
         return None
-    predict = _optional("dscovid.inference.predictor", "predict_cases")
-    evaluate = _optional("dscovid.evaluation.evaluate", "evaluate_folder")
-    if predict is None or evaluate is None:
-        missing = [name for name, f in (("dscovid.inference.predictor.predict_cases", predict),
-                                        ("dscovid.evaluation.evaluate.evaluate_folder", evaluate)) if f is None]
-        log.warning("Final validation skipped: %s not available in this installation", " and ".join(missing))
-        return None
     if roots.raw is None or not (roots.raw / dataset_dir.name).is_dir():
         log.warning("Final validation skipped: the raw dataset %s is not available (set --raw or DSCOVID_raw)",
                     dataset_dir.name)
         return None
-    raw_dir = roots.raw / dataset_dir.name
-    out_dir = fold_dir / "validation"
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # a re-validation replaces the old one entirely
+    from dscovid.evaluation.evaluate import evaluate_folder
+    from dscovid.inference.predictor import predict_cases
     from dscovid.io.dataset import load_raw_dataset
 
+    raw_dir = roots.raw / dataset_dir.name
     raw = load_raw_dataset(raw_dir)
     images = [raw.image_path(case) for case in val_cases]
     absent = [str(p) for p in images if not p.exists()]
     if absent:
         raise DscovidError(f"final validation: raw image(s) missing: {', '.join(absent[:3])}")
+    out_dir = fold_dir / "validation"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # a re-validation replaces the old one entirely
     log.info("Final validation: predicting %d held-out cases into %s", len(images), out_dir)
-    predict(model_dir=fold_dir.parent, inputs=images, output_dir=out_dir, folds=[fold_dir.name.removeprefix("fold_")],
-            configuration=configuration, device=device)
-    summary = evaluate(out_dir, raw_dir, out_dir / "summary.json")
+    predictions = predict_cases(model_dir=fold_dir.parent, inputs=images, output_dir=out_dir,
+                                folds=[fold_dir.name.removeprefix("fold_")], configuration=configuration,
+                                device=device, progress=False)
+    for failure in predictions.get("failed", []):
+        log.warning("Final validation: %s could not be predicted: %s", failure["case"], failure["reason"])
+    summary = evaluate_folder(out_dir, raw_dir, out_dir / "summary.json", cases=val_cases)
     log.info("Final validation written to %s", out_dir / "summary.json")
     return summary
