@@ -263,6 +263,9 @@ def test_output_of_another_model_is_refused_unless_overwrite(model_dir, oblique_
     assert summary["folds"] == ["1"] and [c["case"] for c in summary["cases"]] == ["oblique"]
     # The earlier run's probability files (not asked for now) are gone with it.
     assert not (target / "oblique_lesion_prob.nii.gz").exists()
+    # Another sliding-window step changes the predictions: not mixed either.
+    with pytest.raises(DscovidError, match="another model or setting"):
+        predict_cases(model_dir, inputs, target, folds=["1"], device="cpu", progress=False, step_fraction=0.5)
 
 
 def test_model_folder_and_fold_lookup(model_dir):

@@ -348,9 +348,10 @@ def _previous_entries(output_dir: Path, identity: dict, overwrite: bool) -> list
         return list(previous.get("cases") or [])
     if not overwrite:
         described = (f"{previous.get('trainer')}__{previous.get('configuration')} folds {previous.get('folds')} "
-                     f"from {previous.get('model_dir')}") if previous else "an unreadable predictions.json"
+                     f"from {previous.get('model_dir')}, {previous.get('checkpoint')}, step "
+                     f"{previous.get('step_fraction')}") if previous else "an unreadable predictions.json"
         raise DscovidError(
-            f"{output_dir}: already holds predictions of another model ({described}); "
+            f"{output_dir}: already holds predictions of another model or setting ({described}); "
             f"choose another output folder or pass --overwrite"
         )
     log.warning("%s: replacing the predictions of another model (--overwrite)", output_dir)
@@ -453,7 +454,11 @@ def predict_cases(
     cases = discover_cases(inputs)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    identity = model.identity()
+    settings = model.inference
+    step_used = float(step_fraction if step_fraction is not None else settings.get("step_fraction", 1.0))
+    # Everything that changes the predictions: outputs of runs that differ in any of these are never mixed.
+    identity = {**model.identity(), "checkpoint": model.checkpoint_name, "step_fraction": step_used,
+                "peripheral_thickness_mm": float(peripheral_thickness_mm)}
     kept = _previous_entries(output_dir, identity, overwrite)
     _remove_leftovers(output_dir)
 
@@ -461,8 +466,6 @@ def predict_cases(
     entries: dict[str, dict] = {}
     failed: list[dict] = []
     class_names = model.class_names or [f"class_{k}" for k in range(3)]
-    settings = model.inference
-    step_used = float(step_fraction if step_fraction is not None else settings.get("step_fraction", 1.0))
 
     def fail(name: str, reason: str, remove_files: bool = True) -> None:
         log.error("%s: failed: %s", name, reason)
@@ -551,14 +554,11 @@ def predict_cases(
     summary = {
         "dscovid_version": __version__,
         **identity,
-        "checkpoint": model.checkpoint_name,
         "plans": model.plans.get("plans_name"),
         "dataset": model.plans.get("dataset_name"),
         "class_names": list(class_names),
-        "step_fraction": step_used,
         "weighting": settings.get("weighting", "constant"),
         "device": str(device),
-        "peripheral_thickness_mm": float(peripheral_thickness_mm),
         "lesion_threshold": LESION_THRESHOLD,
         "cases": all_entries,
         "failed": sorted(failed, key=lambda f: f["case"]),
