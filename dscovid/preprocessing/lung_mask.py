@@ -70,6 +70,8 @@ class LungMaskSettings:
     airway_max_offset_mm : ... when its centre is at most this far (left-right) from the body's mid-line.
     airway_seed_depth_mm : the airway tube must reach this close to the top of the air region.
     closing_radius_mm : radius of the ball of the per-lung 3D closing that brings pleural lesions in.
+    dent_max_depth_mm, dent_mediastinal_fraction : a dent of an axial lung outline (inside its convex hull) is
+        filled when at most this deep and when at most this fraction of its opening faces the mediastinum.
     fat_hu : on the working grid, fat lies in this range; lesion filling never adds fat (consolidation is
         denser, ground glass lighter).
     min_lung_ml : the lungs' air must be at least this large, or there is no lung.
@@ -86,6 +88,8 @@ class LungMaskSettings:
     airway_max_offset_mm: float = 30.0
     airway_seed_depth_mm: float = 10.0
     closing_radius_mm: float = 20.0
+    dent_max_depth_mm: float = 30.0
+    dent_mediastinal_fraction: float = 0.2
     fat_hu: tuple[float, float] = (-180.0, -60.0)
     min_lung_ml: float = 10.0
     min_lung_fraction: float = 0.15
@@ -158,6 +162,7 @@ def segment_lung_sides(
     # The opening drops the one-voxel rim where lesion and aerated lung average to fat-like values.
     fat = ndimage.binary_opening((coarse > settings.fat_hu[0]) & (coarse < settings.fat_hu[1]), _IN_PLANE)
     filled = _fill_lesions(sides, body & ~fat, coarse_spacing, settings)
+    filled = _fill_costal_dents(filled, body & ~fat, coarse_spacing, settings)
     labels = _refine(canonical, sides, filled, factors, settings.air_threshold_hu)
     return _from_canonical(labels, axes, flips)
 
@@ -312,6 +317,8 @@ def _pick_lungs(air: np.ndarray, body: np.ndarray, spacing: np.ndarray, settings
     voxel_ml = float(np.prod(spacing)) / 1000.0
     labels, sizes = _components(air)
     sizes[0] = 0
+    if len(sizes) < 2:
+        raise DscovidError("no lung found: the air inside the body is only 0 ml")
     order = np.argsort(sizes)[::-1]
     largest = int(order[0])
     lungs = [labels == largest]
@@ -420,6 +427,43 @@ def _fill_lesions(sides: np.ndarray, body: np.ndarray, spacing: np.ndarray, sett
     return filled
 
 
+def _fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarray,
+                       settings: LungMaskSettings) -> np.ndarray:
+    """Fill, slice by slice, the dents that lesions against the costal pleura leave in each lung's outline.
+
+    The costal surface is convex, so a ball closing leaves the outer part of a wide pleural lesion out; the
+    convex hull does not. A dent (a connected piece of the lung's axial convex hull outside the lung, within
+    ``tissue``) is filled when it is shallow (``dent_max_depth_mm`` from the hull's edge) and opens onto the
+    chest wall: the heart, aorta and hilum make dents that open onto the mediastinum (the part of both lungs'
+    joint hull outside either single hull), and the dome of the diaphragm makes deep ones.
+    """
+    from skimage.morphology import convex_hull_image  # imported here: only this step needs scikit-image
+
+    out = filled.copy()
+    for z in np.flatnonzero(filled.any(axis=(1, 2))):
+        hulls = {side: convex_hull_image(filled[z] == side) for side in (RIGHT_LUNG, LEFT_LUNG)
+                 if (filled[z] == side).sum() >= 3}
+        mediastinum = np.zeros(filled.shape[1:], dtype=bool)
+        if len(hulls) == 2:
+            joint = convex_hull_image(filled[z] > 0)
+            mediastinum = ndimage.binary_dilation(joint & ~hulls[RIGHT_LUNG] & ~hulls[LEFT_LUNG])
+        for side, hull in hulls.items():
+            labels, count = ndimage.label(hull & (filled[z] == 0) & tissue[z])
+            if count == 0:
+                continue
+            depth = ndimage.distance_transform_edt(hull, sampling=spacing[1:])
+            for index, piece in enumerate(ndimage.find_objects(labels), start=1):
+                grown = tuple(slice(max(0, p.start - 1), p.stop + 1) for p in piece)
+                dent = labels[grown] == index
+                if float(depth[grown][dent].max()) > settings.dent_max_depth_mm:
+                    continue
+                mouth = ndimage.binary_dilation(dent) & ~hull[grown]
+                if mouth.any() and float(mediastinum[grown][mouth].mean()) > settings.dent_mediastinal_fraction:
+                    continue
+                out[z][grown][dent] = side
+    return out
+
+
 def _bounding_box(mask: np.ndarray, margin: np.ndarray) -> tuple[slice, ...]:
     box = []
     for axis in range(mask.ndim):
@@ -469,7 +513,7 @@ def _refine(
     """Full-resolution labels: the coarse mask's interior as is, its boundary band decided by the HU of each voxel.
 
     In the band (one coarse voxel either side of the coarse boundary) a voxel is lung when it is air (below
-    ``air_threshold_hu``), or when its coarse voxel is lesion filling (filled but not next to aerated lung),
+    ``air_threshold_hu``), or when its coarse voxel is lesion filling (filled, not aerated on the coarse grid),
     which no threshold can find. Only the lungs' bounding box is touched at full resolution.
     """
     labels = np.zeros(image.shape, dtype=np.uint8)
@@ -488,7 +532,9 @@ def _refine(
         core = ndimage.binary_erosion(lung, border_value=1)  # the scan's edge is not the lung's edge
         inner[core] = side
         band[ndimage.binary_dilation(lung) & ~core & (band == 0) & ((filled == 0) | lung)] = side
-        lesion |= lung & ~core & ~ndimage.binary_dilation(sides == side)
+        # Filled, not aerated, and thicker than the one-voxel partial-volume rim of every lung.
+        added = lung & (sides != side)
+        lesion |= lung & ~core & (ndimage.binary_opening(added, _IN_PLANE) | ~ndimage.binary_dilation(sides == side))
     # One coarse code per voxel, so a single upsampling carries all three maps.
     code = inner + 3 * band + 9 * lesion.astype(np.uint8)
     full_box = tuple(

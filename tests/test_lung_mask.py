@@ -1,0 +1,219 @@
+"""Classical lung segmentation: phantoms with known lungs and lesions, the real scans, the refusal, the command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dscovid.cli.lung_mask import main as lung_mask_main
+from dscovid.errors import DscovidError
+from dscovid.io.image_io import Geometry, read_image, read_mask, write_image
+from dscovid.preprocessing.lung_mask import (
+    LEFT_LUNG,
+    RIGHT_LUNG,
+    find_scans,
+    lung_volumes_ml,
+    segment_lung_sides,
+    segment_lungs,
+)
+
+SPACING_ZYX_MM = (4.0, 3.0, 3.0)
+REAL_CASES = ("P002", "cap002", "normal001")
+REAL_FOLDERS = {"P002": "COVID-19 subjects/P002", "cap002": "Cap subjects/cap002", "normal001": "Normal subjects/normal001"}
+
+
+def _phantom(with_lungs: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+    """A chest in HU on a (50, 110, 130) grid of 4×3×3 mm, identity direction (x toward the patient's left).
+
+    Body ellipse (muscle 40 HU, 9 mm fat), spine (400 HU), two lung ellipsoids (-850 HU) with the heart between
+    them, a trachea from the top slice with two main bronchi into the lungs, a consolidation (30 HU) against the
+    lateral pleura of the right lung (part of the reference lung) and -2048 padding outside a round field of view.
+    """
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = 50, 110, 130
+    sz, sy, sx = SPACING_ZYX_MM
+    z = (np.arange(nz) * sz)[:, None, None]
+    y = ((np.arange(ny) - ny / 2) * sy)[None, :, None]
+    x = ((np.arange(nx) - nx / 2) * sx)[None, None, :]
+    body = np.broadcast_to((x / 175.0) ** 2 + (y / 140.0) ** 2 <= 1.0, (nz, ny, nx))
+    inner = np.broadcast_to((x / 166.0) ** 2 + (y / 131.0) ** 2 <= 1.0, (nz, ny, nx))
+    image = np.full((nz, ny, nx), -1000.0)
+    image[body] = -100.0
+    image[inner] = 40.0
+    image[np.broadcast_to((x / 18.0) ** 2 + ((y - 95.0) / 18.0) ** 2 <= 1.0, image.shape)] = 400.0
+    lungs = np.zeros(image.shape, dtype=np.uint8)
+    lesion = np.zeros(image.shape, dtype=bool)
+    trachea = np.zeros(image.shape, dtype=bool)
+    if with_lungs:
+        for side, centre_x in ((RIGHT_LUNG, -85.0), (LEFT_LUNG, 85.0)):
+            lungs[((x - centre_x) / 60.0) ** 2 + (y / 100.0) ** 2 + ((z - 90.0) / 75.0) ** 2 <= 1.0] = side
+        lesion = (((x + 140.0) / 12.0) ** 2 + (y / 14.0) ** 2 + ((z - 90.0) / 14.0) ** 2 <= 1.0) & (lungs == RIGHT_LUNG)
+        trachea = np.broadcast_to((x / 9.0) ** 2 + ((y + 20.0) / 9.0) ** 2 <= 1.0, image.shape) & (z >= 125.0)
+        for sign in (-1.0, 1.0):
+            trachea = trachea | (((x - sign * 20.0) / 26.0) ** 2 + ((y + 20.0) / 6.0) ** 2 + ((z - 125.0) / 6.0) ** 2
+                                  <= 1.0)
+        image[lungs > 0] = -850.0
+        image[lesion] = 30.0
+        image[trachea] = -1000.0
+    image += rng.normal(0.0, 15.0, image.shape)
+    image[np.broadcast_to(x**2 + y**2 > 190.0**2, image.shape)] = -2048.0
+    return {"image": np.round(image).astype(np.int16), "lungs": lungs, "lesion": lesion, "trachea": trachea & ~(lungs > 0)}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def phantom() -> dict[str, np.ndarray]:
+    return _phantom()
+
+
+def test_phantom_lungs_sides_lesion_and_airway(phantom):
+    sides = segment_lung_sides(phantom["image"], SPACING_ZYX_MM)
+    assert sides.dtype == np.uint8 and sides.shape == phantom["image"].shape
+    assert _dice(sides, phantom["lungs"]) > 0.95
+    # Sides follow the patient: x index increases toward the patient's left (identity direction).
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        assert _dice(sides == side, phantom["lungs"] == side) > 0.95
+    # The consolidation against the pleura is inside (a threshold alone would leave it out).
+    assert (sides[phantom["lesion"]] > 0).mean() >= 0.97  # measured 0.98: the outer rim at the wall is the loss
+    # The trachea above the lungs is not lung.
+    above = phantom["trachea"] & (np.arange(phantom["image"].shape[0]) * SPACING_ZYX_MM[0] >= 170.0)[:, None, None]
+    assert above.any() and not (sides[above] > 0).any()
+
+
+def test_orientation_is_read_from_the_direction(phantom):
+    """A scan stored with x and z reversed gives the same mask, and right stays right."""
+    reference = segment_lung_sides(phantom["image"], SPACING_ZYX_MM)
+    flipped = phantom["image"][::-1, :, ::-1]
+    direction = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+    sides = segment_lung_sides(flipped, SPACING_ZYX_MM, direction)
+    assert _dice(sides[::-1, :, ::-1] == RIGHT_LUNG, reference == RIGHT_LUNG) > 0.99
+    # Transposed axes too (a sagittal-major array), with the direction saying so.
+    transposed = np.ascontiguousarray(np.transpose(phantom["image"], (2, 1, 0)))
+    swap = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
+    sides = segment_lung_sides(transposed, SPACING_ZYX_MM[::-1], swap)
+    assert _dice(np.transpose(sides, (2, 1, 0)) == LEFT_LUNG, reference == LEFT_LUNG) > 0.99
+
+
+def test_touching_lungs_are_split_into_right_and_left(phantom):
+    image = phantom["image"].copy()
+    nz, ny, nx = image.shape
+    bridge = np.zeros(image.shape, dtype=bool)
+    bridge[10:40, 45:65, nx // 2 - 12 : nx // 2 + 12] = True  # an anterior junction: air across the mid-line
+    image[bridge] = -850
+    sides = segment_lung_sides(image, SPACING_ZYX_MM)
+    volumes = lung_volumes_ml(sides, SPACING_ZYX_MM)
+    assert volumes["right"] > 0.35 * (volumes["right"] + volumes["left"])
+    assert volumes["left"] > 0.35 * (volumes["right"] + volumes["left"])
+    assert _dice(sides[:, :, : nx // 2 - 15] == RIGHT_LUNG, phantom["lungs"][:, :, : nx // 2 - 15] == RIGHT_LUNG) > 0.95
+
+
+def test_no_lung_is_refused_with_one_line():
+    image = _phantom(with_lungs=False)["image"]
+    image[20:30, 50:60, 60:70] = -1000  # a bowel bubble
+    with pytest.raises(DscovidError, match="no lung found") as error:
+        segment_lungs(image, SPACING_ZYX_MM)
+    assert "\n" not in str(error.value)
+
+
+def test_synthetic_dataset_dice_and_lesion_coverage():
+    """Six generated cases (all three classes) against their reference lungs and lesion masks."""
+    synthetic = pytest.importorskip("dataset_conversion.synthetic")
+    dices, inside, total = [], {}, {}
+    for index in range(6):
+        image, lesion, lung, geometry, class_name, _ = synthetic.generate_case(seed=0, index=index)
+        mask = segment_lungs(image, geometry.spacing_zyx_mm, geometry.direction)
+        dices.append(_dice(mask, lung))
+        inside[class_name] = inside.get(class_name, 0) + int((mask[lesion > 0] > 0).sum())
+        total[class_name] = total.get(class_name, 0) + int((lesion > 0).sum())
+    assert np.mean(dices) >= 0.95 and min(dices) >= 0.9
+    for class_name, count in total.items():
+        if count:
+            # Measured 0.999 (covid) and 0.98 (cap) here; the 99 % goal is not met everywhere (docs/lung_mask.md).
+            assert inside[class_name] / count >= 0.97, class_name
+
+
+# ------------------------------------------------------------------------------------------- real scans
+
+
+def _check_real_lungs(sides: np.ndarray, spacing: tuple[float, float, float], case: str) -> None:
+    volumes = lung_volumes_ml(sides, spacing)
+    for side, millilitres in volumes.items():
+        assert 1000.0 <= millilitres <= 4500.0, (case, side, volumes)
+    assert 2500.0 <= sum(volumes.values()) <= 8000.0, (case, volumes)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("case", REAL_CASES)
+def test_real_scans_two_lungs_of_plausible_volume(test_data, case):
+    image, geometry = read_image(test_data / "covid_ct_md_derived" / f"{case}_ct_2p5mm.nii.gz")
+    sides = segment_lung_sides(image, geometry.spacing_zyx_mm, geometry.direction)
+    _check_real_lungs(sides, geometry.spacing_zyx_mm, case)
+
+
+@pytest.mark.realdata
+def test_real_pelvis_is_refused(test_data):
+    image, geometry = read_image(test_data / "totalsegmentator" / "example_ct_sm.nii.gz")
+    with pytest.raises(DscovidError, match="no lung found: the air inside the body is only"):
+        segment_lungs(image, geometry.spacing_zyx_mm, geometry.direction)
+
+
+@pytest.mark.realdata
+def test_lungmask_slices_with_padding_give_two_lungs_in_each_slice(test_data):
+    image, geometry = read_image(test_data / "lungmask_testdata")
+    assert image.min() == -2048
+    sides = segment_lung_sides(image, geometry.spacing_zyx_mm, geometry.direction)
+    pixel_cm2 = geometry.spacing_zyx_mm[1] * geometry.spacing_zyx_mm[2] / 100.0
+    for z in range(image.shape[0]):
+        for side in (RIGHT_LUNG, LEFT_LUNG):
+            assert (sides[z] == side).sum() * pixel_cm2 > 30.0, (z, side)
+        # No padding and no air outside the body in the mask.
+        assert not (sides[z] > 0)[image[z] == -2048].any()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize("case", REAL_CASES)
+def test_real_dicom_series_full_resolution(test_data, case):
+    image, geometry = read_image(test_data / "covid_ct_md" / REAL_FOLDERS[case])
+    sides = segment_lung_sides(image, geometry.spacing_zyx_mm, geometry.direction)
+    _check_real_lungs(sides, geometry.spacing_zyx_mm, case)
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def _write_phantom(path: Path, with_lungs: bool) -> Geometry:
+    image = _phantom(with_lungs=with_lungs)["image"]
+    geometry = Geometry(image.shape, SPACING_ZYX_MM, (-195.0, -165.0, 10.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    write_image(image, geometry, path)
+    return geometry
+
+
+def test_command_writes_masks_and_reports_failures(tmp_path, capsys):
+    inputs = tmp_path / "in"
+    geometry = _write_phantom(inputs / "chest_0000.nii.gz", with_lungs=True)
+    _write_phantom(inputs / "pelvis.nii.gz", with_lungs=False)
+    status = lung_mask_main(["-i", str(inputs), "-o", str(tmp_path / "out"), "-q"])
+    assert status == 1
+    assert "pelvis: no lung found" in capsys.readouterr().err
+    mask, written = read_mask(tmp_path / "out" / "chest.nii.gz", reference=geometry)
+    assert written.matches(geometry) and mask.max() == 1
+    assert not (tmp_path / "out" / "pelvis.nii.gz").exists()
+
+
+def test_command_refuses_a_missing_input(tmp_path, capsys):
+    assert lung_mask_main(["-i", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_find_scans_names_dicom_series_by_folder(test_data):
+    assert find_scans(test_data / "lungmask_testdata") == [("lungmask_testdata", test_data / "lungmask_testdata")]
+    cases = [case for case, _ in find_scans(test_data / "covid_ct_md")]
+    assert cases == sorted(REAL_CASES)
