@@ -121,21 +121,34 @@ def test_no_lung_is_refused_with_one_line():
     assert "\n" not in str(error.value)
 
 
-def test_synthetic_dataset_dice_and_lesion_coverage():
-    """Six generated cases (all three classes) against their reference lungs and lesion masks."""
+def _synthetic_scores(indices: range) -> tuple[list[float], dict[str, float]]:
+    """Dice of each generated case (seed 0) against its reference lung, and the lesion fraction inside per class."""
     synthetic = pytest.importorskip("dataset_conversion.synthetic")
     dices, inside, total = [], {}, {}
-    for index in range(6):
+    for index in indices:
         image, lesion, lung, geometry, class_name, _ = synthetic.generate_case(seed=0, index=index)
         mask = segment_lungs(image, geometry.spacing_zyx_mm, geometry.direction)
         dices.append(_dice(mask, lung))
         inside[class_name] = inside.get(class_name, 0) + int((mask[lesion > 0] > 0).sum())
         total[class_name] = total.get(class_name, 0) + int((lesion > 0).sum())
+    return dices, {name: inside[name] / count for name, count in total.items() if count}
+
+
+def test_synthetic_cases_dice_and_lesion_coverage():
+    """One case of each class (COVID-19 with consolidation, non-pneumonia, CAP)."""
+    dices, coverage = _synthetic_scores(range(3))
+    assert min(dices) >= 0.95
+    # Measured 1.000 (covid) and 0.969 (cap); the 99 % goal is not met for every lesion (docs/lung_mask.md).
+    assert coverage["covid"] >= 0.99 and coverage["cap"] >= 0.96, coverage
+
+
+@pytest.mark.slow
+def test_synthetic_dataset_dice_and_lesion_coverage():
+    """Ten generated cases against their reference lungs and lesion masks."""
+    dices, coverage = _synthetic_scores(range(10))
     assert np.mean(dices) >= 0.95 and min(dices) >= 0.9
-    for class_name, count in total.items():
-        if count:
-            # Measured 0.999 (covid) and 0.98 (cap) here; the 99 % goal is not met everywhere (docs/lung_mask.md).
-            assert inside[class_name] / count >= 0.97, class_name
+    for class_name, fraction in coverage.items():
+        assert fraction >= 0.97, (class_name, coverage)
 
 
 # ------------------------------------------------------------------------------------------- real scans
