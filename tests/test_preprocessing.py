@@ -321,3 +321,19 @@ def test_sparse_classification_grid_equals_dense():
     dense = resample_to_grid(lesion, (16, 32, 16))
     assert np.allclose(resample_to_grid(lesion, (16, 32, 16), sparse=True), dense, atol=1e-6)
     assert not resample_to_grid(np.zeros_like(lesion), (16, 32, 16), sparse=True).any()
+
+
+@pytest.mark.realdata
+def test_real_ct_round_trip_with_the_built_in_lung_mask(test_data):
+    from dscovid.io.image_io import read_image
+    from dscovid.preprocessing.lung_mask import segment_lungs
+
+    image, geometry = read_image(test_data / "covid_ct_md_derived" / "P002_ct_2p5mm.nii.gz")
+    lung = np.asarray(segment_lungs(image, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
+    arrays, properties = preprocess_image(image, geometry, small_configuration(spacing=(3.0, 2.0, 2.0)), lung=lung,
+                                          case_name="P002")
+    # A real chest: the cropped lung box is 15-40 cm across in every direction.
+    box_mm = np.asarray(properties["shape_after_crop_zyx"]) * np.asarray(properties["spacing_after_crop_zyx_mm"])
+    assert np.all((box_mm > 150) & (box_mm < 400))
+    assert dice(restore_to_original(arrays["lung"], properties, is_mask=True), lung) >= 0.97
+    assert 0.0 < arrays["image"][arrays["lung"] > 0].mean() < 0.5  # aerated lung sits low in [-1400, 200]
