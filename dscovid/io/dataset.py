@@ -201,6 +201,7 @@ def write_json_atomic(data: object, path: str | os.PathLike) -> Path:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             json.dump(data, stream, indent=2, sort_keys=False)
             stream.write("\n")
+        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 #: File endings SimpleITK reads as one volume (a folder is read as a DICOM series).
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
+#: Permissions of written files: the usual umask result instead of mkstemp's owner-only 0600.
+_FILE_MODE = 0o644
+
 #: A CT whose lowest value is above this cannot contain air in Hounsfield units (air is about -1000 HU).
 _HU_AIR_CEILING = -500.0
 
@@ -333,6 +336,7 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     os.close(handle)
     try:
         sitk.WriteImage(image, temporary, compress)
+        os.chmod(temporary, _FILE_MODE)  # mkstemp makes 0600 files; outputs are shared like any other file
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
