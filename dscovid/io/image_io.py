@@ -185,6 +185,39 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     return None
 
 
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _nifti_nonfinite_count(path: Path) -> int:
+    """NaN/inf voxels stored in a floating-point NIfTI file.
+
+    ITK's NIfTI reader hands NaN voxels over as 0, so they must be counted in the file itself.
+    """
+    name = path.name.lower()
+    opener = gzip.open if name.endswith(".nii.gz") else open if name.endswith(".nii") else None
+    if opener is None:
+        return 0
+    with opener(path, "rb") as stream:
+        header = stream.read(540)
+        for order in "<>":
+            (size,) = struct.unpack(order + "i", header[:4])
+            if size == 348:
+                (datatype,) = struct.unpack(order + "h", header[70:72])
+                offset = int(struct.unpack(order + "f", header[108:112])[0])
+                break
+            if size == 540:
+                (datatype,) = struct.unpack(order + "h", header[12:14])
+                (offset,) = struct.unpack(order + "q", header[168:176])
+                break
+        else:
+            return 0
+        if datatype not in _NIFTI_FLOAT_TYPES:
+            return 0
+        stream.seek(offset)
+        data = np.frombuffer(stream.read(), dtype=order + _NIFTI_FLOAT_TYPES[datatype])
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
+
+
 def _check_nifti_complete(path: Path) -> None:
     """SimpleITK pads a truncated NIfTI with zeros instead of failing: compare the data size with the header."""
     name = path.name.lower()
@@ -289,8 +322,10 @@ def read_image(path: str | os.PathLike, check_hu: bool = True) -> tuple[np.ndarr
     image = read_sitk(path)
     _check_dimensions(image, path)
     array = sitk.GetArrayFromImage(image)
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise DscovidError(f"{path}: contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
+    if array.dtype.kind == "f":
+        nonfinite = int(array.size - np.count_nonzero(np.isfinite(array))) or _nifti_nonfinite_count(path)
+        if nonfinite:
+            raise DscovidError(f"{path}: contains {nonfinite} NaN or infinite voxels")
     if check_hu:
         check_hounsfield(array, path)
     return array, Geometry.of(image)
@@ -305,7 +340,7 @@ def read_mask(path: str | os.PathLike, reference: Geometry | None = None) -> tup
     geometry = Geometry.of(image)
     if reference is not None and not reference.matches(geometry):
         raise DscovidError(f"{path}: geometry does not match its image ({reference.describe_difference(geometry)})")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    if array.dtype.kind == "f" and (not np.isfinite(array).all() or _nifti_nonfinite_count(path)):
         raise DscovidError(f"{path}: contains NaN or infinite voxels")
     values = np.unique(array)
     if not np.isin(values, (0, 1)).all():
