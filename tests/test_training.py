@@ -137,13 +137,14 @@ def test_joint_stage_backpropagates_task_aware_loss_into_both_parts(tmp_path):
 def test_deterministic_seed_gives_identical_weights(tmp_path, nondeterministic_after):
     make_cache(tmp_path / "pre", n_cases=12, plans=make_plans("Dataset900_Tiny", epochs=(1, 1), iterations=2))
 
-    def weights(seed, name):
+    def weights(seed, name, workers):
         roots = Roots(preprocessed=tmp_path / "pre", results=tmp_path / name)
         result = run_training(roots, "Dataset900_Tiny", "3d_cpu", 1, seed=seed, deterministic=True, device="cpu",
-                              num_workers=1, run_final_validation=False)
+                              num_workers=workers, run_final_validation=False)
         return load_checkpoint(result.fold_dir / "checkpoint_final.pt")["network_weights"]
 
-    first, second, other = weights(3, "a"), weights(3, "b"), weights(4, "c")
+    # with a background worker: its batches are seeded too
+    first, second, other = weights(3, "a", 1), weights(3, "b", 1), weights(4, "c", 0)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
@@ -191,3 +192,7 @@ def test_existing_fold_is_not_overwritten_and_cli_errors_are_one_line(tmp_path, 
     assert train_main([*args, "--continue"]) == 0  # already finished: resumes at the end, nothing left to train
     assert train_main(["11", *args[1:]]) == 1
     assert "fold must be 0-9 or 'all'" in capsys.readouterr().err
+    assert train_main([*args, "--val-only"]) == 0  # no raw dataset here: skipped with a warning, not an error
+    assert "Final validation skipped: the raw dataset Dataset900_Tiny is not available" in capsys.readouterr().err
+    assert train_main(["1", *args[1:], "--val-only"]) == 1
+    assert "checkpoint_final.pt: not found (train the fold before --val-only)" in capsys.readouterr().err

@@ -161,14 +161,13 @@ def run_training(
         effective = trainer_class.effective_configuration(configurations[configuration])
         data_dir = dataset_dir / effective["data_identifier"]
         cases = list_cache_cases(data_dir)
-        split_seed = int(effective["training"].get("split_seed", DEFAULT_SPLIT_SEED))
         if context.is_main:
             splits = load_or_create_splits(dataset_dir, {n: c.stratum() for n, c in cases.items()}, num_folds,
-                                           split_seed)
+                                           DEFAULT_SPLIT_SEED)
         context.barrier()
         if not context.is_main:
             splits = load_or_create_splits(dataset_dir, {n: c.stratum() for n, c in cases.items()}, num_folds,
-                                           split_seed)
+                                           DEFAULT_SPLIT_SEED)
         train_names, val_names = fold_cases(splits, fold, list(cases))
         fold_dir = model_folder(roots.require("results"), dataset_dir.name, trainer_class.__name__,
                                 configuration) / f"fold_{fold}"
