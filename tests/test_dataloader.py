@@ -101,3 +101,20 @@ def test_seeded_loader_repeats(tmp_path):
     assert all(np.array_equal(a["data"], b["data"]) and np.array_equal(a["patch_box"], b["patch_box"])
                for a, b in zip(first, again))
     assert not all(np.array_equal(a["data"], b["data"]) for a, b in zip(first, other))
+
+
+def test_intensity_is_shared_by_both_views_and_keeps_the_outside_zero():
+    from dscovid.training.augmentation import augment_sample
+
+    rng = np.random.default_rng(0)
+    volume = np.where(_smooth_volume() > 5, 0.4, 0.0).astype(np.float32)
+    start, size = np.array([4, 10, 8]), (8, 16, 16)
+    grid = to_grid(volume, (24, 48, 40))  # the grid at full resolution: it equals the volume
+    sample = {"data": crop(volume, start, size)[None], "seg": np.zeros((1, *size), np.float32),
+              "cls_image": grid[None].copy(), "cls_lesion": np.zeros((1, 24, 48, 40), np.float32),
+              "patch_box": np.array([start, size], dtype=np.float64), "volume_shape": np.array(volume.shape, float)}
+    settings = AugmentationSettings(mirror_axes=(), p_brightness=1, p_contrast=1, p_gamma=1, p_noise=0)
+    out = augment_sample(sample, settings, rng)
+    assert not np.allclose(out["data"], crop(volume, start, size)[None])  # it did change the image
+    assert np.allclose(out["data"][0], crop(out["cls_image"][0], start, size), atol=1e-6)  # the same mapping
+    assert np.all(out["data"][0][crop(volume, start, size) == 0] == 0)
