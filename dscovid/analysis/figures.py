@@ -107,7 +107,9 @@ def panel_h(ax, summary: dict) -> None:
         groups = summary["classes"][name]["spread_by_lvr_group"]
         means = [g["spread_mm"]["mean"] if g["spread_mm"]["mean"] is not None else np.nan for g in groups]
         stds = [g["spread_mm"]["std"] if g["spread_mm"]["std"] is not None else np.nan for g in groups]
-        ax.bar(positions + (index - (len(names) - 1) / 2) * width, means, yerr=stds, width=width,
+        # The lower error bar stops at 0: a spread is never negative.
+        errors = [np.minimum(means, stds), stds]
+        ax.bar(positions + (index - (len(names) - 1) / 2) * width, means, yerr=errors, width=width,
                color=_colour(name, index), capsize=2, label=_LABELS.get(name, name))
     ax.set_xticks(positions, labels)
     ax.set(xlabel="lesion volume ratio group (%)", ylabel="spread of lesion centres (mm)",

@@ -6,7 +6,7 @@ Figures are drawn on a :class:`matplotlib.figure.Figure` (no pyplot state) and w
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,8 +22,8 @@ def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 120) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
+    # A unique name rather than mkstemp, whose 0600 mode would survive the rename; this one follows the umask.
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.png")
     try:
         figure.savefig(temporary, dpi=dpi, bbox_inches="tight")
         os.replace(temporary, path)
