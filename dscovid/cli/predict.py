@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="peripheral thickness of the reported peripheral lesion ratio, in mm (default 10)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace predictions of another model already in OUT instead of refusing")
+    parser.add_argument("--png", action="store_true",
+                        help="also draw <case>_montage.png: axial slices through the lesions with the predicted outline "
+                        "and the evidence map, the class and the probabilities")
     add_root_arguments(parser, "results")
     return parser
 
@@ -72,6 +75,14 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint_name=args.checkpoint,
         progress=not args.quiet,
     )
+    if args.png:
+        from dscovid.inference.inputs import discover_cases
+        from dscovid.inference.montage import save_montages
+
+        # Only this run's cases: the folder may keep earlier cases of the same model, whose inputs are elsewhere.
+        inputs = {case.name: case.path for case in discover_cases(args.input)}
+        save_montages(args.output, [e for e in summary["cases"] if e["case"] in inputs], inputs,
+                      progress=not args.quiet)
     if summary["failed"]:
         names = ", ".join(failure["case"] for failure in summary["failed"])
         print(f"dscovid_predict: {len(summary['failed'])} case(s) failed: {names} (reasons above and in "
