@@ -144,8 +144,8 @@ def sample_grid(anatomy: Anatomy, rng: np.random.Generator, full_size: bool = Fa
     direction = rotation @ flips
     tilt = np.degrees(np.arccos(np.clip(abs(rotation[2, 2]), 0, 1)))
     spin = np.degrees(np.arccos(np.clip(abs(rotation[0, 0]), 0, 1)))
-    extent_xy = max(2 * lateral, anterior + posterior + 2 * 40.0)
-    fov = extent_xy * rng.uniform(1.04, 1.15) * (1.0 + np.sin(np.radians(spin))) + 10.0
+    extent_xy = max(2 * lateral, anterior + posterior + 2 * 30.0)
+    fov = extent_xy * rng.uniform(1.0, 1.1) * (1.0 + np.sin(np.radians(spin))) + 10.0
     z_extent = (anatomy.top_z - anatomy.bottom_z + rng.uniform(0.0, 30.0)
                 + (anterior + posterior) * np.sin(np.radians(tilt)))
     if full_size:
@@ -271,8 +271,11 @@ def _paint_lesions(anatomy: Anatomy, grid: Grid, lesions: list[Lesion], hu: np.n
     return lesion_mask
 
 
-def _composite_trees(anatomy: Anatomy, grid: Grid, hu: np.ndarray, lung: np.ndarray, seed: int, index: int) -> None:
-    """Add the bronchi (wall and air lumen) and the vessels to ``hu`` as partial volumes (in place)."""
+def _composite_trees(anatomy: Anatomy, grid: Grid, hu: np.ndarray, seed: int, index: int) -> None:
+    """Add the bronchi (wall and air lumen) and the vessels to ``hu`` as partial volumes (in place).
+
+    The trees stay inside the lungs by construction (their end points are checked analytically while growing).
+    """
     spacing = np.asarray(grid.geometry.spacing_zyx_mm)
     voxel = float(np.prod(spacing))
     shape = grid.geometry.shape_zyx
@@ -291,7 +294,6 @@ def _composite_trees(anatomy: Anatomy, grid: Grid, hu: np.ndarray, lung: np.ndar
     vessel = occupancy(vessels, **common)
     hu *= 1.0 - vessel
     hu += vessel * anatomy.blood_hu
-    del lung  # the trees stay inside the lung by construction (their end points are checked analytically)
 
 
 def _scanner(grid: Grid, hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -339,8 +341,8 @@ def generate_case(seed: int, index: int, full_size: bool = False, scale: float =
     Parameters
     ----------
     seed, index : the case depends on these two numbers only.
-    full_size : render on a 512×512 grid with 200-350 slices of 1-1.5 mm (benchmarks) instead of the small grid
-        (100-168 voxels in-plane at 2.2-3 mm, 70-120 slices at 2.5-4 mm).
+    full_size : render on a 512×512 grid (0.6-0.8 mm) with about 200-350 slices of 1-1.5 mm (benchmarks) instead
+        of the small grid (100-160 voxels in-plane at about 2.4-3.1 mm, about 60-130 slices of 3-4 mm).
     scale : multiply the voxel counts of the grid (0.5 gives tiny cases for statistics tests); the anatomy and the
         lesions do not change.
 
@@ -358,7 +360,7 @@ def generate_case(seed: int, index: int, full_size: bool = False, scale: float =
     grid = sample_grid(anatomy, grid_rng, full_size=full_size, scale=scale)
     hu, lung = _render_anatomy(anatomy, grid)
     lesion = _paint_lesions(anatomy, grid, lesions, hu, lung)
-    _composite_trees(anatomy, grid, hu, lung, seed, index)
+    _composite_trees(anatomy, grid, hu, seed, index)
     image = _scanner(grid, hu, grid_rng)
     spacing = np.asarray(grid.geometry.spacing_zyx_mm)
     voxel_ml = float(np.prod(spacing)) / 1000.0
