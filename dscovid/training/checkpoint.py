@@ -30,6 +30,7 @@ def save_checkpoint(state: dict, path: Path) -> Path:
             torch.save(state, stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; a results folder is shared
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
