@@ -437,31 +437,39 @@ def _fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarr
     chest wall: the heart, aorta and hilum make dents that open onto the mediastinum (the part of both lungs'
     joint hull outside either single hull), and the dome of the diaphragm makes deep ones.
     """
-    from skimage.morphology import convex_hull_image  # imported here: only this step needs scikit-image
-
     out = filled.copy()
     for z in np.flatnonzero(filled.any(axis=(1, 2))):
-        hulls = {side: convex_hull_image(filled[z] == side) for side in (RIGHT_LUNG, LEFT_LUNG)
+        hulls = {side: _convex_hull(filled[z] == side) for side in (RIGHT_LUNG, LEFT_LUNG)
                  if (filled[z] == side).sum() >= 3}
         mediastinum = np.zeros(filled.shape[1:], dtype=bool)
         if len(hulls) == 2:
-            joint = convex_hull_image(filled[z] > 0)
+            joint = _convex_hull(filled[z] > 0)
             mediastinum = ndimage.binary_dilation(joint & ~hulls[RIGHT_LUNG] & ~hulls[LEFT_LUNG])
         for side, hull in hulls.items():
             labels, count = ndimage.label(hull & (filled[z] == 0) & tissue[z])
             if count == 0:
                 continue
-            depth = ndimage.distance_transform_edt(hull, sampling=spacing[1:])
-            for index, piece in enumerate(ndimage.find_objects(labels), start=1):
-                grown = tuple(slice(max(0, p.start - 1), p.stop + 1) for p in piece)
-                dent = labels[grown] == index
-                if float(depth[grown][dent].max()) > settings.dent_max_depth_mm:
-                    continue
-                mouth = ndimage.binary_dilation(dent) & ~hull[grown]
-                if mouth.any() and float(mediastinum[grown][mouth].mean()) > settings.dent_mediastinal_fraction:
-                    continue
-                out[z][grown][dent] = side
+            index = np.arange(1, count + 1)
+            depth = ndimage.maximum(ndimage.distance_transform_edt(hull, sampling=spacing[1:]), labels, index)
+            # The opening of each dent: the pixels just outside the hull next to it (one dent each, the largest
+            # label where two meet, which is rare and harmless).
+            mouth = ndimage.grey_dilation(labels, footprint=ndimage.generate_binary_structure(2, 1)) * ~hull
+            mouth_size = np.bincount(mouth.ravel(), minlength=count + 1)[1:]
+            facing = np.bincount(mouth[mediastinum].ravel(), minlength=count + 1)[1:]
+            keep = (depth <= settings.dent_max_depth_mm) & (
+                facing <= settings.dent_mediastinal_fraction * np.maximum(mouth_size, 1))
+            out[z][np.isin(labels, index[keep])] = side
     return out
+
+
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The convex hull of a 2D mask as a mask, computed on its bounding box (scikit-image is slow on big images)."""
+    from skimage.morphology import convex_hull_image  # imported here: only the dent filling needs scikit-image
+
+    box = _bounding_box(mask, np.zeros(2, dtype=int))
+    hull = np.zeros_like(mask)
+    hull[box] = convex_hull_image(mask[box])
+    return hull
 
 
 def _bounding_box(mask: np.ndarray, margin: np.ndarray) -> tuple[slice, ...]:
