@@ -80,6 +80,42 @@ def test_task_aware_loss_pairs_scales_and_crops_by_geometry():
     assert float(got) == pytest.approx(expected_octant, rel=1e-5)
 
 
+def test_normalised_task_aware_loss_by_hand_and_excluded_samples():
+    """sigmoid(Ŝ) against relu(V)/max(relu(V)) (max over the whole mask), weighted mean over samples."""
+    torch.manual_seed(1)
+    sides = [torch.randn(2, 1, 2, 2, 2), torch.randn(2, 1, 4, 4, 4), torch.randn(2, 1, 8, 8, 8), torch.randn(2, 1, 16, 16, 16)]
+    evidence = [torch.randn(2, 1, 8, 8, 8) * 50, torch.randn(2, 1, 4, 4, 4) * 50, torch.randn(2, 1, 2, 2, 2) * 50]
+    box = torch.tensor([[[0.0, 0, 0], [16, 16, 16]]] * 2, dtype=torch.float64)
+    shape = torch.tensor([[16.0, 16, 16]] * 2, dtype=torch.float64)
+    eta = (0.25, 0.25, 0.5, 1.0)
+
+    def by_hand(b):
+        total = 0.0
+        for i in range(3):
+            v = evidence[2 - i][b].clamp(min=0)
+            v = v / v.max()
+            total += eta[i] * float(((torch.sigmoid(sides[i][b]) - v) ** 2).mean())
+        return total
+
+    got = task_aware_loss(sides, evidence, box, shape, eta, normalise=True)
+    assert float(got) == pytest.approx((by_hand(0) + by_hand(1)) / 2, rel=1e-5)
+    only_first = task_aware_loss(sides, evidence, box, shape, eta, normalise=True, sample_weight=torch.tensor([1.0, 0.0]))
+    assert float(only_first) == pytest.approx(by_hand(0), rel=1e-5)
+    # The scale of the class activations no longer matters.
+    scaled = task_aware_loss(sides, [e * 1000 for e in evidence], box, shape, eta, normalise=True)
+    assert float(scaled) == pytest.approx(float(got), rel=1e-5)
+
+
+def test_non_pneumonia_samples_get_no_task_aware_gradient():
+    out = _outputs()
+    with torch.no_grad():
+        out.class_logits[:] = torch.tensor([[5.0, 0, 0], [0, 0, 5.0]])  # predicted covid, non-pneumonia
+    terms = DeepSCLoss(LossConfig(lambda_seg=0.0, lambda_cls=0.0))(out, torch.zeros(2, 1, 8, 16, 16), torch.tensor([0, 2]))
+    terms.total.backward()
+    assert out.side_outputs[0].grad[0].abs().max() > 0
+    assert out.side_outputs[0].grad[1].abs().max() == 0
+
+
 def _outputs(batch: int = 2) -> DeepSCOutput:
     torch.manual_seed(0)
     side_sizes = [(1, 2, 2), (2, 4, 4), (4, 8, 8), (8, 16, 16)]
@@ -97,7 +133,7 @@ def test_total_is_equation_11_and_skips_unannotated_segmentation():
     out = _outputs()
     target = (torch.rand(2, 1, 8, 16, 16) > 0.7).float()
     labels = torch.tensor([0, 1])
-    config = LossConfig(lambda_seg=2.0, lambda_cls=3.0, lambda_ta=10.0, focal_alpha=0.6)
+    config = LossConfig(lambda_seg=2.0, lambda_cls=3.0, lambda_ta=10.0, focal_alpha=0.6, task_aware_exclude_classes=())
     loss = DeepSCLoss(config)
     both = loss(out, target, labels, torch.tensor([True, True]))
     t = both.terms
@@ -126,7 +162,8 @@ def test_task_aware_uses_predicted_or_label_class():
     terms_label = DeepSCLoss(LossConfig(task_aware_class="label"))(out, torch.zeros(1, 1, 8, 16, 16), torch.tensor([label]))
     expected = float(
         task_aware_loss(
-            out.side_outputs, [e[:, predicted : predicted + 1] for e in out.evidence], out.patch_box, out.volume_shape
+            out.side_outputs, [e[:, predicted : predicted + 1] for e in out.evidence], out.patch_box, out.volume_shape,
+            normalise=True, sample_weight=torch.tensor([float(predicted != 2)]),
         ).detach()
     )
     assert terms_pred.terms["ta"] == pytest.approx(expected, rel=1e-5)

@@ -127,7 +127,8 @@ def test_joint_loss_trains_all_four_cross_stitch_scalars(tiny_net):
 
 
 def test_task_aware_loss_reaches_both_subnets_and_cross_stitch(tiny_net):
-    grads = _grads(tiny_net, {"lambda_seg": 0.0, "lambda_cls": 0.0, "lambda_ta": 1.0})
+    # The labels (covid, cap) choose the evidence: an untrained net may predict non-pneumonia, which is excluded.
+    grads = _grads(tiny_net, {"lambda_seg": 0.0, "lambda_cls": 0.0, "lambda_ta": 1.0, "task_aware_class": "label"})
     assert _norm(grads, "lesion_subnet.") > 0
     assert _norm(grads, "classification_subnet.units.") > 0
     assert _norm(grads, "classification_subnet.linear") > 0

@@ -152,6 +152,13 @@ class LossConfig:
     """Which side outputs Ŝi enter equation 10; ``[3]`` is the single-scale ablation of Table III."""
     task_aware_class: str = "predicted"
     """Evidence masks of the ``predicted`` class (equation 5) or of the ``label``."""
+    task_aware_normalise: bool = True
+    """Compare sigmoid(Ŝi) with the evidence mask rescaled to [0, 1] (ReLU, divided by its maximum over the scan),
+    instead of raw logits with raw class activations, whose scales are unrelated: unnormalised, λ_ta·L_ta reached
+    ~10× the other terms at the start of fine-tuning and pushed the classification loss up."""
+    task_aware_exclude_classes: tuple[int, ...] = (2,)
+    """Samples whose chosen class is one of these get no task-aware term: the evidence of non-pneumonia (index 2)
+    points at healthy lung, which the lesion subnet must not be pulled towards."""
     class_weights: tuple[float, ...] | None = field(default=None)
     """ξ of equation 9, one per class (from ``training.class_weights``); None means all 1."""
 
@@ -161,8 +168,9 @@ class LossConfig:
         values = dict(values or {})
         if "class_weights" in values:
             raise DscovidError("unknown key training.loss.class_weights (class weights live in training.class_weights)")
-        if isinstance(values.get("task_aware_scales"), list):
-            values["task_aware_scales"] = tuple(values["task_aware_scales"])
+        for key in ("task_aware_scales", "task_aware_exclude_classes"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
         if class_weights is not None:
             if not isinstance(class_weights, (list, tuple)):
                 raise DscovidError(f"training.class_weights must be a list of numbers; got {class_weights!r}")
@@ -187,3 +195,8 @@ class LossConfig:
         ):
             raise DscovidError(f"{p}.task_aware_scales must be distinct values among 1, 2, 3; got {scales!r}")
         _check_choice(p, "task_aware_class", self.task_aware_class, TASK_AWARE_CLASSES)
+        if not isinstance(self.task_aware_normalise, bool):
+            raise DscovidError(f"{p}.task_aware_normalise must be true or false; got {self.task_aware_normalise!r}")
+        excluded = self.task_aware_exclude_classes
+        if not isinstance(excluded, (list, tuple)) or any(not isinstance(c, int) or c < 0 for c in excluded):
+            raise DscovidError(f"{p}.task_aware_exclude_classes must be a list of class indices; got {excluded!r}")

@@ -90,6 +90,8 @@ def task_aware_loss(
     volume_shape: torch.Tensor,
     eta: Sequence[float] = (0.25, 0.25, 0.5, 1.0),
     scales: Sequence[int] = (1, 2, 3),
+    normalise: bool = False,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Equation 10: ``Σ_i η_i · mean((Ŝ_i - CROP(V_i))²)`` over the chosen scales.
 
@@ -104,17 +106,28 @@ def task_aware_loss(
     evidence : V1..V3 of one class per sample, (B, 1, z_l, y_l, x_l), uncropped
     patch_box : (B, 2, 3); volume_shape : (B, 3)
     eta : η1..η4; scales : which i in {1, 2, 3} enter the sum
+    normalise : compare ``sigmoid(Ŝ_i)`` with ``relu(V_i) / max(relu(V_i))`` (maximum over the whole uncropped
+        mask, per sample), both in [0, 1], instead of the raw values
+    sample_weight : (B,) weights of the samples (0 removes a sample); the result is the weighted mean
 
     Returns
     -------
     float32 scalar
     """
-    total = side_outputs[0].new_zeros((), dtype=torch.float32)
+    batch = side_outputs[0].shape[0]
+    weight = side_outputs[0].new_ones(batch, dtype=torch.float32) if sample_weight is None else sample_weight.float()
+    total = side_outputs[0].new_zeros(batch, dtype=torch.float32)
     for scale in scales:
         side = side_outputs[scale - 1].float()
-        cropped = sample_box(evidence[3 - scale], patch_box, volume_shape, side.shape[2:])
-        total = total + eta[scale - 1] * ((side - cropped) ** 2).mean()
-    return total
+        mask = evidence[3 - scale].float()
+        if normalise:
+            side = torch.sigmoid(side)
+            mask = torch.relu(mask)
+            mask = mask / mask.flatten(1).amax(1).clamp(min=1e-6).view(-1, *([1] * (mask.dim() - 1)))
+        cropped = sample_box(mask, patch_box, volume_shape, side.shape[2:])
+        total = total + eta[scale - 1] * ((side - cropped) ** 2).flatten(1).mean(1)
+    # Weighted mean over samples; multiplying keeps excluded samples in the graph (DistributedDataParallel).
+    return (total * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 @dataclass
@@ -187,8 +200,12 @@ class DeepSCLoss(nn.Module):
             else:
                 chosen = class_index
             evidence = select_class(outputs.evidence, chosen)
+            included = torch.ones_like(chosen, dtype=torch.float32)
+            for excluded in c.task_aware_exclude_classes:
+                included = included * (chosen != excluded).float()
             ta = task_aware_loss(
-                outputs.side_outputs, evidence, outputs.patch_box, outputs.volume_shape, eta, c.task_aware_scales
+                outputs.side_outputs, evidence, outputs.patch_box, outputs.volume_shape, eta, c.task_aware_scales,
+                normalise=c.task_aware_normalise, sample_weight=included,
             )
             terms["ta"] = float(ta.detach())
             total = total + c.lambda_ta * ta
