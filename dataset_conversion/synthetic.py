@@ -35,7 +35,7 @@ from dscovid.io.image_io import Geometry, write_image
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 #: Ten consecutive cases hold 4 COVID-19, 3 CAP and 3 non-pneumonia scans, in an order shuffled per block and seed.
 _CLASS_BLOCK = ("covid",) * 4 + ("cap",) * 3 + ("non_pneumonia",) * 3
