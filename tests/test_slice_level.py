@@ -77,3 +77,20 @@ def test_dataset_without_slice_labels_is_refused(tmp_path: Path) -> None:
     write_json_atomic(make_dataset_json(root.name, {}), root / "dataset.json")
     with pytest.raises(DscovidError, match="no slice labels"):
         evaluate_slice_labels(tmp_path, root)
+
+
+def test_evaluate_folder_adds_the_slice_level_check(tmp_path: Path) -> None:
+    from dscovid.evaluation.evaluate import evaluate_folder
+
+    geometry = Geometry((4, 5, 5), (2.0, 0.7, 0.7), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    raw = _dataset(tmp_path / "Dataset403_Slices", geometry)
+    write_image(np.zeros(geometry.shape_zyx, np.uint8), geometry, raw / "labelsTr" / "N1.nii.gz")
+    predictions = tmp_path / "pred"
+    p1 = np.zeros(geometry.shape_zyx, np.uint8)
+    p1[1, 2, 2] = p1[2, 2, 2] = 1
+    write_image(p1, geometry, predictions / "P1.nii.gz")
+    write_image(np.zeros(geometry.shape_zyx, np.uint8), geometry, predictions / "N1.nii.gz")
+    summary = evaluate_folder(predictions, raw, cases=["P1", "N1"], plots=False)
+    pooled = summary["slice_level"]["pooled"]
+    assert (pooled["tp"], pooled["fp"], pooled["tn"], pooled["fn"]) == (2, 0, 6, 0)
+    assert json.loads((predictions / "summary.json").read_text())["slice_level"]["pooled"]["sensitivity"] == 1.0

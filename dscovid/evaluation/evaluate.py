@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from dscovid.errors import DscovidError
 from dscovid.evaluation.metrics import SEGMENTATION_KEYS, classification_metrics, mean_metrics, segmentation_metrics
+from dscovid.evaluation.slice_level import SLICE_LABELS_FOLDER, evaluate_slice_labels
 from dscovid.io.dataset import CLASS_NAMES, load_dataset_json, write_json_atomic
 from dscovid.io.image_io import VOLUME_ENDINGS, is_volume_file, read_mask, strip_ending
 
@@ -240,6 +241,9 @@ def evaluate_folder(
         "segmentation": segmentation,
         "classification": classification,
     }
+    if is_raw_dataset and (reference / SLICE_LABELS_FOLDER).is_dir():
+        # Radiologists' per-slice infection labels (COVID-CT-MD): does each slice contain predicted lesion?
+        summary["slice_level"] = evaluate_slice_labels(prediction_dir, reference)
     summary = json_safe(summary)
     _write_outputs(summary, output_file, class_names, plots)
     return summary
