@@ -45,3 +45,7 @@ def _body(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_command(build_parser(), _body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
