@@ -138,17 +138,17 @@ def test_synthetic_cases_dice_and_lesion_coverage():
     """One case of each class (COVID-19 with consolidation, non-pneumonia, CAP)."""
     dices, coverage = _synthetic_scores(range(3))
     assert min(dices) >= 0.95
-    # Measured 1.000 (covid) and 0.969 (cap); the 99 % goal is not met for every lesion (docs/lung_mask.md).
-    assert coverage["covid"] >= 0.99 and coverage["cap"] >= 0.96, coverage
+    # Measured 1.000 (covid) and 0.985 (cap); lesions against the mediastinal pleura are the loss (docs/lung_mask.md).
+    assert coverage["covid"] >= 0.99 and coverage["cap"] >= 0.97, coverage
 
 
 @pytest.mark.slow
 def test_synthetic_dataset_dice_and_lesion_coverage():
-    """Ten generated cases against their reference lungs and lesion masks."""
+    """Ten generated cases against their reference lungs and lesion masks (measured: covid 0.996, cap 0.993)."""
     dices, coverage = _synthetic_scores(range(10))
     assert np.mean(dices) >= 0.95 and min(dices) >= 0.9
     for class_name, fraction in coverage.items():
-        assert fraction >= 0.97, (class_name, coverage)
+        assert fraction >= 0.99, (class_name, coverage)
 
 
 # ------------------------------------------------------------------------------------------- real scans
