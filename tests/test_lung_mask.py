@@ -113,6 +113,14 @@ def test_touching_lungs_are_split_into_right_and_left(phantom):
     assert _dice(sides[:, :, : nx // 2 - 15] == RIGHT_LUNG, phantom["lungs"][:, :, : nx // 2 - 15] == RIGHT_LUNG) > 0.95
 
 
+def test_a_single_lung_keeps_its_side(phantom):
+    image = phantom["image"].copy()
+    image[phantom["lungs"] == LEFT_LUNG] = 40  # the left lung collapsed entirely
+    sides = segment_lung_sides(image, SPACING_ZYX_MM)
+    assert not (sides == LEFT_LUNG).any()
+    assert _dice(sides == RIGHT_LUNG, phantom["lungs"] == RIGHT_LUNG) > 0.95
+
+
 def test_no_lung_is_refused_with_one_line():
     image = _phantom(with_lungs=False)["image"]
     image[20:30, 50:60, 60:70] = -1000  # a bowel bubble

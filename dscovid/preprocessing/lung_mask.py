@@ -17,10 +17,14 @@ No trained weights: thresholds, connected components and morphology, most of it 
    ball of ``closing_radius_mm`` (pulls in consolidation against the pleura, vessels and the hilum), then
    holes filled per axial slice (lesions inside the lung). Fat (-180..-60 HU, at least a few mm thick) is never
    added: consolidation is denser and ground glass lighter, while mediastinal and pericardial fat is what
-   borders the lungs where the closing reaches past them. Dense lesions are therefore inside the mask without
-   ever being thresholded.
+   borders the lungs where the closing reaches past them. Then, per axial slice, the shallow dents of each
+   lung's outline that open onto the chest wall (inside its convex hull, not facing the mediastinum) are
+   filled: the costal surface is convex, so the closing alone leaves the outer part of a wide pleural lesion
+   out. Dense lesions are therefore inside the mask without ever being thresholded.
 7. Back to full resolution: the coarse mask is repeated onto the full grid and its boundary band is
    re-decided voxel by voxel from the full-resolution HU (air: in; dense and not lesion filling: out).
+
+Measured quality, speed and limits: ``docs/lung_mask.md``.
 
 The result is a uint8 0/1 mask (:func:`segment_lungs`) or right/left labels 1/2 (:func:`segment_lung_sides`,
 lungmask's R231 convention: 1 = right lung, 2 = left lung). :func:`find_scans` and :func:`write_lung_masks` serve
@@ -39,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import CHANNEL_SUFFIX
@@ -339,7 +344,7 @@ def _pick_lungs(air: np.ndarray, body: np.ndarray, spacing: np.ndarray, settings
             f"{100 * settings.min_lung_fraction:.0f}%)"
         )
 
-    mid_x = _mid_line(lungs)
+    mid_x = _mid_line(body, lungs)
     if len(lungs) == 1:
         lungs = _split_if_both_sides(lungs[0], mid_x, spacing)
     sides = np.zeros(air.shape, dtype=np.uint8)
@@ -353,9 +358,13 @@ def _pick_lungs(air: np.ndarray, body: np.ndarray, spacing: np.ndarray, settings
     return sides
 
 
-def _mid_line(lungs: list[np.ndarray]) -> float:
-    """The left-right mid-line: the middle of the lungs' joint x extent."""
-    columns = np.flatnonzero(np.logical_or.reduce(lungs).any(axis=(0, 1)))
+def _mid_line(body: np.ndarray, lungs: list[np.ndarray]) -> float:
+    """The left-right mid-line: the middle of the body's x extent at the height of the lungs.
+
+    Taken from the body, not the lungs, so that a single lung (the other collapsed or removed) gets its side.
+    """
+    slices = np.flatnonzero(np.logical_or.reduce(lungs).any(axis=(1, 2)))
+    columns = np.flatnonzero(body[slices[0] : slices[-1] + 1].any(axis=(0, 1)))
     return 0.5 * (columns[0] + columns[-1])
 
 
@@ -629,16 +638,18 @@ def write_lung_masks(
     """
     output_dir = Path(output_dir)
     failures = []
-    for case, scan in tqdm(scans, desc="lung masks", unit="scan", disable=not progress):
-        try:
-            image, geometry = read_image(scan)
-            started = time.perf_counter()
-            sides = segment_lung_sides(image, geometry.spacing_zyx_mm, geometry.direction, settings)
-            seconds = time.perf_counter() - started
-            write_image((sides > 0).astype(np.uint8), geometry, output_dir / f"{case}.nii.gz")
-        except DscovidError as error:
-            failures.append((case, str(error)))
-            continue
-        volumes = lung_volumes_ml(sides, geometry.spacing_zyx_mm)
-        log.info("%s: right lung %.0f ml, left lung %.0f ml (%.1f s)", case, volumes["right"], volumes["left"], seconds)
+    with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        for case, scan in tqdm(scans, desc="lung masks", unit="scan", disable=not progress):
+            try:
+                image, geometry = read_image(scan)
+                started = time.perf_counter()
+                sides = segment_lung_sides(image, geometry.spacing_zyx_mm, geometry.direction, settings)
+                seconds = time.perf_counter() - started
+                write_image((sides > 0).astype(np.uint8), geometry, output_dir / f"{case}.nii.gz")
+            except DscovidError as error:
+                failures.append((case, str(error)))
+                continue
+            volumes = lung_volumes_ml(sides, geometry.spacing_zyx_mm)
+            log.info("%s: right lung %.0f ml, left lung %.0f ml (%.1f s)", case, volumes["right"], volumes["left"],
+                     seconds)
     return failures
