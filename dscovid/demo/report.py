@@ -172,9 +172,9 @@ def write_report(
     parts.append(classification_table(summary, seconds_per_case))
     parts.append(confusion_table(summary))
     parts.append("<div class='figures'>")
-    for key, alt in (("roc", "ROC curves per class"), ("confusion", "confusion matrix")):
+    for key, alt, width in (("roc", "ROC curves per class", 100), ("confusion", "confusion matrix", 45)):
         if figures[key]:
-            parts.append(f"<img src='{figures[key]}' alt='{alt}'>")
+            parts.append(f"<img src='{figures[key]}' alt='{alt}' style='max-width:{width}%'>")
     parts.append("</div>")
 
     parts.append("<h2>Training curves (fold 0)</h2>")

@@ -160,8 +160,14 @@ def render_montage(
     rows = 2 if heat is not None else 1
     box_shape = image[0, rows_box, cols_box].shape
     panel_aspect = box_shape[0] * spacing[1] / max(1e-6, box_shape[1] * spacing[2])
-    width = 3.2 * len(slices)
-    figure, axes = plt.subplots(rows, len(slices), figsize=(width, 3.2 * rows * panel_aspect + 0.9), squeeze=False)
+    panel_in = 3.2
+    panel_width_in = panel_in * 0.99 - 0.02 * panel_in  # what is left of a column after the margins and gaps
+    top_in, bottom_in, gap_in = 0.65, 0.45, 0.06  # title and panel titles, footnote, between the rows
+    row_in = panel_width_in * panel_aspect
+    height = top_in + bottom_in + rows * row_in + (rows - 1) * gap_in
+    figure, axes = plt.subplots(rows, len(slices), figsize=(panel_in * len(slices), height), squeeze=False)
+    figure.subplots_adjust(left=0.005, right=0.995, top=1 - top_in / height, bottom=bottom_in / height, wspace=0.02,
+                           hspace=gap_in / row_in)
     figure.patch.set_facecolor("black")
     for column, z in enumerate(slices):
         ct = image[z, rows_box, cols_box]
@@ -189,10 +195,9 @@ def render_montage(
     legend = "red: predicted lesion" + ("   green dashed: reference" if truth is not None else "")
     legend += "   bottom row: evidence map" if heat is not None else ""
     colour = "white" if true_class is None else ("#7CFC00" if true_class == predicted_class else "#ff6060")
-    figure.suptitle(headline, color=colour, fontsize=11, y=0.995)
-    figure.text(0.5, 0.005, f"{details}\n{legend}   (radiological view: patient's right on the left)",
+    figure.suptitle(headline, color=colour, fontsize=11, y=1 - 0.08 / height, va="top")
+    figure.text(0.5, 0.04 / height, f"{details}\n{legend}   (radiological view: patient's right on the left)",
                 color="white", fontsize=7.5, ha="center", va="bottom")
-    figure.tight_layout(rect=(0, 0.06, 1, 0.95))
     path = Path(output_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
