@@ -18,8 +18,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/dscovid_make_synthetic -o $(DEMO_DIR)/raw/Dataset001_Synthetic -n 12 --seed 0
-	$(VENV)/bin/dscovid_verify_dataset $(DEMO_DIR)/raw/Dataset001_Synthetic
+	$(VENV)/bin/dscovid_demo -o $(DEMO_DIR)
 
 test: install
 	DSCOVID_TEST_DATA=$${DSCOVID_TEST_DATA:-$(TEST_DATA)} $(PY) -m pytest -q

@@ -17,6 +17,7 @@ COMMANDS = {
     "dscovid_cv_summary": "dscovid.cli.cv_summary:main",
     "dscovid_analyze": "dscovid.cli.analyze:main",
     "dscovid_convert": "dscovid.cli.convert:main",
+    "dscovid_demo": "dscovid.cli.demo:main",
 }
 
 setup(
