@@ -129,12 +129,12 @@ def test_no_lung_is_refused_with_one_line():
     assert "\n" not in str(error.value)
 
 
-def _synthetic_scores(indices: range) -> tuple[list[float], dict[str, float]]:
-    """Dice of each generated case (seed 0) against its reference lung, and the lesion fraction inside per class."""
+def _synthetic_scores(indices: range, seed: int = 0, scale: float = 1.0) -> tuple[list[float], dict[str, float]]:
+    """Dice of each generated case against its reference lung, and the lesion fraction inside per class."""
     synthetic = pytest.importorskip("dataset_conversion.synthetic")
     dices, inside, total = [], {}, {}
     for index in indices:
-        image, lesion, lung, geometry, class_name, _ = synthetic.generate_case(seed=0, index=index)
+        image, lesion, lung, geometry, class_name, _ = synthetic.generate_case(seed=seed, index=index, scale=scale)
         mask = segment_lungs(image, geometry.spacing_zyx_mm, geometry.direction)
         dices.append(_dice(mask, lung))
         inside[class_name] = inside.get(class_name, 0) + int((mask[lesion > 0] > 0).sum())
@@ -157,6 +157,24 @@ def test_synthetic_dataset_dice_and_lesion_coverage():
     assert np.mean(dices) >= 0.95 and min(dices) >= 0.9
     for class_name, fraction in coverage.items():
         assert fraction >= 0.99, (class_name, coverage)
+
+
+def test_consolidation_on_the_heart_stays_mostly_inside():
+    """Seed 7 case 4 (CAP) at half scale: one large consolidation lying on the heart, against the mediastinal pleura.
+
+    The known limit of the method (docs/lung_mask.md): the part of the lesion merged with the heart's outline is
+    left out. Measured 0.574 of the lesion inside at this scale (0.775 at default scale); this guards against it
+    getting worse, and the strict xfail below turns into a failure the day the limit is lifted.
+    """
+    dices, coverage = _synthetic_scores(range(4, 5), seed=7, scale=0.5)
+    assert dices[0] >= 0.97, dices
+    assert coverage["cap"] >= 0.55, coverage
+
+
+@pytest.mark.xfail(strict=True, reason="lesions merged with the heart's outline are left out (docs/lung_mask.md, Limits)")
+def test_consolidation_on_the_heart_fully_inside():
+    _, coverage = _synthetic_scores(range(4, 5), seed=7, scale=0.5)
+    assert coverage["cap"] >= 0.99, coverage
 
 
 # ------------------------------------------------------------------------------------------- real scans
