@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 TEST_DATA ?= $(abspath ../shared/testdata)
 DEMO_DIR ?= dscovid_demo
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-slow test-all lint clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: install
 test: install
 	DSCOVID_TEST_DATA=$${DSCOVID_TEST_DATA:-$(TEST_DATA)} $(PY) -m pytest -q
 	$(VENV)/bin/ruff check dscovid dataset_conversion tests benchmarks
+
+# The slow end-to-end tests alone (the 300-case findings, kill -9 and resume, torchrun, full DICOM series).
+test-slow: install
+	DSCOVID_TEST_DATA=$${DSCOVID_TEST_DATA:-$(TEST_DATA)} $(PY) -m pytest -q -m slow
 
 test-all: install
 	DSCOVID_TEST_DATA=$${DSCOVID_TEST_DATA:-$(TEST_DATA)} $(PY) -m pytest -q -m ""
