@@ -77,6 +77,9 @@ class LungMaskSettings:
     closing_radius_mm : radius of the ball of the per-lung 3D closing that brings pleural lesions in.
     dent_max_depth_mm, dent_mediastinal_fraction : a dent of an axial lung outline (inside its convex hull) is
         filled when at most this deep and when at most this fraction of its opening faces the mediastinum.
+    deep_dent_max_depth_mm, deep_dent_min_mouth_mm, deep_dent_min_height_fraction : a deeper dent (up to this
+        depth) is filled too when its opening touches no mediastinum at all, is at least this long, and the slice
+        lies above this fraction of the lung's height (the diaphragm dome makes deep dents at the base).
     fat_hu : on the working grid, fat lies in this range; lesion filling never adds fat (consolidation is
         denser, ground glass lighter).
     min_lung_ml : the lungs' air must be at least this large, or there is no lung.
@@ -95,6 +98,9 @@ class LungMaskSettings:
     closing_radius_mm: float = 20.0
     dent_max_depth_mm: float = 30.0
     dent_mediastinal_fraction: float = 0.2
+    deep_dent_max_depth_mm: float = 60.0
+    deep_dent_min_mouth_mm: float = 20.0
+    deep_dent_min_height_fraction: float = 0.25
     fat_hu: tuple[float, float] = (-180.0, -60.0)
     min_lung_ml: float = 10.0
     min_lung_fraction: float = 0.15
@@ -445,8 +451,19 @@ def _fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarr
     ``tissue``) is filled when it is shallow (``dent_max_depth_mm`` from the hull's edge) and opens onto the
     chest wall: the heart, aorta and hilum make dents that open onto the mediastinum (the part of both lungs'
     joint hull outside either single hull), and the dome of the diaphragm makes deep ones.
+
+    A consolidation filling a whole region of the lung against the chest wall (the anterior half, say) makes a
+    deeper dent whose opening lies entirely on the chest wall; such a dent is filled up to
+    ``deep_dent_max_depth_mm`` when its opening is long and the slice is above the lung's base, where the deep
+    dents of the diaphragm dome are (their tissue is liver, spleen or stomach).
     """
     out = filled.copy()
+    heights = {}
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        present = np.flatnonzero((filled == side).any(axis=(1, 2)))
+        if present.size:
+            heights[side] = (present[0], present[-1])
+    pixel_mm = float(np.sqrt(spacing[1] * spacing[2]))
     for z in np.flatnonzero(filled.any(axis=(1, 2))):
         hulls = {side: _convex_hull(filled[z] == side) for side in (RIGHT_LUNG, LEFT_LUNG)
                  if (filled[z] == side).sum() >= 3}
@@ -467,6 +484,10 @@ def _fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarr
             facing = np.bincount(mouth[mediastinum].ravel(), minlength=count + 1)[1:]
             keep = (depth <= settings.dent_max_depth_mm) & (
                 facing <= settings.dent_mediastinal_fraction * np.maximum(mouth_size, 1))
+            bottom, top = heights[side]
+            if z >= bottom + settings.deep_dent_min_height_fraction * (top - bottom):
+                keep |= (depth <= settings.deep_dent_max_depth_mm) & (facing == 0) & (
+                    mouth_size * pixel_mm >= settings.deep_dent_min_mouth_mm)
             out[z][np.isin(labels, index[keep])] = side
     return out
 
