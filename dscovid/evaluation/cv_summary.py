@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dscovid.errors import DscovidError
+from dscovid.io.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +183,5 @@ def write_cv_summary(rows: Sequence[TrainerSummary], output_dir: str | os.PathLi
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = (output_dir / f"{stem}.md", output_dir / f"{stem}.csv")
     for path, text in zip(paths, (format_markdown(rows), format_csv(rows))):
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            temporary.write_text(text, encoding="utf-8")
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        write_text_atomic(text, path)
     return paths

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from dscovid.errors import DscovidError
 from dscovid.evaluation.metrics import SEGMENTATION_KEYS, classification_metrics, mean_metrics, segmentation_metrics
 from dscovid.evaluation.slice_level import SLICE_LABELS_FOLDER, evaluate_slice_labels
+from dscovid.io.atomic import write_text_atomic
 from dscovid.io.dataset import CLASS_NAMES, load_dataset_json, write_json_atomic
 from dscovid.io.image_io import VOLUME_ENDINGS, is_volume_file, read_mask, strip_ending
 
@@ -330,15 +331,4 @@ def _write_cases_csv(summary: dict, path: Path, class_names: Sequence[str]) -> N
             row.update({"class": entry["class"], "predicted_class": entry["predicted_class"]})
             row.update({f"p_{n}": entry["probabilities"][n] for n in class_names})
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    _write_text_atomic(buffer.getvalue(), path)
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_text_atomic(buffer.getvalue(), path)

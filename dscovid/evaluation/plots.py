@@ -6,7 +6,6 @@ Figures are drawn on a :class:`matplotlib.figure.Figure` (no pyplot state) and w
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dscovid.evaluation.metrics import roc_auc, roc_curve
+from dscovid.io.atomic import atomic_path
 
 
 def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -22,14 +22,8 @@ def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 120) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    # A unique name rather than mkstemp, whose 0600 mode would survive the rename; this one follows the umask.
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.png")
-    try:
+    with atomic_path(path, suffix=".png") as temporary:
         figure.savefig(temporary, dpi=dpi, bbox_inches="tight")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -11,7 +11,6 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from dscovid.analysis.findings import (
     lung_involvement,
     peripheral_lesion_ratio,
 )
+from dscovid.io.atomic import write_text_atomic
 from dscovid.io.image_io import Geometry
 
 #: Peripheral thickness σ (mm) of the reported peripheral lesion ratio (equation 1); the paper plots 0-35 mm.
@@ -118,15 +118,7 @@ def write_csv_atomic(rows: Sequence[Mapping], columns: Sequence[str], path: str 
     writer.writeheader()
     for row in rows:
         writer.writerow({key: _cell(row.get(key)) for key in columns})
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(buffer.getvalue())
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600: a results table is for everyone who can read the folder
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomic(buffer.getvalue(), path)
     return path
 
 

@@ -28,11 +28,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dscovid.errors import DscovidError
+from dscovid.io.atomic import write_text_atomic
 
 #: The diagnosis classes in the authors' order (index = position).
 CLASS_NAMES: tuple[str, ...] = ("covid", "cap", "non_pneumonia")
@@ -194,19 +194,7 @@ def find_dataset(identifier: str | os.PathLike, root: Path | None) -> Path:
 
 def write_json_atomic(data: object, path: str | os.PathLike) -> Path:
     """Write JSON to ``path`` through a temporary file and a rename, so no reader ever sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2, sort_keys=False)
-            stream.write("\n")
-        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(json.dumps(data, indent=2, sort_keys=False) + "\n", path)
 
 
 def make_dataset_json(

@@ -13,7 +13,6 @@ import gzip
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,14 +21,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from dscovid.errors import DscovidError
+from dscovid.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
 #: File endings SimpleITK reads as one volume (a folder is read as a DICOM series).
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
-
-#: Permissions of written files: the usual umask result instead of mkstemp's owner-only 0600.
-_FILE_MODE = 0o644
 
 #: A CT whose lowest value is above this cannot contain air in Hounsfield units (air is about -1000 HU).
 _HU_AIR_CEILING = -500.0
@@ -367,13 +364,6 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     if ending in (".mhd", ".nhdr"):  # header + data pairs cannot be renamed as one file
         sitk.WriteImage(image, str(path), compress)
         return path
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=ending, dir=path.parent)
-    os.close(handle)
-    try:
-        sitk.WriteImage(image, temporary, compress)
-        os.chmod(temporary, _FILE_MODE)  # mkstemp makes 0600 files; outputs are shared like any other file
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=ending) as temporary:
+        sitk.WriteImage(image, str(temporary), compress)
     return path

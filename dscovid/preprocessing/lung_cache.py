@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from dscovid.errors import DscovidError
+from dscovid.io.atomic import atomic_path
 from dscovid.io.dataset import Case
 from dscovid.io.image_io import Geometry, read_mask
 
@@ -40,14 +39,8 @@ def save_npz_atomic(path: Path, **arrays: np.ndarray) -> Path:
     """``np.savez`` (uncompressed) through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        np.savez(stream, **arrays)
     return path
 
 

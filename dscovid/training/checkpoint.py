@@ -9,13 +9,13 @@ Files are written to a temporary name and renamed, so a kill at any moment leave
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import torch
 
 from dscovid.errors import DscovidError
+from dscovid.io.atomic import write_bytes_atomic
 
 LATEST, BEST, FINAL = "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 
@@ -24,17 +24,9 @@ def save_checkpoint(state: dict, path: Path) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; a results folder is shared
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(buffer.getvalue(), path, sync=True)
     return path
 
 
