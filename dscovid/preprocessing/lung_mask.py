@@ -20,7 +20,9 @@ No trained weights: thresholds, connected components and morphology, most of it 
    borders the lungs where the closing reaches past them. Then, per axial slice, the shallow dents of each
    lung's outline that open onto the chest wall (inside its convex hull, not facing the mediastinum) are
    filled: the costal surface is convex, so the closing alone leaves the outer part of a wide pleural lesion
-   out. Dense lesions are therefore inside the mask without ever being thresholded.
+   out; deeper dents too when their opening lies wholly on the chest wall above the lung's base (a lesion
+   filling a whole region of the lung). Dense lesions are therefore inside the mask without ever being
+   thresholded.
 7. Back to full resolution: the coarse mask is repeated onto the full grid and its boundary band is
    re-decided voxel by voxel from the full-resolution HU (air: in; dense and not lesion filling: out).
 
