@@ -42,7 +42,8 @@ def select_slices(weight_zyx: np.ndarray, count: int) -> list[int]:
 
     The slices holding weight form runs of consecutive slices (one lesion, or touching ones). The heaviest slice of
     each run is taken, heaviest runs first, so a small lesion far from a large one still gets a panel; slices left
-    over are spread through the weight (the heaviest slice of each of equal-weight shares, in z order).
+    over are spread through the weight (the heaviest slice of each of equal-weight shares, in z order), at least
+    ``(slices holding weight) / (2 count)`` slices away from those already chosen.
 
     Parameters
     ----------
@@ -61,8 +62,15 @@ def select_slices(weight_zyx: np.ndarray, count: int) -> list[int]:
     ends = np.flatnonzero(present & ~np.concatenate((present[1:], [False])))
     runs = sorted(zip(starts, ends), key=lambda run: -per_slice[run[0]:run[1] + 1].sum())
     chosen = {int(a + np.argmax(per_slice[a:b + 1])) for a, b in runs[:count]}
+    # Neighbours of a chosen slice look the same: keep the others at least this far apart.
+    gap = max(1, int(present.sum()) // (2 * count))
     remaining = per_slice.copy()
-    remaining[list(chosen)] = 0
+
+    def exclude_near_chosen() -> None:
+        for z in chosen:
+            remaining[max(0, z - gap + 1):z + gap] = 0
+
+    exclude_near_chosen()
     while len(chosen) < count and remaining.sum() > 0:
         wanted = count - len(chosen)
         cumulative = np.cumsum(remaining) / remaining.sum()
@@ -70,8 +78,10 @@ def select_slices(weight_zyx: np.ndarray, count: int) -> list[int]:
         for k in range(wanted):
             members = np.flatnonzero((group == k) & (remaining > 0))
             if members.size:
-                chosen.add(int(members[np.argmax(remaining[members])]))
-        remaining[list(chosen)] = 0
+                best = int(members[np.argmax(remaining[members])])
+                if remaining[best] > 0:
+                    chosen.add(best)
+                    exclude_near_chosen()
     return sorted(chosen)
 
 
