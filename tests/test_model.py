@@ -299,7 +299,7 @@ def test_configuration_errors_name_the_key():
     with pytest.raises(DscovidError, match=r"network\.stem_channels"):
         build_network(_configuration({"stem_channels": 12}))
     with pytest.raises(DscovidError, match=r"network\.norm_groups"):
-        build_network(_configuration({"norm_groups": 3}))
+        build_network(_configuration({"norm": "group", "norm_groups": 3}))
     config = NetworkConfig.from_dict(example_configuration("3d_paper")["network"])
     assert config == NetworkConfig() and NetworkConfig.from_dict(config.to_dict()) == config
     # Sizes are only checked for the branches that exist.

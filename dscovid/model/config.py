@@ -70,7 +70,7 @@ class NetworkConfig:
     """Channels Ŝ is embedded to before it is concatenated with the C-features."""
     side_output_weights: tuple[float, float, float, float] = (0.25, 0.25, 0.5, 1.0)
     """η1..η4 of equations 3 and 10."""
-    norm: str = "group"
+    norm: str = "instance"
     norm_groups: int = 2
     num_classes: int = 3
     lesion_context: str = "ground_truth"

@@ -36,7 +36,7 @@ def example_configuration(name: str) -> dict[str, Any]:
         "classification_widths": [64, 128, 256],
         "lesion_channels": 16,
         "side_output_weights": [0.25, 0.25, 0.5, 1.0],
-        "norm": "group",
+        "norm": "instance",
         "norm_groups": 2,
         "num_classes": 3,
         "lesion_context": "ground_truth",

@@ -119,6 +119,10 @@ class Trainer:
         self.total_epochs = count_epochs(self.stages)
         torch.manual_seed(setup.seed)  # identical initial weights on every rank and in every seeded run
         self.network = build_network(self.configuration).to(self.device)
+        if self.network.config.tasks == "joint" and self.network.config.lesion_context == "prediction":
+            # The loader hands over the cached ground truth (cls_lesion); a cached whole-scan prediction is not made.
+            raise DscovidError("network.lesion_context 'prediction' is not supported by the trainer yet "
+                               "(no cached whole-scan predictions): use 'ground_truth' or 'none'")
         self.loss = build_loss(self.configuration)
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
