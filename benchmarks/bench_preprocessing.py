@@ -41,7 +41,7 @@ from dscovid.preprocessing.lung_cache import save_npz_atomic, segment_and_cache
 from dscovid.preprocessing.preprocessor import preprocess_image
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-plans = json.loads(Path(plans_file).read_text())
+plans = json.loads(Path(plans_file).read_text(encoding="utf-8"))
 data = plans["configurations"][config]
 if spacing != "planned":
     data["preprocessing"]["target_spacing_zyx_mm"] = [float(v) for v in spacing.split(",")]

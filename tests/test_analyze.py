@@ -82,7 +82,7 @@ def test_findings_per_case_and_per_class(raw_dataset, tmp_path):
     non = summary["classes"]["non_pneumonia"]
     assert non["lesion_count"]["values"] == [0] and non["plr"]["n"] == 0
     assert non["lesion_volume_ratio"]["mean"] == 0.0
-    on_disk = json.loads((out / "findings.json").read_text())
+    on_disk = json.loads((out / "findings.json").read_text(encoding="utf-8"))
     assert on_disk["classes"]["covid"]["lesion_count"]["values"] == [2]
     for letter in "defghi":
         assert len(list(out.glob(f"fig1_{letter}_*.png"))) == 1
@@ -127,7 +127,7 @@ def test_command_line(raw_dataset, tmp_path, capsys):
     raw_root = str(raw_dataset.parent)
     assert analyze_main(["-d", "950", "--raw", raw_root, "-o", str(out), "--max-thickness", "6", "--no-figures",
                          "-q"]) == 0
-    assert json.loads((out / "findings.json").read_text())["plr_thickness_mm"] == [0, 1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "findings.json").read_text(encoding="utf-8"))["plr_thickness_mm"] == [0, 1, 2, 3, 4, 5, 6]
     assert "covid: 1 CTs" in capsys.readouterr().out
     assert analyze_main(["-d", "951", "--raw", raw_root, "-o", str(out)]) == 1
     assert "no dataset number 951" in capsys.readouterr().err

@@ -14,7 +14,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError), atomic_path(target) as temporary:
         temporary.write_text("half")
         raise RuntimeError("interrupted")
-    assert target.read_text() == "old"
+    assert target.read_text(encoding="utf-8") == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 

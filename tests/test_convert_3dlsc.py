@@ -78,7 +78,7 @@ def test_convert_3dlsc_classes_annotation_and_refused_masks(tmp_path: Path) -> N
     out = tmp_path / "Dataset201_LSC"
     report = convert_3dlsc(source, out)
     assert verify_dataset(out) == []
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     cases = meta["cases"]
     assert sorted(cases) == ["covid_1", "covid_3", "normal_5"]
     assert cases["covid_1"] == {**cases["covid_1"], "class": "covid", "lesion_annotated": True}
@@ -113,7 +113,7 @@ def test_fix_orientation_applies_the_unambiguous_transform(tmp_path: Path) -> No
     out = tmp_path / "Dataset202_LSC"
     report = convert_3dlsc(source, out, fix_orientation=True)
     assert verify_dataset(out) == []
-    cases = json.loads((out / "dataset.json").read_text())["cases"]
+    cases = json.loads((out / "dataset.json").read_text(encoding="utf-8"))["cases"]
     assert {"covid_2", "cap_4"} <= set(cases), report.summary_lines()
     fixed = cases["covid_2"]["metadata"]["label_orientation_fix"]
     assert fixed["flips"] == [False, True, False] and fixed["order"] == [0, 1, 2]

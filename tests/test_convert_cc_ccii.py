@@ -36,7 +36,7 @@ def test_convert_cc_ccii(tmp_path: Path) -> None:
     out = tmp_path / "Dataset107_CCCII"
     report = convert_cc_ccii(root, out)
     assert verify_dataset(out) == []
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["intensity_unit"] == "not_HU" and "lung window" in meta["cc_ccii_assumptions"]["intensity"]
     assert {c: (e["class"], e["lesion_annotated"]) for c, e in meta["cases"].items()} == {
         "CP_1500_4001": ("cap", False), "NCP_1021_3132": ("covid", False), "Normal_2001_77": ("non_pneumonia", True)}

@@ -26,7 +26,7 @@ def test_cli_reports_skipped_cases_and_exit_status(tmp_path: Path, capsys) -> No
     assert main(["-q", "covid19_20", "-i", str(source), "-o", str(out), "-np", "2"]) == 0
     printed = capsys.readouterr().out
     assert "1 case(s) converted" in printed and "skipped volume-covid19-A-0002:" in printed and "Hounsfield" in printed
-    assert json.loads((out / "dataset.json").read_text())["conversion"]["converter"] == "covid19_20"
+    assert json.loads((out / "dataset.json").read_text(encoding="utf-8"))["conversion"]["converter"] == "covid19_20"
 
     (source / "volume-covid19-A-0001_ct.nii.gz").unlink()
     assert main(["covid19_20", "-i", str(source), "-o", str(tmp_path / "Dataset110_None"), "-q"]) == 1
@@ -49,4 +49,4 @@ def test_cli_refuses_to_overwrite_another_dataset(tmp_path: Path, capsys) -> Non
     _write(np.full((4, 8, 8), -1000, np.int16), source / "volume-covid19-A-0001_ct.nii.gz")
     assert main(["covid19_20", "-i", str(source), "-o", str(out)]) == 1
     assert "not by dscovid_convert" in capsys.readouterr().err
-    assert json.loads((out / "dataset.json").read_text()) == {"name": "Dataset112_Other", "cases": {}}
+    assert json.loads((out / "dataset.json").read_text(encoding="utf-8")) == {"name": "Dataset112_Other", "cases": {}}

@@ -35,7 +35,7 @@ def test_convert_covid19_20(tmp_path: Path) -> None:
     out = tmp_path / "Dataset103_C1920"
     report = convert_covid19_20(root, out)
     assert verify_dataset(out) == []
-    cases = json.loads((out / "dataset.json").read_text())["cases"]
+    cases = json.loads((out / "dataset.json").read_text(encoding="utf-8"))["cases"]
     assert {c: (e["class"], e["lesion_annotated"]) for c, e in cases.items()} == {
         "volume-covid19-A-0003": ("covid", True), "volume-covid19-A-0014": ("covid", False)}
     assert cases["volume-covid19-A-0014"]["metadata"]["source_split"] == "Validation"

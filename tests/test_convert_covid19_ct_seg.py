@@ -52,13 +52,13 @@ def test_zenodo_layout_skips_not_hu_unless_kept(tmp_path: Path) -> None:
     assert verify_dataset(out) == []
     lung, _ = read_mask(out / "lungsTr" / "coronacases_001.nii.gz")
     assert lung.max() == 1 and lung.sum() == 2 * 4 * 8 * 4
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["cases"]["coronacases_001"]["lesion_annotated"] is True and meta["intensity_unit"] == "HU"
 
     kept = tmp_path / "Dataset105_MaSegAll"
     report = convert_covid19_ct_seg(root, kept, keep_not_hu=True)
     assert report.converted == ["coronacases_001", "radiopaedia_4_85506_1"] and report.skipped == []
-    meta = json.loads((kept / "dataset.json").read_text())
+    meta = json.loads((kept / "dataset.json").read_text(encoding="utf-8"))
     assert meta["intensity_unit"] == "not_HU"
     assert meta["cases"]["radiopaedia_4_85506_1"]["metadata"]["intensity_unit"] == "not_HU"
     assert meta["cases"]["radiopaedia_4_85506_1"]["metadata"]["source_site"] == "Radiopaedia"

@@ -66,7 +66,7 @@ def test_convert_covid_ct_md_full_release_layout(tmp_path: Path) -> None:
     report = convert_covid_ct_md(tmp_path / "COVID-CT-MD", out)
     assert report.skipped == [] and report.converted == ["P001", "P099", "cap001", "normal001"]
     assert verify_dataset(out) == []
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert {case: (e["class"], e["lesion_annotated"]) for case, e in meta["cases"].items()} == {
         "P001": ("covid", False), "P099": ("covid", False), "cap001": ("cap", False), "normal001": ("non_pneumonia", True)}
     assert meta["cases"]["cap001"]["metadata"]["label_index"] == 1
@@ -74,14 +74,14 @@ def test_convert_covid_ct_md_full_release_layout(tmp_path: Path) -> None:
     np.testing.assert_array_equal(image, volumes["P001"])
     assert geometry.spacing_zyx_mm == pytest.approx((2.0, 0.7, 0.7))
 
-    p001 = json.loads((out / "sliceLabelsTr" / "P001.json").read_text())
+    p001 = json.loads((out / "sliceLabelsTr" / "P001.json").read_text(encoding="utf-8"))
     assert p001["infection"] == [0, 1, 1, 1, 0, 0, 0, 0] and p001["labelled_by"] == "radiologists"
     assert p001["world_z_mm"] == pytest.approx(p001["slice_location_mm"])
     assert [row[4] for row in p001["lobe_infection"]] == p001["infection"]
-    cap = json.loads((out / "sliceLabelsTr" / "cap001.json").read_text())
+    cap = json.loads((out / "sliceLabelsTr" / "cap001.json").read_text(encoding="utf-8"))
     assert cap["infection"] == [0, 0, 1, 0, 0, 0, 0, 1]  # label slices 0 and 5 counted from the top (highest z)
     assert cap["slice_location_mm"] == pytest.approx([300.0 - 2 * z for z in range(SLICES)])
-    normal = json.loads((out / "sliceLabelsTr" / "normal001.json").read_text())
+    normal = json.loads((out / "sliceLabelsTr" / "normal001.json").read_text(encoding="utf-8"))
     assert normal["infection"] == [0] * SLICES and normal["labelled_by"] == "diagnosis"
     assert not (out / "sliceLabelsTr" / "P099.json").exists()
     assert read_mask(out / "labelsTr" / "normal001.nii.gz")[0].max() == 0
@@ -118,14 +118,14 @@ def test_convert_real_covid_ct_md_sample(test_data: Path, tmp_path: Path) -> Non
     report = convert_covid_ct_md(test_data / "covid_ct_md", out)
     assert report.skipped == []
     assert verify_dataset(out) == []
-    cases = json.loads((out / "dataset.json").read_text())["cases"]
+    cases = json.loads((out / "dataset.json").read_text(encoding="utf-8"))["cases"]
     assert {case: entry["class"] for case, entry in cases.items()} == {"P002": "covid", "cap002": "cap", "normal001": "non_pneumonia"}
     reference = pd.read_csv(test_data / "covid_ct_md_derived" / "slice_labels.csv")
     for case in cases:
-        sidecar = json.loads((out / "sliceLabelsTr" / f"{case}.json").read_text())
+        sidecar = json.loads((out / "sliceLabelsTr" / f"{case}.json").read_text(encoding="utf-8"))
         expected = reference[reference.case == case].sort_values("z_index_native")
         assert len(sidecar["infection"]) == len(expected) == read_image(out / "imagesTr" / f"{case}_0000.nii.gz")[1].shape_zyx[0]
         np.testing.assert_allclose(sidecar["world_z_mm"], expected.slice_location_mm, atol=1e-3)
         np.testing.assert_allclose(sidecar["slice_location_mm"], expected.slice_location_mm, atol=1e-3)
         np.testing.assert_array_equal(sidecar["infection"], expected.infection.fillna(0).astype(int))
-    assert sum(json.loads((out / "sliceLabelsTr" / "P002.json").read_text())["infection"]) == 68
+    assert sum(json.loads((out / "sliceLabelsTr" / "P002.json").read_text(encoding="utf-8"))["infection"]) == 68

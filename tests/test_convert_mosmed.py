@@ -48,7 +48,7 @@ def test_convert_mosmed(tmp_path: Path) -> None:
         "CT-1/study_0256": "label shape (4, 16, 12) does not match image (5, 16, 12)",
         "CT-3/study_0900": "dataset_registry.csv says CT-2 but the study lies in CT-3/",
     }
-    cases = json.loads((out / "dataset.json").read_text())["cases"]
+    cases = json.loads((out / "dataset.json").read_text(encoding="utf-8"))["cases"]
     assert {c: (e["class"], e["lesion_annotated"], e["metadata"]["severity"]) for c, e in cases.items()} == {
         "study_0001": ("non_pneumonia", True, "CT-0"),
         "study_0255": ("covid", True, "CT-1"),

@@ -156,7 +156,7 @@ def test_report_shows_table_ii_metrics_and_links_only_existing_pngs(tmp_path):
     fold = tmp_path / "fold_0"
     fold.mkdir()
     matplotlib.image.imsave(fold / "progress.png", np.zeros((4, 4, 3)))
-    entries = json.loads((predictions / "predictions.json").read_text())["cases"]
+    entries = json.loads((predictions / "predictions.json").read_text(encoding="utf-8"))["cases"]
     save_montages(predictions, entries, {e["case"]: raw / "imagesTr" / f"{e['case']}_0000.nii.gz" for e in entries},
                   reference_paths={e["case"]: raw / "labelsTr" / f"{e['case']}.nii.gz" for e in entries},
                   true_classes={"t0": "covid", "t1": "cap", "t2": "non_pneumonia"},
@@ -164,14 +164,14 @@ def test_report_shows_table_ii_metrics_and_links_only_existing_pngs(tmp_path):
     report = write_report(tmp_path / "report", tmp_path / "evaluation" / "summary.json",
                           predictions / "predictions.json", fold, tmp_path / "report" / "montages",
                           settings={"training cases": 3})
-    text = report.read_text()
+    text = report.read_text(encoding="utf-8")
     sources = re.findall(r"<img src='([^']+)'", text)
     assert {"roc.png", "confusion.png", "progress.png"} <= set(sources)
     assert sum(s.startswith("montages/") for s in sources) == 3
     for source in sources:
         assert (report.parent / source).is_file(), source
     assert "http" not in text and "<script" not in text  # offline: nothing external
-    summary = json.loads((tmp_path / "evaluation" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "evaluation" / "summary.json").read_text(encoding="utf-8"))
     dice = summary["segmentation"]["lesion_cases"]["mean"]["dsc"]
     assert 0 < dice < 1
     assert f"{100 * dice:.1f}" in text  # the DSC column, in percent
@@ -232,11 +232,11 @@ def test_demo_end_to_end_then_a_second_run_reuses_everything(tmp_path):
     ]
     for path in expected:
         assert path.is_file(), path
-    test_cases = json.loads((out / "raw" / "Dataset002_SyntheticTest" / "dataset.json").read_text())["cases"]
-    train_cases = json.loads((out / "raw" / "Dataset001_Synthetic" / "dataset.json").read_text())["cases"]
+    test_cases = json.loads((out / "raw" / "Dataset002_SyntheticTest" / "dataset.json").read_text(encoding="utf-8"))["cases"]
+    train_cases = json.loads((out / "raw" / "Dataset001_Synthetic" / "dataset.json").read_text(encoding="utf-8"))["cases"]
     assert sorted(test_cases) == ["case_1000", "case_1001", "case_1002"] and not set(test_cases) & set(train_cases)
     assert first.summary["classification"]["n"] == 3
-    text = first.report.read_text()
+    text = first.report.read_text(encoding="utf-8")
     for source in re.findall(r"<img src='([^']+)'", text):
         assert (first.report.parent / source).is_file(), source
     assert text.count("montages/") == 3 and "DSC (%)" in text and "Accuracy (%)" in text

@@ -83,7 +83,7 @@ def test_summary_matches_the_metrics_case_by_case(folders):
     assert classification["accuracy"] == pytest.approx(0.75)
     assert classification["confusion_matrix"] == [[1, 0, 0], [1, 0, 0], [0, 0, 2]]
     assert classification["per_class"]["cap"]["sensitivity"] == 0.0
-    on_disk = json.loads((pred / "summary.json").read_text())
+    on_disk = json.loads((pred / "summary.json").read_text(encoding="utf-8"))
     assert on_disk == summary
 
 
@@ -153,7 +153,7 @@ def test_command_line(folders, tmp_path, capsys):
     raw, pred = folders
     out = tmp_path / "cli" / "summary.json"
     assert evaluate_main(["-ref", str(raw), "-pred", str(pred), "-o", str(out), "--nsd-tolerance", "2", "-q"]) == 0
-    assert json.loads(out.read_text())["nsd_tolerance_mm"] == 2.0
+    assert json.loads(out.read_text(encoding="utf-8"))["nsd_tolerance_mm"] == 2.0
     assert "accuracy" in capsys.readouterr().out
     assert evaluate_main(["-ref", str(tmp_path / "nowhere"), "-pred", str(pred)]) == 1
     error = capsys.readouterr().err.strip()

@@ -25,7 +25,7 @@ def test_fingerprint_per_case_and_pooled(tmp_path):
         {"class": "non_pneumonia"},
     ])
     fingerprint = extract_fingerprint(load_raw_dataset(folder), tmp_path / "pre", progress=False)
-    on_disk = json.loads((tmp_path / "pre" / FINGERPRINT_FILE).read_text())
+    on_disk = json.loads((tmp_path / "pre" / FINGERPRINT_FILE).read_text(encoding="utf-8"))
     assert on_disk["pooled"]["class_counts"] == {"covid": 2, "cap": 1, "non_pneumonia": 1}
     cases = fingerprint["cases"]
     # The flipped/permuted scan (x index axis along world y, y along x) has its spacing permuted on the canonical grid,

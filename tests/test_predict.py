@@ -121,7 +121,7 @@ def test_every_output_has_the_input_geometry_and_the_mask_lies_in_the_lung(obliq
 
 def test_predictions_json_and_csv_follow_the_format(oblique_run, model_dir):
     summary, output, geometry, _ = oblique_run
-    stored = json.loads((output / "predictions.json").read_text())
+    stored = json.loads((output / "predictions.json").read_text(encoding="utf-8"))
     assert stored == summary
     assert stored["dscovid_version"] == __version__
     assert stored["model_dir"] == str(model_dir.resolve())
@@ -144,7 +144,7 @@ def test_predictions_json_and_csv_follow_the_format(oblique_run, model_dir):
     if mask.any():
         assert entry["lesion_count"] >= 1 and 0 < entry["lesion_volume_ratio"] <= 1
         assert entry["lesion_hu_mean"] is not None
-    rows = (output / "predictions.csv").read_text().splitlines()
+    rows = (output / "predictions.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].split(",")[:5] == ["case", "predicted_class", "p_covid", "p_cap", "p_non_pneumonia"]
     assert len(rows) == 2 and rows[1].startswith("oblique,")
 
@@ -181,7 +181,7 @@ def _write_failing_inputs(folder: Path) -> None:
 
 
 def _check_failures(output: Path, expected: dict[str, str], good: str) -> None:
-    summary = json.loads((output / "predictions.json").read_text())
+    summary = json.loads((output / "predictions.json").read_text(encoding="utf-8"))
     reasons = {f["case"]: f["reason"] for f in summary["failed"]}
     assert set(reasons) == set(expected)
     for name, words in expected.items():

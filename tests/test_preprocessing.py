@@ -227,7 +227,7 @@ def test_dataset_cache_format_and_rerun_skips_up_to_date(tmp_path):
     with np.load(out / "3d_test" / "case_000.npz") as data:
         assert set(data.files) == {"image", "lesion", "lung", "cls_image", "cls_lesion"}
         assert data["lesion"].any()
-    props = json.loads((out / "3d_test" / "case_001.json").read_text())
+    props = json.loads((out / "3d_test" / "case_001.json").read_text(encoding="utf-8"))
     assert props["class_name"] == "non_pneumonia" and props["class_index"] == 2 and props["lesion_annotated"]
     second = preprocess_dataset(dataset, out, small_plans(), ["3d_test"], progress=False)
     assert second["processed"] == [] and sorted(second["skipped"]) == ["case_000", "case_001"]
@@ -250,7 +250,7 @@ _KILL_SCRIPT = textwrap.dedent("""
         time.sleep(float(sys.argv[4]))  # widen the window in which the kill lands mid-dataset
         return original(*args, **kwargs)
     pre.preprocess_image = slow
-    plans = json.loads(Path(sys.argv[3]).read_text())
+    plans = json.loads(Path(sys.argv[3]).read_text(encoding="utf-8"))
     pre.preprocess_dataset(load_raw_dataset(sys.argv[1]), Path(sys.argv[2]), plans, ["3d_test"], progress=False)
 """)
 
@@ -298,7 +298,7 @@ def test_command_plans_and_preprocesses_then_skips(tmp_path, capsys):
     out = tmp_path / "pre" / "Dataset901_Cli"
     assert {p.name for p in out.iterdir()} >= {"dataset.json", "dataset_fingerprint.json", "plans.json", "3d_cpu"}
     assert not (out / "3d_paper").exists()  # planned, but only -c configurations are preprocessed
-    plans = json.loads((out / "plans.json").read_text())
+    plans = json.loads((out / "plans.json").read_text(encoding="utf-8"))
     assert set(plans["configurations"]) == {"3d_paper", "3d_cpu"}
     assert len(list((out / "3d_cpu").glob("*.npz"))) == 3
     stamp = (out / "3d_cpu" / "case_000.npz").stat().st_mtime_ns

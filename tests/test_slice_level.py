@@ -93,4 +93,4 @@ def test_evaluate_folder_adds_the_slice_level_check(tmp_path: Path) -> None:
     summary = evaluate_folder(predictions, raw, cases=["P1", "N1"], plots=False)
     pooled = summary["slice_level"]["pooled"]
     assert (pooled["tp"], pooled["fp"], pooled["tn"], pooled["fn"]) == (2, 0, 6, 0)
-    assert json.loads((predictions / "summary.json").read_text())["slice_level"]["pooled"]["sensitivity"] == 1.0
+    assert json.loads((predictions / "summary.json").read_text(encoding="utf-8"))["slice_level"]["pooled"]["sensitivity"] == 1.0

@@ -64,7 +64,7 @@ def test_small_strata_still_valid():
 def test_written_once_then_reused(tmp_path):
     cases = _cases(30)
     first = load_or_create_splits(tmp_path, cases, 10, seed=3)
-    on_disk = json.loads((tmp_path / "splits_final.json").read_text())
+    on_disk = json.loads((tmp_path / "splits_final.json").read_text(encoding="utf-8"))
     assert on_disk == first
     # a different seed later does not rewrite the file: the folds of a dataset never change under a run
     assert load_or_create_splits(tmp_path, cases, 10, seed=99) == first

@@ -142,7 +142,7 @@ def test_written_dataset_matches_generated_cases(tmp_path):
     names = [case.name for case in dataset.cases()]
     assert names == ["case_0020", "case_0021", "case_0022"]
     assert not (out / "lungsTr").exists(), "reference lungs must not be offered to the pipeline"
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["synthetic"]["seed"] == 7 and meta["numTraining"] == 3
     for case in dataset.cases():
         index = int(case.name.split("_")[1])
@@ -168,7 +168,7 @@ def test_command_line(tmp_path, capsys):
     out = tmp_path / "Dataset002_Synthetic"
     common = ["--seed", "3", "--scale", "0.3", "-q"]
     assert make_synthetic_main(["-o", str(out), "-n", "2", "--first-index", "5", "-np", "2", *common]) == 0
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert sorted(meta["cases"]) == ["case_0005", "case_0006"]
     # Regenerating into a synthetic dataset replaces it; a folder holding anything else is refused.
     assert make_synthetic_main(["-o", str(out), "-n", "1", *common]) == 0

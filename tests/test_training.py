@@ -74,10 +74,10 @@ def test_two_stage_training_learns_and_writes_the_results_folder(tmp_path):
     json.dumps({k: v for k, v in state.items() if k not in ("network_weights", "optimizer_state")})
     assert [int(s) for s in state["history"]["stage"]] == [0, 0, 0, 1, 1]
     assert np.allclose(state["history"]["lr"], [1e-3, 1e-3 * 2 / 3, 1e-3 / 3, 1e-4, 5e-5])
-    log = (fold_dir / "training_log.txt").read_text()
+    log = (fold_dir / "training_log.txt").read_text(encoding="utf-8")
     assert "Stage 1/2 'pretrain'" in log and "loss separate" in log and "Stage 2/2 'finetune'" in log
     assert "epoch 5/5" in log
-    splits = json.loads((dataset_dir / "splits_final.json").read_text())
+    splits = json.loads((dataset_dir / "splits_final.json").read_text(encoding="utf-8"))
     assert len(splits) == 10 and state["plans"]["configurations"]["3d_cpu"]["network"]["tasks"] == "joint"
 
     # The losses fall: the same fixed batch scored with the initial and the trained weights.
@@ -158,7 +158,7 @@ def test_single_task_and_ablation_trainers_train(tmp_path, name, tasks):
     state = load_checkpoint(result.fold_dir / "checkpoint_final.pt")
     assert result.fold_dir.parent.name == f"{name}__3d_cpu" and state["epoch"] == 2
     assert state["configuration"]["network"]["tasks"] == tasks
-    saved = json.loads((result.fold_dir / "plans.json").read_text())
+    saved = json.loads((result.fold_dir / "plans.json").read_text(encoding="utf-8"))
     assert saved["configurations"]["3d_cpu"]["network"]["tasks"] == tasks  # what the predictor will rebuild
     if name.endswith("noCrossStitch"):
         assert not any(k.startswith("cross_stitch") for k in state["network_weights"])

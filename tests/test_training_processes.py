@@ -74,7 +74,7 @@ def test_kill_minus_nine_then_continue_finishes_at_the_right_epoch(tmp_path):
     final = load_checkpoint(tmp_path / FOLD_DIR / "checkpoint_final.pt")
     assert final["epoch"] == 6 and final["stage"] == 1
     assert final["history"]["epoch"] == [float(e) for e in range(6)]  # no epoch repeated or skipped
-    log = (tmp_path / FOLD_DIR / "training_log.txt").read_text()
+    log = (tmp_path / FOLD_DIR / "training_log.txt").read_text(encoding="utf-8")
     assert f"Resumed from checkpoint_latest.pt at epoch {killed_at} of 6" in log
 
 
@@ -87,7 +87,7 @@ def test_two_ddp_processes_keep_identical_replicas(tmp_path):
     command = torchrun + _command(tmp_path, "--workers", "0")[1:]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    log = (tmp_path / FOLD_DIR / "training_log.txt").read_text()
+    log = (tmp_path / FOLD_DIR / "training_log.txt").read_text(encoding="utf-8")
     assert "batch 1 x 2 process(es)" in log  # the global batch of 2 split over the replicas
     assert "Replica weights identical on 2 processes" in log
     final = load_checkpoint(tmp_path / FOLD_DIR / "checkpoint_final.pt")
@@ -116,8 +116,8 @@ def test_pipeline_from_raw_synthetic_through_training_to_fold_validation(tmp_pat
     assert state["epoch"] == 2 and state["configuration_name"] == "3d_cpu"
     import json
 
-    splits = json.loads((tmp_path / "preprocessed" / "Dataset951_Synth" / "splits_final.json").read_text())
-    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
-    predicted = json.loads((fold_dir / "validation" / "predictions.json").read_text())
+    splits = json.loads((tmp_path / "preprocessed" / "Dataset951_Synth" / "splits_final.json").read_text(encoding="utf-8"))
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text(encoding="utf-8"))
+    predicted = json.loads((fold_dir / "validation" / "predictions.json").read_text(encoding="utf-8"))
     assert sorted(c["case"] for c in predicted["cases"]) == sorted(splits[3]["val"])
     assert summary["classification"] is not None and "segmentation" in summary

@@ -53,7 +53,7 @@ def test_clean_dataset_has_no_problems(tmp_path, capsys):
 
 def test_every_problem_is_listed_with_its_case(tmp_path, capsys):
     folder = make_dataset(tmp_path, classes=("covid", "cap", "non_pneumonia", "covid", "cap", "covid"))
-    meta = json.loads((folder / "dataset.json").read_text())
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     meta["cases"]["case_001"]["class"] = "flu"  # unknown class
     meta["cases"]["../evil"] = {"class": "covid"}  # unsafe name
     meta["numTraining"] = len(meta["cases"])

@@ -135,7 +135,7 @@ def _synthetic_is_complete(folder: Path, n_cases: int, seed: int, first_index: i
         return f"generated with other settings ({', '.join(differences)})"
     marker = folder / VERIFIED_MARKER
     stamp = {"dataset_json_mtime_ns": meta_path.stat().st_mtime_ns}
-    if not marker.is_file() or json.loads(marker.read_text()) != stamp:
+    if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")) != stamp:
         return "not verified yet"
     return None
 
@@ -182,7 +182,7 @@ def _training_overrides(paths: DemoPaths, epochs_scale: float, epochs: int | Non
         return epochs
     if epochs_scale == 1.0:
         return None
-    plans = json.loads((paths.preprocessed / "plans.json").read_text())
+    plans = json.loads((paths.preprocessed / "plans.json").read_text(encoding="utf-8"))
     stages = plans["configurations"][CONFIGURATION]["training"]["stages"]
     # The trainer's override gives every stage the same count; 3d_cpu's stages are of equal length.
     return max(1, round(epochs_scale * max(int(stage["epochs"]) for stage in stages)))
@@ -213,7 +213,7 @@ def _predictions_complete(paths: DemoPaths, test_cases: list[str]) -> bool:
         return False
     if summary_path.stat().st_mtime_ns < (paths.fold_dir / FINAL).stat().st_mtime_ns:
         return False  # predicted by an older model
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     entries = {entry["case"]: entry for entry in summary.get("cases", [])}
     if summary.get("failed") or set(entries) != set(test_cases):
         return False
@@ -253,7 +253,7 @@ def _montages(paths: DemoPaths, progress: bool) -> str:
     from dscovid.inference.montage import montage_file_name, save_montages
 
     predictions_path = paths.predictions / "predictions.json"
-    summary = json.loads(predictions_path.read_text())
+    summary = json.loads(predictions_path.read_text(encoding="utf-8"))
     meta = load_dataset_json(paths.test_raw / "dataset.json")
     folder = paths.report / "montages"
     stale = [entry for entry in summary["cases"]
@@ -322,7 +322,7 @@ def run_demo(
     stages_path = paths.out_dir / STAGES_FILE
     previous = {}
     if stages_path.is_file():
-        previous = {record["name"]: record for record in json.loads(stages_path.read_text()).get("stages", [])}
+        previous = {record["name"]: record for record in json.loads(stages_path.read_text(encoding="utf-8")).get("stages", [])}
     records: list[StageRecord] = []
 
     def stage(name: str, work: Callable[[], str]) -> None:
@@ -353,7 +353,7 @@ def run_demo(
 
     from dscovid.demo.report import write_report
 
-    summary = json.loads((paths.evaluation / "summary.json").read_text())
+    summary = json.loads((paths.evaluation / "summary.json").read_text(encoding="utf-8"))
     settings = {"training cases": cases, "test cases": test_cases, "case scale": scale, "configuration": CONFIGURATION,
                 "trainer": TRAINER, "fold": FOLD, "device": device,
                 "epochs override": epochs_override if epochs_override is not None else "none (plans)",

@@ -140,8 +140,8 @@ def write_report(
     report_dir, summary_path, fold_dir = Path(report_dir), Path(summary_path), Path(fold_dir)
     montage_dir = Path(montage_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    summary = json.loads(summary_path.read_text())
-    predictions = json.loads(Path(predictions_path).read_text())
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    predictions = json.loads(Path(predictions_path).read_text(encoding="utf-8"))
     stem = summary_path.with_suffix("")
     figures = {
         "roc": _copy(Path(f"{stem}_roc.png"), report_dir, "roc.png"),
