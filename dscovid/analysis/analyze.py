@@ -20,18 +20,17 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from dscovid.analysis.findings import HU_BIN_EDGES, HU_WINDOWS, case_findings
 from dscovid.errors import DscovidError
 from dscovid.evaluation.evaluate import json_safe
 from dscovid.io.dataset import Case, RawDataset, load_raw_dataset, write_json_atomic
 from dscovid.io.image_io import read_image, read_mask
+from dscovid.parallel import map_cases
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ def analyze_dataset(
         raise DscovidError(f"{dataset.root}: no case with an annotated lesion mask to analyse")
     sources = sorted({job.lung_source for job in jobs})
     log.info("Analysing %d cases of %s (lung masks: %s)", len(jobs), dataset.name, ", ".join(sources))
-    per_case = _run(jobs, num_processes)
+    per_case = map_cases(analyze_case, jobs, num_processes, desc="analysing")
     classes = [name for name in dataset.class_names if any(row["class"] == name for row in per_case)]
     summary = {
         "dataset": dataset.name,
@@ -155,14 +154,6 @@ def analyze_dataset(
         draw_findings_figures(summary, output_dir)
     log.info("Findings written to %s", output_dir)
     return summary
-
-
-def _run(jobs: Sequence[AnalysisJob], num_processes: int) -> list[dict]:
-    progress = dict(total=len(jobs), desc="analysing", unit="case", disable=len(jobs) < 2)
-    if num_processes <= 1 or len(jobs) < 2:
-        return [analyze_case(job) for job in tqdm(jobs, **progress)]
-    with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs))) as pool:
-        return list(tqdm(pool.map(analyze_case, jobs), **progress))
 
 
 def _finite(values: Sequence[float | None]) -> np.ndarray:

@@ -25,12 +25,10 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from dscovid.errors import DscovidError
 from dscovid.evaluation.metrics import SEGMENTATION_KEYS, classification_metrics, mean_metrics, segmentation_metrics
@@ -38,6 +36,7 @@ from dscovid.evaluation.slice_level import SLICE_LABELS_FOLDER, evaluate_slice_l
 from dscovid.io.atomic import write_text_atomic
 from dscovid.io.dataset import CLASS_NAMES, load_dataset_json, write_json_atomic
 from dscovid.io.image_io import VOLUME_ENDINGS, is_volume_file, read_mask, strip_ending
+from dscovid.parallel import map_cases
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,7 @@ def evaluate_folder(
             raise DscovidError(f"{lung_dir}: no lung mask for case(s) {_shorten(no_lung)}")
 
     jobs = [CaseJob(c, reference_paths[c], prediction_paths[c], lung_paths[c], nsd_tolerance_mm) for c in annotated]
-    per_case = _run_jobs(jobs, num_processes)
+    per_case = map_cases(evaluate_case, jobs, num_processes, desc="evaluating")
 
     class_of = {c: entries[c]["class"] for c in cases} if meta is not None else {}
     for row in per_case:
@@ -248,14 +247,6 @@ def evaluate_folder(
     summary = json_safe(summary)
     _write_outputs(summary, output_file, class_names, plots)
     return summary
-
-
-def _run_jobs(jobs: Sequence[CaseJob], num_processes: int) -> list[dict]:
-    progress = dict(total=len(jobs), desc="evaluating", unit="case", disable=len(jobs) < 2)
-    if num_processes <= 1 or len(jobs) < 2:
-        return [evaluate_case(job) for job in tqdm(jobs, **progress)]
-    with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs))) as pool:
-        return list(tqdm(pool.map(evaluate_case, jobs), **progress))
 
 
 def _segmentation_summary(per_case: list[dict]) -> dict:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import CHANNEL_SUFFIX, RawDataset, is_safe_case_name, load_raw_dataset
 from dscovid.io.image_io import Geometry, check_hounsfield, read_image, read_sitk
+from dscovid.parallel import map_cases
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +143,8 @@ def verify_dataset(folder: str | os.PathLike, num_processes: int = 1, tolerance_
             problems.append(f"{name}: lesion_annotated is true but the label {label} is missing")
         jobs.append((name, entry["class"], annotated, dataset.is_hu, str(image),
                      str(label) if label.exists() else None, str(lung) if lung.exists() else None, tolerance_mm))
-    bar = tqdm(total=len(jobs), desc="verifying", unit="case", disable=not progress)
-    if num_processes > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=num_processes) as pool:
-            for found in pool.map(_check_case, jobs):
-                problems += found
-                bar.update()
-    else:
-        for job in jobs:
-            problems += _check_case(job)
-            bar.update()
-    bar.close()
+    for found in map_cases(_check_case, jobs, num_processes, desc="verifying", progress=progress):
+        problems += found
     return problems
 
 
