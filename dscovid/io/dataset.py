@@ -135,14 +135,19 @@ class RawDataset:
         raise DscovidError(f"{self.root / 'dataset.json'}: no case named {name!r}")
 
 
-def load_dataset_json(path: Path) -> dict:
+def read_json(path: str | os.PathLike, missing: str = "not found") -> object:
+    """Parse a JSON file; a missing file (``missing`` says why it matters) or bad JSON is one clear line."""
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            return json.load(handle)
     except FileNotFoundError:
-        raise DscovidError(f"{path}: not found (every raw dataset needs a dataset.json)") from None
+        raise DscovidError(f"{path}: {missing}") from None
     except json.JSONDecodeError as error:
         raise DscovidError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+
+
+def load_dataset_json(path: Path) -> dict:
+    data = read_json(path, "not found (every raw dataset needs a dataset.json)")
     if not isinstance(data, dict):
         raise DscovidError(f"{path}: must hold a JSON object")
     return data

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dscovid.errors import DscovidError
+from dscovid.io.dataset import read_json
 
 _SAFE_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -287,13 +288,7 @@ def validate_plans(plans: dict) -> None:
 def load_plans(path: str | os.PathLike) -> dict:
     """Read and validate a plans file; errors name the file and the key."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            plans = json.load(handle)
-    except FileNotFoundError:
-        raise DscovidError(f"{path}: plans file not found") from None
-    except json.JSONDecodeError as error:
-        raise DscovidError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    plans = read_json(path, "plans file not found")
     try:
         validate_plans(plans)
     except DscovidError as error:
