@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -16,7 +17,22 @@ def make_norm(kind: str, channels: int, groups: int) -> nn.Module:
     if kind == "group":
         return nn.GroupNorm(num_groups=groups, num_channels=channels)
     if kind == "instance":
-        # Instance normalisation written as GroupNorm with one channel per group: the same arithmetic as an affine
-        # InstanceNorm3d, but it also accepts the 1-voxel feature maps of very small grids instead of raising.
-        return nn.GroupNorm(num_groups=channels, num_channels=channels)
+        return ChannelNorm(channels)
     raise ValueError(f"unknown normalisation {kind!r}")
+
+
+class ChannelNorm(nn.GroupNorm):
+    """Affine instance normalisation (GroupNorm with one channel per group) that accepts 1-voxel feature maps.
+
+    torch refuses to normalise a single value per group in training (InstanceNorm3d and GroupNorm both raise); a
+    single value normalises to 0, so the output is the bias. Very small grids reach 1×1×1 at the deepest level.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(num_groups=channels, num_channels=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x[0, 0].numel() == 1:
+            # Keep x in the graph (times zero) so every input still receives a (zero) gradient.
+            return x * 0 + self.bias.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
+        return super().forward(x)
