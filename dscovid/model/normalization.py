@@ -33,6 +33,8 @@ class ChannelNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x[0, 0].numel() == 1:
-            # Keep x in the graph (times zero) so every input still receives a (zero) gradient.
-            return x * 0 + self.bias.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
+            # x and the weight stay in the graph (times zero): every input and parameter gets a (zero) gradient,
+            # as DistributedDataParallel and the trainer's gradient routing expect.
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            return x * 0 + (self.bias.view(shape) + self.weight.view(shape) * 0).to(x.dtype)
         return super().forward(x)
