@@ -14,6 +14,8 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from dscovid.io.atomic import atomic_path, write_text_atomic
+
 log = logging.getLogger("dscovid.demo")
 
 #: Table II columns: (summary key, header, shown in percent).
@@ -104,9 +106,8 @@ def _copy(source: Path, report_dir: Path, name: str) -> str | None:
         return None
     target = report_dir / name
     if source.resolve() != target.resolve():
-        temporary = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(source, temporary)
-        os.replace(temporary, target)
+        with atomic_path(target) as temporary:
+            shutil.copyfile(source, temporary)
     return name
 
 
@@ -220,8 +221,4 @@ def write_report(
         parts.append("</div>")
     parts.append("</body></html>")
 
-    path = report_dir / "report.html"
-    temporary = path.with_name(f".report.{os.getpid()}.tmp")
-    temporary.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    return write_text_atomic("\n".join(parts), report_dir / "report.html")

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dscovid.errors import DscovidError  # noqa: E402
+from dscovid.io.atomic import atomic_path
 from dscovid.io.image_io import Geometry, read_image, read_mask  # noqa: E402
 from dscovid.preprocessing.orientation import canonical_reorientation, to_canonical  # noqa: E402
 
@@ -209,14 +210,11 @@ def render_montage(
     figure.text(0.5, 0.04 / height, f"{details}\n{legend}   (radiological view: patient's right on the left)",
                 color="white", fontsize=7.5, ha="center", va="bottom")
     path = Path(output_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     try:
-        figure.savefig(temporary, dpi=dpi, facecolor="black")
-        os.replace(temporary, path)
+        with atomic_path(path, suffix=".png") as temporary:
+            figure.savefig(temporary, dpi=dpi, facecolor="black")
     finally:
         plt.close(figure)
-        temporary.unlink(missing_ok=True)
     return path
 
 
