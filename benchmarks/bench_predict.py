@@ -155,7 +155,7 @@ def _run_configuration(args: dict, queue) -> None:
         return time.perf_counter() - begin, (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))
 
     out_device = device if device.type == "cuda" else torch.device("cpu")
-    lung = loaded.lung_preprocessed != 0
+    lung = loaded.region_preprocessed != 0
     ours_s, ours_gpu = timed(
         lambda: sliding_window_predict(
             ours_fn, volume, patch, step, "constant", batch, region=lung, device=device, output_device=out_device, with_boxes=True

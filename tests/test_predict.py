@@ -156,8 +156,9 @@ def test_lung_restriction_gives_the_whole_volume_result_inside_the_lung(model_di
     lung = np.zeros(image.shape, np.uint8)
     lung[2:9, 5:30, 6:40] = 1  # touches only some tiles
     cls_image = rng.random((32, 64, 64), dtype=np.float32)
-    restricted = run_networks(model, image, lung, cls_image)
-    everywhere = run_networks(model, image, np.ones_like(lung), cls_image)
+    tiling = {"step_fraction": 1.0, "weighting": "constant"}
+    restricted = run_networks(model, image, lung, cls_image, **tiling)
+    everywhere = run_networks(model, image, np.ones_like(lung), cls_image, **tiling)
     assert restricted.tiles_run < restricted.tiles_total == everywhere.tiles_run
     inside = lung == 1
     np.testing.assert_allclose(restricted.lesion_probability[inside], everywhere.lesion_probability[inside], atol=1e-5)
@@ -257,15 +258,17 @@ def test_output_of_another_model_is_refused_unless_overwrite(model_dir, oblique_
     _, output, _, inputs = oblique_run
     target = tmp_path / "out"
     shutil.copytree(output, target)
+    (target / "oblique_montage.png").write_bytes(b"an earlier run's --png")
     with pytest.raises(DscovidError, match="another model"):
         predict_cases(model_dir, inputs, target, folds=["1"], device="cpu", progress=False)
     summary = predict_cases(model_dir, inputs, target, folds=["1"], device="cpu", progress=False, overwrite=True)
     assert summary["folds"] == ["1"] and [c["case"] for c in summary["cases"]] == ["oblique"]
     # The earlier run's probability files (not asked for now) are gone with it.
     assert not (target / "oblique_lesion_prob.nii.gz").exists()
+    assert not (target / "oblique_montage.png").exists()  # nor is an old montage left beside the new mask
     # Another sliding-window step changes the predictions: not mixed either.
     with pytest.raises(DscovidError, match="another model or setting"):
-        predict_cases(model_dir, inputs, target, folds=["1"], device="cpu", progress=False, step_fraction=0.5)
+        predict_cases(model_dir, inputs, target, folds=["1"], device="cpu", progress=False, step_fraction=1.0)
 
 
 def test_model_folder_and_fold_lookup(model_dir):

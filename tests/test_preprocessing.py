@@ -225,7 +225,7 @@ def test_dataset_cache_format_and_rerun_skips_up_to_date(tmp_path):
     first = preprocess_dataset(dataset, out, small_plans(), ["3d_test"], progress=False)
     assert first["processed"] == ["case_000", "case_001"] and not first["failed"]
     with np.load(out / "3d_test" / "case_000.npz") as data:
-        assert set(data.files) == {"image", "lesion", "lung", "cls_image", "cls_lesion"}
+        assert set(data.files) == {"image", "lesion", "lung", "region", "cls_image", "cls_lesion"}
         assert data["lesion"].any()
     props = json.loads((out / "3d_test" / "case_001.json").read_text(encoding="utf-8"))
     assert props["class_name"] == "non_pneumonia" and props["class_index"] == 2 and props["lesion_annotated"]
@@ -337,3 +337,35 @@ def test_real_ct_round_trip_with_the_built_in_lung_mask(test_data):
     assert np.all((box_mm > 150) & (box_mm < 400))
     assert dice(restore_to_original(arrays["lung"], properties, is_mask=True), lung) >= 0.97
     assert 0.0 < arrays["image"][arrays["lung"] > 0].mean() < 0.5  # aerated lung sits low in [-1400, 200]
+
+
+def test_lung_margin_keeps_the_rim_around_the_lung_and_the_target_only_where_it_is_seen():
+    image, lung, _ = phantom((28, 56, 48), seed=3)
+    # A lesion half outside the lung mask, as a consolidation the classical mask left out.
+    lesion = np.zeros_like(lung)
+    z, y, x = np.nonzero(lung)
+    right = x < lung.shape[2] // 2  # one lung (the median over both would fall between them)
+    edge = (int(round(z[right].mean())), y[right].max(), int(np.median(x[right & (y == y[right].max())])))
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in lung.shape], indexing="ij")
+    lesion[(zz - edge[0]) ** 2 + (yy - edge[1] + 1) ** 2 + (xx - edge[2]) ** 2 <= 25] = 1
+    geometry = Geometry(tuple(image.shape), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).reshape(-1)))
+    plain = small_configuration().to_dict()
+    wide = small_configuration().to_dict()
+    wide["preprocessing"]["lung_margin_mm"] = 4.0
+    arrays0, props0 = preprocess_image(image, geometry, Configuration.from_dict("a", plain), lung=lung, lesion=lesion)
+    arrays4, props4 = preprocess_image(image, geometry, Configuration.from_dict("b", wide), lung=lung, lesion=lesion)
+    assert props0["lung_margin_mm"] == 0.0 and props4["lung_margin_mm"] == 4.0
+    np.testing.assert_array_equal(arrays0["region"], arrays0["lung"])
+    lung_r, region = arrays4["lung"] > 0, arrays4["region"] > 0
+    assert (region >= lung_r).all() and region.sum() > lung_r.sum()
+    # The rim is the lung grown by 4 mm (2 voxels at 2 mm): nothing farther, everything nearer.
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(~lung_r, sampling=(2.0, 2.0, 2.0))
+    np.testing.assert_array_equal(region, distance <= 4.0)
+    for arrays in (arrays0, arrays4):
+        kept = arrays["region"] > 0
+        assert (arrays["image"][~kept] == 0).all() and arrays["image"][kept].max() > 0
+        assert not (arrays["lesion"] & ~kept).any(), "a lesion voxel the network cannot see stays in the target"
+    # The margin shows more of the lesion to the network, and keeps it in the target.
+    assert arrays4["lesion"].sum() > arrays0["lesion"].sum() > 0

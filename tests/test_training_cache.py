@@ -55,6 +55,7 @@ def make_case(rng: np.random.Generator, class_index: int, shape=(20, 40, 40), gr
         "image": image,
         "lesion": lesion_u8,
         "lung": lung.astype(np.uint8),
+        "region": lung.astype(np.uint8),
         "cls_image": to_grid(image, grid),
         "cls_lesion": to_grid(lesion_u8.astype(np.float32), grid),
     }, locations

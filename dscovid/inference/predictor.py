@@ -76,6 +76,7 @@ class LoadedCase:
     lung: np.ndarray  # (Z, Y, X) uint8, original grid
     image: np.ndarray  # (Z', Y', X') float32 preprocessed
     lung_preprocessed: np.ndarray  # (Z', Y', X') uint8
+    region_preprocessed: np.ndarray  # (Z', Y', X') uint8, where the network looks: the lung plus its margin
     cls_image: np.ndarray  # (N, H, W) float32
     properties: dict
     timing_s: dict = field(default_factory=dict)
@@ -106,6 +107,7 @@ def load_case(case: CaseInput, preprocessing: Configuration) -> LoadedCase:
         lung=lung,
         image=arrays["image"],
         lung_preprocessed=arrays["lung"],
+        region_preprocessed=arrays["region"],
         cls_image=arrays["cls_image"],
         properties=properties,
         timing_s={"read": read_s, "preprocess": time.perf_counter() - start},
@@ -135,10 +137,72 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@dataclass
+class ScanSegmentation:
+    """The lesion subnet run over one whole preprocessed scan (:func:`segment_scan`).
+
+    probability : (Z', Y', X') float32 Ŝ, 0 outside the region.
+    cls_features : ``I_cls`` of the scan (the classification stem), or None for a segmentation-only network.
+    stitched : (sum, weight) of the segmentation stem features stitched onto the classification stem grid (the
+        cross-stitch input of the classifier), or None without the cross-stitch.
+    """
+
+    probability: torch.Tensor
+    cls_features: torch.Tensor | None
+    stitched: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def segment_scan(
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    region: np.ndarray,
+    cls_image: torch.Tensor,
+    patch_size_zyx: Sequence[int],
+    step_fraction: float,
+    weighting: str,
+    batch_size: int,
+    device: torch.device,
+    output_device: torch.device,
+    progress: bool = False,
+) -> ScanSegmentation:
+    """Sliding-window Ŝ of one network over the tiles of ``region`` (the predictor's and the trainer's path).
+
+    image : (1, Z', Y', X') float32 on ``output_device``; region : (Z', Y', X') bool;
+    cls_image : (1, 1, N, H, W) on ``device`` (the classification stem's input, for the cross-stitch).
+    """
+    from dscovid.model.geometry import stitch_boxes
+
+    shape = tuple(int(v) for v in image.shape[1:])
+    cross = bool(getattr(network, "uses_cross_stitch", False))
+    i_cls = None
+    if network.has_classification:
+        with torch.no_grad(), _autocast(device):
+            i_cls = network.encode_classification(cls_image)
+    stitched: list = [None]
+
+    def predict_fn(batch: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        with _autocast(device):
+            result = network.segment_patches(
+                batch, boxes if cross else None, shape if cross else None, i_cls if cross else None
+            )
+        if cross:
+            # The segmentation stem features enter the classifier through the cross-stitch: stitch them onto
+            # the classification stem grid with their coverage, as training pastes one patch.
+            stitched[0] = stitch_boxes(result.seg_features.float(), boxes, shape, i_cls.shape[2:], stitched[0])
+        return result.lesion_probability.float()
+
+    probability = sliding_window_predict(
+        predict_fn, image, patch_size_zyx, step_fraction=step_fraction, weighting=weighting, batch_size=batch_size,
+        region=region, device=device, output_device=output_device, progress=progress, with_boxes=True,
+    )[0]
+    probability.mul_(torch.from_numpy(np.asarray(region, dtype=bool)).to(probability.device))
+    return ScanSegmentation(probability, i_cls, stitched[0])
+
+
 def run_networks(
     model: TrainedModel,
     image: np.ndarray,
-    lung: np.ndarray,
+    region: np.ndarray,
     cls_image: np.ndarray,
     step_fraction: float | None = None,
     weighting: str | None = None,
@@ -151,11 +215,11 @@ def run_networks(
     ----------
     model : the loaded folds.
     image : (Z', Y', X') float32 preprocessed image.
-    lung : (Z', Y', X') 0/1 preprocessed lung mask; only tiles touching it are run, and Ŝ is 0 outside it.
+    region : (Z', Y', X') 0/1, where the network looks (the preprocessed ``region``: the lung plus its margin);
+        only tiles touching it are run, and Ŝ is 0 outside it.
     cls_image : (N, H, W) float32, ``image`` on the classification grid.
     step_fraction, weighting, batch_size : sliding-window settings (default: the configuration's ``inference``).
     """
-    from dscovid.model.geometry import stitch_boxes
     from dscovid.preprocessing.resampling import resample_to_grid
 
     settings = model.inference
@@ -166,44 +230,26 @@ def run_networks(
     patch = model.patch_size_zyx
     shape = tuple(int(v) for v in image.shape)
     grid = tuple(int(v) for v in cls_image.shape)
-    lung_mask = np.asarray(lung) != 0
+    region_mask = np.asarray(region) != 0
     # On a GPU the preprocessed volume (a few hundred MB at most) and the accumulators live there: no per-tile copies.
     accumulate_on = device if device.type == "cuda" else torch.device("cpu")
     image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(accumulate_on)
-    lung_t = torch.from_numpy(lung_mask).to(accumulate_on)
     cls_t = torch.from_numpy(np.ascontiguousarray(cls_image, dtype=np.float32))[None, None].to(device)
 
     probability_sum = torch.zeros(shape, dtype=torch.float32, device=accumulate_on)
     class_sum: torch.Tensor | None = None
     evidence_sum: list[torch.Tensor] | None = None
     for network in model.networks:
-        cross = bool(getattr(network, "uses_cross_stitch", False))
-        with torch.no_grad(), _autocast(device):
-            i_cls = network.encode_classification(cls_t) if network.has_classification else None
-        stitched: list = [None]
-
-        def predict_fn(batch: torch.Tensor, boxes: torch.Tensor, network=network, i_cls=i_cls, cross=cross,
-                       stitched=stitched) -> torch.Tensor:
-            with _autocast(device):
-                result = network.segment_patches(
-                    batch, boxes if cross else None, shape if cross else None, i_cls if cross else None
-                )
-            if cross:
-                # The segmentation stem features enter the classifier through the cross-stitch: stitch them onto
-                # the classification stem grid with their coverage, as training pastes one patch.
-                stitched[0] = stitch_boxes(result.seg_features.float(), boxes, shape, i_cls.shape[2:], stitched[0])
-            return result.lesion_probability.float()
-
         if network.has_segmentation:
-            probability = sliding_window_predict(
-                predict_fn, image_t, patch, step_fraction=step_fraction, weighting=weighting,
-                batch_size=batch_size, region=lung_mask, device=device, output_device=accumulate_on,
-                progress=progress, with_boxes=True,
-            )[0]
-            probability.mul_(lung_t)
+            scan = segment_scan(network, image_t, region_mask, cls_t, patch, step_fraction, weighting, batch_size,
+                                device, accumulate_on, progress)
+            probability, i_cls, stitched = scan.probability, scan.cls_features, scan.stitched
             probability_sum += probability
         else:
-            probability = torch.zeros(shape, dtype=torch.float32, device=accumulate_on)
+            probability, stitched = torch.zeros(shape, dtype=torch.float32, device=accumulate_on), None
+            with torch.no_grad(), _autocast(device):
+                i_cls = network.encode_classification(cls_t)
+        cross = bool(getattr(network, "uses_cross_stitch", False))
 
         if network.has_classification:
             lesion_on_grid = None
@@ -211,8 +257,8 @@ def run_networks(
                 on_grid = resample_to_grid(probability.cpu().numpy(), grid)
                 lesion_on_grid = torch.from_numpy(np.ascontiguousarray(on_grid))[None, None].to(device)
             seg_on_grid = coverage = None
-            if cross and stitched[0] is not None:
-                total, weight = stitched[0]
+            if cross and stitched is not None:
+                total, weight = stitched
                 seg_on_grid = total / weight.clamp(min=1e-6)
                 coverage = weight.clamp(max=1.0)
             with torch.no_grad(), _autocast(device):
@@ -233,7 +279,7 @@ def run_networks(
         lesion_probability=lesion_probability,
         class_probabilities=class_probabilities,
         evidence=evidence_map,
-        tiles_run=len(plan_tiles(shape, patch, step_fraction, lung_mask)),
+        tiles_run=len(plan_tiles(shape, patch, step_fraction, region_mask)),
         tiles_total=len(plan_tiles(shape, patch, step_fraction)),
     )
 
@@ -261,6 +307,7 @@ def output_files(name: str) -> dict[str, str]:
         "evidence": f"{name}_evidence.nii.gz",
         "lesion_probability": f"{name}_lesion_prob.nii.gz",
         "lung": f"{name}_lung.nii.gz",
+        "montage": f"{name}_montage.png",  # dscovid_predict --png (dscovid.inference.montage)
     }
 
 
@@ -302,22 +349,28 @@ def export_case(
             files["evidence"] = names["evidence"]
             futures.append(pool.submit(write_evidence))
         probability = restore_to_original(output.lesion_probability, loaded.properties, is_mask=False)
-        lesion = ((probability >= LESION_THRESHOLD) & (loaded.lung != 0)).astype(np.uint8)
+        allowed = loaded.lung != 0
+        if float(loaded.properties.get("lung_margin_mm") or 0.0) > 0:
+            # The network also looked just outside the lung mask (a consolidation the classical mask left out);
+            # what it found there counts, and the reported lung is the lung mask plus that lesion.
+            allowed |= restore_to_original(loaded.region_preprocessed, loaded.properties, is_mask=True) != 0
+        lesion = ((probability >= LESION_THRESHOLD) & allowed).astype(np.uint8)
+        del allowed
+        lung = np.maximum(loaded.lung.astype(np.uint8, copy=False), lesion)
         futures.append(pool.submit(write_image, lesion, geometry, output_dir / names["mask"]))
         if save_probabilities:
             files["lesion_probability"] = names["lesion_probability"]
             files["lung"] = names["lung"]
             futures.append(pool.submit(write_image, probability.astype(np.float32, copy=False), geometry,
                                        output_dir / names["lesion_probability"]))
-            futures.append(pool.submit(write_image, loaded.lung.astype(np.uint8, copy=False), geometry,
-                                       output_dir / names["lung"]))
+            futures.append(pool.submit(write_image, lung, geometry, output_dir / names["lung"]))
         del probability
         entry: dict = {"case": name, "predicted_class": None, "probabilities": None}
         if output.class_probabilities is not None:
             probabilities = output.class_probabilities
             entry["predicted_class"] = class_names[int(np.argmax(probabilities))]
             entry["probabilities"] = {c: float(p) for c, p in zip(class_names, probabilities)}
-        entry.update(lesion_report(loaded.image_hu, lesion, loaded.lung, geometry, peripheral_thickness_mm))
+        entry.update(lesion_report(loaded.image_hu, lesion, lung, geometry, peripheral_thickness_mm))
         for future in futures:
             future.result()
         entry["files"] = files
@@ -356,6 +409,8 @@ def _previous_entries(output_dir: Path, identity: dict, overwrite: bool) -> list
         )
     log.warning("%s: replacing the predictions of another model (--overwrite)", output_dir)
     for entry in previous.get("cases") or []:
+        if isinstance(entry.get("case"), str) and "/" not in entry["case"] and "\\" not in entry["case"]:
+            remove_case_files(output_dir, entry["case"])  # a montage (--png) is not listed among the files
         for file_name in (entry.get("files") or {}).values():
             candidate = output_dir / str(file_name)
             if candidate.parent == output_dir:  # only files directly in the folder, never a path from the JSON
@@ -526,7 +581,7 @@ def predict_cases(
                 continue
             try:
                 start = time.perf_counter()
-                output = run_networks(model, loaded.image, loaded.lung_preprocessed, loaded.cls_image,
+                output = run_networks(model, loaded.image, loaded.region_preprocessed, loaded.cls_image,
                                       step_fraction=step_fraction)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -537,7 +592,7 @@ def predict_cases(
                 bar.update()
                 continue
             # Drop the preprocessed arrays now: only the original scan and lung are needed for the export.
-            loaded.image = loaded.cls_image = loaded.lung_preprocessed = None
+            loaded.image = loaded.cls_image = loaded.lung_preprocessed = None  # the region is kept for the export
             collect_exports(wait=True)  # at most one case waits for export: bounded memory
             pending_exports.append((name, writer.submit(_timed_export, loaded, output, output_dir, class_names,
                                                         save_probabilities, peripheral_thickness_mm, timing), timing))

@@ -207,6 +207,7 @@ CONFIGURATION_SPEC = _Object(
                 "mask_outside_lung": _Bool(),
                 "num_lesion_samples": _Number(minimum=0, integer=True),
             },
+            optional={"lung_margin_mm": _NON_NEGATIVE},
         ),
         "segmentation": _Object(required={"patch_size_zyx": _SIZE3}),
         "classification": _Object(required={"grid_zyx": _SIZE3}),
@@ -219,7 +220,7 @@ CONFIGURATION_SPEC = _Object(
                 "stages": _List(STAGE_SPEC, min_length=1),
                 "oversample_foreground": _FRACTION,
             },
-            optional={"seed": _Number(minimum=0, integer=True)},
+            optional={"seed": _Number(minimum=0, integer=True), "lesion_context_refresh_epochs": _POSITIVE_INT},
         ),
         "inference": _Object(
             required={
@@ -344,6 +345,11 @@ class Configuration:
     @property
     def mask_outside_lung(self) -> bool:
         return bool(self.data["preprocessing"]["mask_outside_lung"])
+
+    @property
+    def lung_margin_mm(self) -> float:
+        """How far beyond the lung mask the image is kept (0: the lung only, the paper's choice)."""
+        return float(self.data["preprocessing"].get("lung_margin_mm", 0.0))
 
     @property
     def num_lesion_samples(self) -> int:

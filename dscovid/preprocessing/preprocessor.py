@@ -6,7 +6,11 @@ Per case, in this order:
 2. crop to the lung bounding box plus a margin in mm;
 3. clip HU to the window and scale to [0, 1];
 4. resample image (trilinear) and masks (linear, then threshold 0.5) to the target spacing;
-5. set the image to 0 outside the (resampled) lung;
+5. set the image to 0 outside the region the network sees: the (resampled) lung grown by ``lung_margin_mm``
+   (``region``; the lung itself with a margin of 0, as the paper multiplies the CT by its lung mask). A classical
+   lung mask can leave the outer part of a consolidation against the mediastinum or the chest wall out; the
+   margin lets the network see and segment it. Lesion voxels outside the region are invisible and are dropped
+   from the training target, so the network is never asked to find lesion in a blanked area;
 6. resample image and lesion mask onto the classification grid (``cls_image``, ``cls_lesion``);
 7. sample up to ``num_lesion_samples`` lesion voxels (seeded by the case name) for foreground oversampling.
 
@@ -30,6 +34,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 from dscovid.errors import DscovidError
@@ -56,7 +61,7 @@ from dscovid.preprocessing.resampling import (
 log = logging.getLogger(__name__)
 
 #: Version of the cache layout; a change makes every cached case stale.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 
 def _as_configuration(configuration: Configuration | Mapping, name: str = "configuration") -> Configuration:
@@ -76,6 +81,24 @@ def lung_bounding_box(lung: np.ndarray, spacing_zyx_mm: Sequence[float], margin_
         margin = int(math.ceil(margin_mm / float(spacing_zyx_mm[axis]) - 1e-9))
         box.append([max(0, int(present[0]) - margin), min(lung.shape[axis], int(present[-1]) + 1 + margin)])
     return box
+
+
+def grow_mask(mask: np.ndarray, spacing_zyx_mm: Sequence[float], margin_mm: float) -> np.ndarray:
+    """``mask`` (uint8 0/1) grown by ``margin_mm`` (Euclidean distance in mm, computed inside its bounding box)."""
+    mask = np.asarray(mask, dtype=np.uint8)
+    if margin_mm <= 0 or not mask.any():
+        return mask.copy()
+    spacing = np.asarray(spacing_zyx_mm, dtype=float)
+    reach = np.ceil(margin_mm / spacing).astype(int) + 1
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(0, present[0] - reach[axis]), min(mask.shape[axis], present[-1] + reach[axis] + 1)))
+    box = tuple(box)
+    grown = np.zeros_like(mask)
+    distance = ndimage.distance_transform_edt(mask[box] == 0, sampling=spacing)
+    grown[box] = distance <= margin_mm
+    return grown
 
 
 def _scale_window(image: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
@@ -132,7 +155,8 @@ def preprocess_image(
 
     Returns
     -------
-    arrays : ``image`` float32 (Z', Y', X') in [0, 1], ``lesion`` and ``lung`` uint8 (Z', Y', X'),
+    arrays : ``image`` float32 (Z', Y', X') in [0, 1], ``lesion``, ``lung`` and ``region`` (where the image is
+        kept: the lung grown by ``lung_margin_mm``, everything without ``mask_outside_lung``) uint8 (Z', Y', X'),
         ``cls_image`` and ``cls_lesion`` float32 (N, H, W).
     properties : JSON-serialisable dict with everything :func:`restore_to_original` needs, plus
         ``lesion_locations_zyx`` and ``timing_s`` (seconds per step).
@@ -181,8 +205,13 @@ def preprocess_image(
     else:
         lung_r, lesion_r = resample_mask(lung_c[crop], target_shape), np.zeros(target_shape, dtype=np.uint8)
     lap("resample")
+    region = lung_r
     if configuration.mask_outside_lung:
-        image *= lung_r  # the paper multiplies the CT by the lung mask
+        region = grow_mask(lung_r, configuration.target_spacing_zyx_mm, configuration.lung_margin_mm)
+        image *= region  # the paper multiplies the CT by the lung mask
+        lesion_r = lesion_r & region
+    else:
+        region = np.ones_like(lung_r)
     lap("normalise")
 
     cls_image = resample_to_grid(image, configuration.grid_zyx)
@@ -191,7 +220,8 @@ def preprocess_image(
     locations = _sample_locations(lesion_r, configuration.num_lesion_samples, case_name)
     lap("sample_lesions")
 
-    arrays = {"image": image, "lesion": lesion_r, "lung": lung_r, "cls_image": cls_image, "cls_lesion": cls_lesion}
+    arrays = {"image": image, "lesion": lesion_r, "lung": lung_r, "region": region, "cls_image": cls_image,
+              "cls_lesion": cls_lesion}
     properties = {
         "case": case_name,
         "cache_format": CACHE_FORMAT_VERSION,
@@ -210,6 +240,7 @@ def preprocess_image(
         "grid_zyx": list(configuration.grid_zyx),
         "lesion_voxels": int(np.count_nonzero(lesion_r)),
         "lung_voxels": int(np.count_nonzero(lung_r)),
+        "lung_margin_mm": configuration.lung_margin_mm if configuration.mask_outside_lung else 0.0,
         "lesion_locations_zyx": locations,
         "timing_s": {key: round(value, 4) for key, value in timing.items()},
     }
