@@ -196,3 +196,57 @@ def test_existing_fold_is_not_overwritten_and_cli_errors_are_one_line(tmp_path, 
     assert "Final validation skipped: the raw dataset Dataset900_Tiny is not available" in capsys.readouterr().err
     assert train_main(["1", *args[1:], "--val-only"]) == 1
     assert "checkpoint_final.pt: not found (train the fold before --val-only)" in capsys.readouterr().err
+
+
+def test_prediction_context_is_the_networks_own_cached_map_in_the_joint_stage(tmp_path):
+    plans = make_plans("Dataset900_Tiny", epochs=(1, 3), iterations=2)
+    configuration = plans["configurations"]["3d_cpu"]
+    configuration["network"]["lesion_context"] = "prediction"
+    configuration["training"]["lesion_context_refresh_epochs"] = 2
+    dataset_dir = make_cache(tmp_path / "pre", n_cases=10, plans=plans)
+    run_training(_roots(tmp_path), None, "3d_cpu", 0, num_workers=0, device="cpu", seed=5)
+    fold_dir = tmp_path / "res" / "Dataset900_Tiny" / "DeepSCCOVIDTrainer__3d_cpu" / "fold_0"
+    log = (fold_dir / "training_log.txt").read_text(encoding="utf-8")
+    # Made at the start of the joint stage and again two epochs into it; never in the separate stage 1.
+    assert log.count("Lesion context:") == 2
+    assert log.index("Stage 2/2") < log.index("Lesion context:")
+    cases = list_cache_cases(dataset_dir / "3d_cpu")
+    files = sorted((fold_dir / "lesion_context").glob("*.npy"))
+    assert [f.stem for f in files] == sorted(cases)  # training and validation cases of the fold
+    grid = tuple(configuration["classification"]["grid_zyx"])
+    first = np.load(files[0]).astype(np.float32)
+    assert first.shape == grid and 0 <= first.min() and first.max() <= 1
+    # The loader hands the cached map over in place of the ground truth.
+    loader = build_loader([cases[files[0].stem]], 1, (8, 16, 16), (2.0, 1.5, 1.5), 0.0, AugmentationSettings.none(), 0,
+                          0, fold_dir / "lesion_context")
+    batch = next(loader)
+    np.testing.assert_array_equal(batch["cls_lesion"][0, 0], first)
+    assert not np.array_equal(first, cases[files[0].stem].load(("cls_lesion",))["cls_lesion"])
+    # A fresh run that starts in stage 1 removes an old run's maps rather than training on them.
+    from dscovid.training.distributed import DistributedContext
+    from dscovid.training.lesion_context import clear_contexts
+
+    clear_contexts(fold_dir / "lesion_context", DistributedContext())
+    assert not (fold_dir / "lesion_context").exists()
+
+
+def test_predicted_context_matches_the_predictors_map(tmp_path):
+    from dscovid.inference.predictor import segment_scan
+    from dscovid.preprocessing.resampling import resample_to_grid
+    from dscovid.training.lesion_context import predict_context
+
+    plans = make_plans("Dataset900_Tiny")
+    configuration = plans["configurations"]["3d_cpu"]
+    dataset_dir = make_cache(tmp_path / "pre", n_cases=3, plans=plans)
+    case = list_cache_cases(dataset_dir / "3d_cpu")["case_0000"]
+    torch.manual_seed(0)
+    network = build_network(configuration).eval()
+    with torch.no_grad():
+        made = predict_context(network, case, configuration, torch.device("cpu"))
+        arrays = case.load(("image", "region", "cls_image"))
+        scan = segment_scan(network, torch.from_numpy(arrays["image"])[None], arrays["region"] > 0,
+                            torch.from_numpy(arrays["cls_image"])[None, None], (8, 16, 16), 1.0, "constant", 2,
+                            torch.device("cpu"), torch.device("cpu"))
+    expected = resample_to_grid(scan.probability.numpy(), arrays["cls_image"].shape)
+    np.testing.assert_allclose(made, expected, atol=1e-6)
+    assert made.max() > 0 and (scan.probability.numpy()[arrays["region"] == 0] == 0).all()

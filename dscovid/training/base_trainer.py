@@ -31,6 +31,13 @@ from dscovid.training.augmentation import AugmentationSettings
 from dscovid.training.checkpoint import BEST, FINAL, LATEST, load_checkpoint, save_checkpoint, to_cpu
 from dscovid.training.data import CacheCase
 from dscovid.training.distributed import DistributedContext, average_gradients, sum_over_ranks
+from dscovid.training.lesion_context import (
+    CONTEXT_FOLDER,
+    DEFAULT_REFRESH_EPOCHS,
+    clear_contexts,
+    context_file,
+    refresh_contexts,
+)
 from dscovid.training.loader import build_loader, close_loader
 from dscovid.training.progress import History, plot_progress
 from dscovid.training.schedule import Stage, learning_rate, make_optimizer, stage_at, stages_from_configuration
@@ -119,10 +126,13 @@ class Trainer:
         self.total_epochs = count_epochs(self.stages)
         torch.manual_seed(setup.seed)  # identical initial weights on every rank and in every seeded run
         self.network = build_network(self.configuration).to(self.device)
+        # network.lesion_context "prediction": the classifier's Ŝ outside the patch is the network's own cached
+        # whole-scan prediction in the joint stages (dscovid.training.lesion_context).
+        self.context_dir: Path | None = None
         if self.network.config.tasks == "joint" and self.network.config.lesion_context == "prediction":
-            # The loader hands over the cached ground truth (cls_lesion); a cached whole-scan prediction is not made.
-            raise DscovidError("network.lesion_context 'prediction' is not supported by the trainer yet "
-                               "(no cached whole-scan predictions): use 'ground_truth' or 'none'")
+            self.context_dir = self.output_dir / CONTEXT_FOLDER
+        self.context_refresh_epochs = int(self.configuration["training"].get("lesion_context_refresh_epochs",
+                                                                             DEFAULT_REFRESH_EPOCHS))
         self.loss = build_loss(self.configuration)
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -172,11 +182,16 @@ class Trainer:
         spacing = self.configuration["preprocessing"]["target_spacing_zyx_mm"]
         # A resumed run must not replay the batches of the first epochs: the stream depends on the start epoch.
         stream = int(np.random.SeedSequence([s.seed, self.context.rank, self.epoch]).generate_state(1)[0])
+        if self.context_dir is not None and (
+                self.epoch >= self.total_epochs
+                or self.step_mode(self.stages[stage_at(self.stages, self.epoch)[0]]) == "separate"):
+            clear_contexts(self.context_dir, self.context)  # stage 1 trains on the ground truth: no old maps
         self.train_loader = build_loader(s.train_cases, self.batch_size, patch, spacing, self.oversample,
-                                         self.augmentation(), stream, s.num_workers)
+                                         self.augmentation(), stream, s.num_workers, self.context_dir)
         val_cases = s.val_cases or s.train_cases
         self.val_loader = build_loader(val_cases, self.batch_size, patch, spacing, self.oversample,
-                                       AugmentationSettings.none(), stream + 1, 1 if s.num_workers >= 2 else 0)
+                                       AugmentationSettings.none(), stream + 1, 1 if s.num_workers >= 2 else 0,
+                                       self.context_dir)
         log.info("%s on %s, fold folder %s: %d training / %d validation cases, batch %d x %d process(es), "
                  "%d epochs in %d stage(s)", self.name, self.device, self.output_dir, len(s.train_cases),
                  len(s.val_cases), self.batch_size, self.context.world_size, self.total_epochs, len(self.stages))
@@ -359,6 +374,11 @@ class Trainer:
         lr = learning_rate(self.stages[index], in_stage)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.context_dir is not None and self.step_mode(self.stages[index]) == "total":
+            cases = list({case.name: case for case in [*self.setup.train_cases, *self.setup.val_cases]}.values())
+            missing = any(not context_file(self.context_dir, case.name).exists() for case in cases)
+            if missing or in_stage % max(self.context_refresh_epochs, 1) == 0:
+                refresh_contexts(self.network, cases, self.context_dir, self.configuration, self.device, self.context)
         return lr
 
     def run_epoch(self) -> None:

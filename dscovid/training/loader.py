@@ -8,7 +8,8 @@ key                 shape, dtype            meaning
 ``data``            (B, 1, Z, Y, X) float32 image patch, [0, 1]
 ``seg``             (B, 1, Z, Y, X) float32 lesion mask of the patch, 0/1 (all 0 when not annotated)
 ``cls_image``       (B, 1, N, H, W) float32 the whole case on the classification grid
-``cls_lesion``      (B, 1, N, H, W) float32 its lesion fraction per grid cell (the lesion context)
+``cls_lesion``      (B, 1, N, H, W) float32 its lesion fraction per grid cell (the lesion context), or the
+                                            network's own cached Ŝ there (``context_dir``, lesion_context.py)
 ``patch_box``       (B, 2, 3) float64       start and size (z, y, x) of the patch, preprocessed voxels
 ``volume_shape``    (B, 3) float64          preprocessed volume shape (Z, Y, X)
 ``class_index``     (B,) int64              diagnosis class
@@ -28,6 +29,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from batchgenerators.dataloading.data_loader import DataLoader
@@ -42,6 +44,7 @@ from dscovid.training.augmentation import (
     resample_patch,
 )
 from dscovid.training.data import CacheCase
+from dscovid.training.lesion_context import read_context
 from dscovid.training.sampling import choose_start, crop, forced_lesion_flags
 
 
@@ -62,6 +65,9 @@ class PatchLoader(DataLoader):
         ``AugmentationSettings.none()`` for validation batches.
     seed : int
         Seed of this loader's own generator (each worker process re-seeds it from its worker seed).
+    context_dir : Path or None
+        Folder of cached whole-scan predictions (``network.lesion_context: "prediction"``); a case with a file
+        there gets it as ``cls_lesion`` instead of its ground truth (re-read each time, so refreshes show up).
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class PatchLoader(DataLoader):
         augmentation: AugmentationSettings,
         seed: int = 0,
         num_threads: int = 1,
+        context_dir: Path | None = None,
     ):
         super().__init__(list(cases), batch_size, num_threads_in_multithreaded=max(num_threads, 1),
                          seed_for_shuffle=seed, infinite=True)
@@ -83,6 +90,7 @@ class PatchLoader(DataLoader):
         self.augmentation = augmentation
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self.context_dir = context_dir
 
     def set_thread_id(self, thread_id: int) -> None:
         # Called once inside each background worker: its own stream, reproducible from the run seed.
@@ -93,6 +101,9 @@ class PatchLoader(DataLoader):
     def make_sample(self, case: CacheCase, force_lesion: bool) -> dict:
         """One sample of ``case`` (arrays without the batch axis)."""
         arrays = case.load()
+        predicted = read_context(self.context_dir, case.name)
+        if predicted is not None:  # the network's own cached Ŝ stands in for the ground truth (lesion_context.py)
+            arrays["cls_lesion"] = predicted
         shape = arrays["image"].shape
         start = choose_start(shape, self.patch_size, case.lesion_locations_zyx, force_lesion, self.rng)
         matrix = draw_spatial_matrix(self.augmentation, self.spacing, self.rng)
@@ -158,13 +169,14 @@ def build_loader(
     augmentation: AugmentationSettings,
     seed: int,
     num_workers: int,
+    context_dir: Path | None = None,
 ):
     """An endless iterator of (augmented) batches, in ``num_workers`` background processes (0: in this process).
 
     Call ``_finish()`` on the result (or use :func:`close_loader`) to stop the workers.
     """
     loader = PatchLoader(cases, batch_size, patch_size_zyx, spacing_zyx_mm, oversample_foreground, augmentation,
-                         seed=seed, num_threads=num_workers)
+                         seed=seed, num_threads=num_workers, context_dir=context_dir)
     if num_workers <= 0:
         return SingleThreadedAugmenter(loader, None)
     # Random draws come from each worker's own generator (PatchLoader.set_thread_id), not from these seeds.
