@@ -198,3 +198,31 @@ def test_build_loss_reads_training_section_and_refuses_unknown_keys():
         build_loss({"training": {"class_weights": [1.0, 1.0]}})
     with pytest.raises(DscovidError, match="focal_alpha"):
         build_loss({"training": {"loss": {"focal_alpha": 1.5}}})
+
+
+def test_batch_dice_sums_over_the_annotated_samples_and_keeps_gradient_on_empty_patches():
+    logits = torch.randn(3, 1, 4, 8, 8, requires_grad=True)
+    target = torch.zeros(3, 1, 4, 8, 8)
+    target[0, :, 1:3, 2:6, 2:6] = 1  # sample 1 holds no lesion, sample 2 is not annotated
+    annotated = torch.tensor([True, True, False])
+    per_batch = DeepSCLoss(LossConfig(dice_over="batch", focal_alpha=0.6))
+    seg, parts = per_batch.segmentation(logits, target, annotated)
+    p = torch.sigmoid(logits.detach())
+    intersection = (p[:2] * target[:2]).sum()
+    dice = 1 - (2 * intersection + 1) / (p[:2].sum() + target[:2].sum() + 1)
+    focal = focal_loss(logits.detach()[:2], target[:2], 0.6).mean()
+    assert float(seg) == pytest.approx(float(dice + focal), rel=1e-5)
+    assert parts["dice"] == pytest.approx(float(dice), rel=1e-5)
+    seg.backward()
+    grad = logits.grad
+    assert grad[2].abs().max() == 0  # the unannotated sample gets no segmentation gradient
+    # The empty patch's Dice gradient: per sample it all but vanishes (saturated at 1), over the batch it does not.
+    logits.grad = None
+    per_sample = DeepSCLoss(LossConfig(dice_over="sample", lambda_focal=0.0))
+    per_sample.segmentation(logits, target, annotated)[0].backward()
+    sample_grad = logits.grad[1].abs().mean()
+    logits.grad = None
+    DeepSCLoss(LossConfig(dice_over="batch", lambda_focal=0.0)).segmentation(logits, target, annotated)[0].backward()
+    assert logits.grad[1].abs().mean() > 10 * sample_grad
+    with pytest.raises(DscovidError, match="dice_over"):
+        LossConfig.from_dict({"dice_over": "voxel"})

@@ -17,6 +17,7 @@ TASKS = ("joint", "segmentation", "classification")
 STEMS = ("inception", "conv")
 NORMS = ("group", "instance")
 LESION_CONTEXTS = ("ground_truth", "prediction", "none")
+DICE_OVER = ("sample", "batch")
 SEG_TO_CLS_FILLS = ("classification", "zeros")
 TASK_AWARE_CLASSES = ("predicted", "label")
 
@@ -148,6 +149,12 @@ class LossConfig:
     focal_gamma: float = 2.0
     dice_smooth: float = 1.0
     """Added to numerator and denominator of equation 6; makes an empty target push Ŝ to zero."""
+    dice_over: str = "sample"
+    """The sums of equation 6 run over each ``sample`` (then averaged) or over the whole ``batch`` (nnU-Net's
+    batch Dice). Per sample, a patch without lesion scores 1 - smooth / (ΣŜ + smooth): saturated near 1 for any
+    visible false positive, so its gradient all but vanishes and only the focal term (weight 1 - α) fights false
+    positives there. Over the batch, the false positives of such a patch enlarge the denominator of a Dice that
+    the lesion patches keep meaningful."""
     task_aware_scales: tuple[int, ...] = (1, 2, 3)
     """Which side outputs Ŝi enter equation 10; ``[3]`` is the single-scale ablation of Table III."""
     task_aware_class: str = "predicted"
@@ -195,6 +202,7 @@ class LossConfig:
         ):
             raise DscovidError(f"{p}.task_aware_scales must be distinct values among 1, 2, 3; got {scales!r}")
         _check_choice(p, "task_aware_class", self.task_aware_class, TASK_AWARE_CLASSES)
+        _check_choice(p, "dice_over", self.dice_over, DICE_OVER)
         if not isinstance(self.task_aware_normalise, bool):
             raise DscovidError(f"{p}.task_aware_normalise must be true or false; got {self.task_aware_normalise!r}")
         excluded = self.task_aware_exclude_classes

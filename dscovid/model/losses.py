@@ -157,11 +157,19 @@ class DeepSCLoss(nn.Module):
         c = self.config
         target = target.reshape(logits.shape)
         mask = torch.ones(logits.shape[0], device=logits.device) if annotated is None else annotated.to(logits.device).float()
-        dice = dice_loss(torch.sigmoid(logits.float()), target, c.dice_smooth)
+        probability = torch.sigmoid(logits.float())
         focal = focal_loss(logits, target, c.focal_alpha, c.focal_gamma)
         count = mask.sum()
         # Multiplying by the mask (rather than indexing) keeps the graph connected for DistributedDataParallel.
-        seg = ((c.lambda_dice * dice + c.lambda_focal * focal) * mask).sum() / count.clamp(min=1.0)
+        if c.dice_over == "batch":
+            weight = mask.view(-1, *[1] * (probability.ndim - 1))
+            batch_dice = dice_loss((probability * weight).reshape(1, -1), (target.float() * weight).reshape(1, -1),
+                                   c.dice_smooth)[0] * (count > 0).float()
+            dice = batch_dice.expand(logits.shape[0])  # one value, reported per sample for the terms below
+            seg = c.lambda_dice * batch_dice + c.lambda_focal * (focal * mask).sum() / count.clamp(min=1.0)
+        else:
+            dice = dice_loss(probability, target, c.dice_smooth)
+            seg = ((c.lambda_dice * dice + c.lambda_focal * focal) * mask).sum() / count.clamp(min=1.0)
         n = max(float(count), 1.0)
         dice, focal = dice.detach(), focal.detach()
         return seg, {"dice": float((dice * mask).sum()) / n, "focal": float((focal * mask).sum()) / n}
