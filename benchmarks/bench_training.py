@@ -114,7 +114,41 @@ def main() -> None:
     (work / f"bench_training_{args.trainer}.json").write_text(json.dumps(
         {"trainer": args.trainer, "times_s": times, "test_summary_file": str(out_dir / "summary.json"),
          "test_dice_lesion_cases": (seg.get("lesion_cases") or {}).get("mean", {}).get("dsc"),
-         "test_accuracy": cls.get("accuracy")}, indent=2))
+         "test_accuracy": cls.get("accuracy"), "test_macro_auc": (cls.get("macro") or {}).get("auc"),
+         "test_nsd": (seg.get("lesion_cases") or {}).get("mean", {}).get("nsd")}, indent=2))
+    print_multitask_gain(work)
+
+
+def print_multitask_gain(work: Path) -> None:
+    """The paper's "multi-task gain" rows from the runs of this working folder (one JSON per trainer)."""
+    runs = {}
+    for path in sorted(work.glob("bench_training_*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        runs[record["trainer"]] = record
+    joint = runs.get(DEFAULT_TRAINER)
+    singles = [name for name in ("SegmentationTrainer", "ClassificationTrainer") if name in runs]
+    if joint is None or not singles:
+        print("(multi-task gain: run this benchmark with the joint and a single-task trainer in the same --work)")
+        return
+    fmt = lambda v: f"{100 * v:6.1f}" if isinstance(v, (int, float)) else "   n/a"  # noqa: E731
+    print()
+    print("Multi-task gain on the test set (Table II layout, %; rows measured in this working folder)")
+    print(f"{'':40} {'DSC':>6} {'NSD':>6} {'Acc.':>6} {'AUC':>6}")
+    rows = [("w/o Cls. (SegmentationTrainer)", runs.get("SegmentationTrainer")),
+            ("w/o Seg. (ClassificationTrainer)", runs.get("ClassificationTrainer")),
+            ("DeepSC-COVID (joint)", joint)]
+    for label, record in rows:
+        if record is None:
+            continue
+        print(f"{label:40} {fmt(record.get('test_dice_lesion_cases'))} {fmt(record.get('test_nsd'))} "
+              f"{fmt(record.get('test_accuracy'))} {fmt(record.get('test_macro_auc'))}")
+    seg_only, cls_only = runs.get("SegmentationTrainer"), runs.get("ClassificationTrainer")
+    gain = lambda a, b: (a - b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None  # noqa: E731
+    print(f"{'multi-task gain (joint - single task)':40} "
+          f"{fmt(gain(joint.get('test_dice_lesion_cases'), (seg_only or {}).get('test_dice_lesion_cases')))} "
+          f"{fmt(gain(joint.get('test_nsd'), (seg_only or {}).get('test_nsd')))} "
+          f"{fmt(gain(joint.get('test_accuracy'), (cls_only or {}).get('test_accuracy')))} "
+          f"{fmt(gain(joint.get('test_macro_auc'), (cls_only or {}).get('test_macro_auc')))}")
 
 
 if __name__ == "__main__":
