@@ -203,6 +203,7 @@ def test_prediction_context_is_the_networks_own_cached_map_in_the_joint_stage(tm
     configuration = plans["configurations"]["3d_cpu"]
     configuration["network"]["lesion_context"] = "prediction"
     configuration["training"]["lesion_context_refresh_epochs"] = 2
+    configuration["training"]["hard_negative_fraction"] = 0.5
     dataset_dir = make_cache(tmp_path / "pre", n_cases=10, plans=plans)
     run_training(_roots(tmp_path), None, "3d_cpu", 0, num_workers=0, device="cpu", seed=5)
     fold_dir = tmp_path / "res" / "Dataset900_Tiny" / "DeepSCCOVIDTrainer__3d_cpu" / "fold_0"
@@ -228,6 +229,36 @@ def test_prediction_context_is_the_networks_own_cached_map_in_the_joint_stage(tm
 
     clear_contexts(fold_dir / "lesion_context", DistributedContext())
     assert not (fold_dir / "lesion_context").exists()
+    # Hard negatives: mined from the training cases only (validation stays unbiased), on voxels without lesion.
+    splits = json.loads((dataset_dir / "splits_final.json").read_text(encoding="utf-8"))[0]
+    mined = sorted(f.stem for f in (fold_dir / "hard_negatives").glob("*.npy"))
+    assert mined and set(mined) <= set(splits["train"]) and not set(mined) & set(splits["val"])
+    for name in mined:
+        locations = np.load(fold_dir / "hard_negatives" / f"{name}.npy")
+        lesion = cases[name].load(("lesion",))["lesion"]
+        assert locations.ndim == 2 and locations.shape[1] == 3 and len(locations) <= 2000
+        assert not lesion[tuple(locations.T)].any()
+
+
+def test_loader_centres_non_lesion_patches_on_mined_false_positives(tmp_path):
+    dataset_dir = make_cache(tmp_path / "pre", n_cases=3)
+    case = list_cache_cases(dataset_dir / "3d_cpu")["case_0002"]  # non-pneumonia
+    folder = tmp_path / "hard_negatives"
+    folder.mkdir()
+    spot = np.array([[3, 30, 35]], dtype=np.int32)
+    np.save(folder / "case_0002.npy", spot)
+    loader = build_loader([case], 4, (8, 16, 16), (2.0, 1.5, 1.5), 0.0, AugmentationSettings.none(), 3, 0,
+                          None, folder, 1.0)
+    for _ in range(3):
+        for start, size in next(loader)["patch_box"]:
+            assert ((start <= spot[0]) & (spot[0] < start + size)).all()
+    close_loader(loader)
+    with pytest.raises(DscovidError, match="hard_negative_fraction needs"):
+        plans = make_plans("Dataset901_Tiny")
+        plans["configurations"]["3d_cpu"]["training"]["hard_negative_fraction"] = 0.3
+        make_cache(tmp_path / "pre2", n_cases=10, plans=plans, name="Dataset901_Tiny")
+        run_training(Roots(preprocessed=tmp_path / "pre2", results=tmp_path / "res2"), None, "3d_cpu", 0,
+                     num_workers=0, device="cpu")
 
 
 def test_predicted_context_matches_the_predictors_map(tmp_path):

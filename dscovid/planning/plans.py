@@ -220,7 +220,8 @@ CONFIGURATION_SPEC = _Object(
                 "stages": _List(STAGE_SPEC, min_length=1),
                 "oversample_foreground": _FRACTION,
             },
-            optional={"seed": _Number(minimum=0, integer=True), "lesion_context_refresh_epochs": _POSITIVE_INT},
+            optional={"seed": _Number(minimum=0, integer=True), "lesion_context_refresh_epochs": _POSITIVE_INT,
+                      "hard_negative_fraction": _FRACTION},
         ),
         "inference": _Object(
             required={

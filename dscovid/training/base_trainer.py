@@ -34,6 +34,7 @@ from dscovid.training.distributed import DistributedContext, average_gradients, 
 from dscovid.training.lesion_context import (
     CONTEXT_FOLDER,
     DEFAULT_REFRESH_EPOCHS,
+    HARD_NEGATIVE_FOLDER,
     clear_contexts,
     context_file,
     refresh_contexts,
@@ -133,6 +134,13 @@ class Trainer:
             self.context_dir = self.output_dir / CONTEXT_FOLDER
         self.context_refresh_epochs = int(self.configuration["training"].get("lesion_context_refresh_epochs",
                                                                              DEFAULT_REFRESH_EPOCHS))
+        self.hard_negative_fraction = float(self.configuration["training"].get("hard_negative_fraction", 0.0))
+        self.hard_negative_dir: Path | None = None
+        if self.hard_negative_fraction > 0:
+            if self.context_dir is None:
+                raise DscovidError("training.hard_negative_fraction needs network.lesion_context 'prediction' and a "
+                                   "joint network (the false positives are mined while the context is refreshed)")
+            self.hard_negative_dir = self.output_dir / HARD_NEGATIVE_FOLDER
         self.loss = build_loss(self.configuration)
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -186,8 +194,11 @@ class Trainer:
                 self.epoch >= self.total_epochs
                 or self.step_mode(self.stages[stage_at(self.stages, self.epoch)[0]]) == "separate"):
             clear_contexts(self.context_dir, self.context)  # stage 1 trains on the ground truth: no old maps
+            if self.hard_negative_dir is not None:
+                clear_contexts(self.hard_negative_dir, self.context)
         self.train_loader = build_loader(s.train_cases, self.batch_size, patch, spacing, self.oversample,
-                                         self.augmentation(), stream, s.num_workers, self.context_dir)
+                                         self.augmentation(), stream, s.num_workers, self.context_dir,
+                                         self.hard_negative_dir, self.hard_negative_fraction)
         val_cases = s.val_cases or s.train_cases
         self.val_loader = build_loader(val_cases, self.batch_size, patch, spacing, self.oversample,
                                        AugmentationSettings.none(), stream + 1, 1 if s.num_workers >= 2 else 0,
@@ -378,7 +389,8 @@ class Trainer:
             cases = list({case.name: case for case in [*self.setup.train_cases, *self.setup.val_cases]}.values())
             missing = any(not context_file(self.context_dir, case.name).exists() for case in cases)
             if missing or in_stage % max(self.context_refresh_epochs, 1) == 0:
-                refresh_contexts(self.network, cases, self.context_dir, self.configuration, self.device, self.context)
+                refresh_contexts(self.network, cases, self.context_dir, self.configuration, self.device, self.context,
+                                 self.hard_negative_dir, [case.name for case in self.setup.train_cases])
         return lr
 
     def run_epoch(self) -> None:

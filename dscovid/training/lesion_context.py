@@ -14,6 +14,13 @@ trained yet.
 
 The files are written atomically; the loader's worker processes read a case's file each time they draw it, so
 they pick up a refresh without being restarted.
+
+**Hard negatives.** The same refresh knows where the network is wrong: with ``training.hard_negative_fraction``
+f > 0 it also stores up to 2,000 false-positive voxels per annotated case (Ŝ ≥ 0.5 where the target is 0) in
+``fold_K/hard_negatives/<case>.npy``, and a fraction f of the patches that are not forced onto a lesion is then
+centred on one of them (with the same jitter as lesion patches). On the synthetic data the false positives sit
+where healthy lung is denser (the dependent posterior lung, the bases above the diaphragm): a uniformly random
+patch rarely shows them, a mined one does.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ log = logging.getLogger(__name__)
 CONTEXT_FOLDER = "lesion_context"
 #: Default epochs between two refreshes within a joint stage.
 DEFAULT_REFRESH_EPOCHS = 10
+#: Sub-folder of the fold folder holding the mined false-positive voxels.
+HARD_NEGATIVE_FOLDER = "hard_negatives"
+#: At most this many false-positive voxel indices are kept per case.
+MAX_HARD_NEGATIVES = 2000
 
 
 def context_file(folder: Path, case_name: str) -> Path:
@@ -56,9 +67,35 @@ def read_context(folder: Path | None, case_name: str) -> np.ndarray | None:
         return None
 
 
+def read_hard_negatives(folder: Path | None, case_name: str) -> np.ndarray | None:
+    """The stored (K, 3) false-positive voxel indices of ``case_name``, or None."""
+    if folder is None:
+        return None
+    try:
+        return np.load(context_file(folder, case_name)).astype(np.int64, copy=False).reshape(-1, 3)
+    except FileNotFoundError:
+        return None
+
+
+def false_positive_locations(probability: np.ndarray, target: np.ndarray, case_name: str,
+                             count: int = MAX_HARD_NEGATIVES, threshold: float = 0.5) -> np.ndarray:
+    """Up to ``count`` voxel indices (K, 3) where Ŝ ≥ threshold but the target is 0, drawn reproducibly."""
+    wrong = np.argwhere((probability >= threshold) & (target == 0))
+    if len(wrong) > count:
+        rng = np.random.default_rng(np.frombuffer(case_name.encode("utf-8"), dtype=np.uint8).astype(np.int64))
+        wrong = wrong[np.sort(rng.choice(len(wrong), size=count, replace=False))]
+    return wrong.astype(np.int32)
+
+
 def predict_context(network: torch.nn.Module, case: CacheCase, configuration: Mapping, device: torch.device,
                     batch_size: int = 2) -> np.ndarray:
     """Ŝ of the whole preprocessed case on the classification grid, (N, H, W) float32, as the predictor makes it."""
+    return predict_scan(network, case, configuration, device, batch_size)[0]
+
+
+def predict_scan(network: torch.nn.Module, case: CacheCase, configuration: Mapping, device: torch.device,
+                 batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Ŝ on the classification grid (N, H, W) and on the preprocessed grid (Z, Y, X), both float32."""
     from dscovid.inference.predictor import segment_scan  # imported here: the predictor imports the trainer's files
     from dscovid.preprocessing.resampling import resample_to_grid
 
@@ -70,28 +107,49 @@ def predict_context(network: torch.nn.Module, case: CacheCase, configuration: Ma
     scan = segment_scan(network, image.to(accumulate_on), arrays["region"] != 0, cls_image.to(device), patch,
                         step_fraction=1.0, weighting="constant", batch_size=batch_size, device=device,
                         output_device=accumulate_on)
-    return resample_to_grid(scan.probability.cpu().numpy(), arrays["cls_image"].shape)
+    probability = scan.probability.cpu().numpy()
+    return resample_to_grid(probability, arrays["cls_image"].shape), probability
+
+
+def _save_npy(array: np.ndarray, path: Path) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes_atomic(buffer.getvalue(), path)
 
 
 def refresh_contexts(network: torch.nn.Module, cases: Sequence[CacheCase], folder: Path, configuration: Mapping,
-                     device: torch.device, context: DistributedContext) -> float:
-    """Remake the cached map of every case (each process its share) and wait for all; returns the seconds spent."""
+                     device: torch.device, context: DistributedContext, hard_negative_folder: Path | None = None,
+                     mine_cases: Sequence[str] = ()) -> float:
+    """Remake the cached map of every case (each process its share) and wait for all; returns the seconds spent.
+
+    With ``hard_negative_folder``, the false positives of the annotated cases named in ``mine_cases`` (the
+    training cases: validation stays unbiased) are stored there too.
+    """
     started = time.perf_counter()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if hard_negative_folder is not None:
+        Path(hard_negative_folder).mkdir(parents=True, exist_ok=True)
+    mine = set(mine_cases)
+    mined = 0
     was_training = network.training
     network.eval()
     try:
         with torch.no_grad():
             for case in list(cases)[context.rank::context.world_size]:
-                buffer = io.BytesIO()
-                np.save(buffer, predict_context(network, case, configuration, device).astype(np.float16))
-                write_bytes_atomic(buffer.getvalue(), context_file(folder, case.name))
+                on_grid, probability = predict_scan(network, case, configuration, device)
+                _save_npy(on_grid.astype(np.float16), context_file(folder, case.name))
+                if hard_negative_folder is not None and case.name in mine and case.lesion_annotated:
+                    target = case.load(("lesion",))["lesion"]
+                    locations = false_positive_locations(probability, target, case.name)
+                    _save_npy(locations, context_file(hard_negative_folder, case.name))
+                    mined += len(locations)
     finally:
         network.train(was_training)
     context.barrier()
     seconds = time.perf_counter() - started
-    log.info("Lesion context: the network's own Ŝ of %d case(s) cached in %s (%.1f s)", len(cases), folder, seconds)
+    log.info("Lesion context: the network's own Ŝ of %d case(s) cached in %s (%.1f s)%s", len(cases), folder, seconds,
+             f"; {mined} false-positive voxels kept as hard negatives" if hard_negative_folder is not None else "")
     return seconds
 
 

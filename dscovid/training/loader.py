@@ -44,8 +44,8 @@ from dscovid.training.augmentation import (
     resample_patch,
 )
 from dscovid.training.data import CacheCase
-from dscovid.training.lesion_context import read_context
-from dscovid.training.sampling import choose_start, crop, forced_lesion_flags
+from dscovid.training.lesion_context import read_context, read_hard_negatives
+from dscovid.training.sampling import choose_start, crop, forced_lesion_flags, lesion_start
 
 
 class PatchLoader(DataLoader):
@@ -68,6 +68,8 @@ class PatchLoader(DataLoader):
     context_dir : Path or None
         Folder of cached whole-scan predictions (``network.lesion_context: "prediction"``); a case with a file
         there gets it as ``cls_lesion`` instead of its ground truth (re-read each time, so refreshes show up).
+    hard_negative_dir, hard_negative_fraction : mined false-positive voxels; that fraction of the patches not
+        forced onto a lesion is centred on one of them when the case has any.
     """
 
     def __init__(
@@ -81,6 +83,8 @@ class PatchLoader(DataLoader):
         seed: int = 0,
         num_threads: int = 1,
         context_dir: Path | None = None,
+        hard_negative_dir: Path | None = None,
+        hard_negative_fraction: float = 0.0,
     ):
         super().__init__(list(cases), batch_size, num_threads_in_multithreaded=max(num_threads, 1),
                          seed_for_shuffle=seed, infinite=True)
@@ -91,6 +95,8 @@ class PatchLoader(DataLoader):
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.context_dir = context_dir
+        self.hard_negative_dir = hard_negative_dir
+        self.hard_negative_fraction = float(hard_negative_fraction)
 
     def set_thread_id(self, thread_id: int) -> None:
         # Called once inside each background worker: its own stream, reproducible from the run seed.
@@ -105,7 +111,13 @@ class PatchLoader(DataLoader):
         if predicted is not None:  # the network's own cached Ŝ stands in for the ground truth (lesion_context.py)
             arrays["cls_lesion"] = predicted
         shape = arrays["image"].shape
-        start = choose_start(shape, self.patch_size, case.lesion_locations_zyx, force_lesion, self.rng)
+        start = None
+        if not force_lesion and self.hard_negative_fraction > 0 and self.rng.random() < self.hard_negative_fraction:
+            wrong = read_hard_negatives(self.hard_negative_dir, case.name)
+            if wrong is not None and len(wrong):  # a patch on the network's own false positives (lesion_context.py)
+                start = lesion_start(shape, self.patch_size, wrong, self.rng)
+        if start is None:
+            start = choose_start(shape, self.patch_size, case.lesion_locations_zyx, force_lesion, self.rng)
         matrix = draw_spatial_matrix(self.augmentation, self.spacing, self.rng)
         if matrix is None:
             image = crop(arrays["image"], start, self.patch_size).astype(np.float32)
@@ -170,13 +182,16 @@ def build_loader(
     seed: int,
     num_workers: int,
     context_dir: Path | None = None,
+    hard_negative_dir: Path | None = None,
+    hard_negative_fraction: float = 0.0,
 ):
     """An endless iterator of (augmented) batches, in ``num_workers`` background processes (0: in this process).
 
     Call ``_finish()`` on the result (or use :func:`close_loader`) to stop the workers.
     """
     loader = PatchLoader(cases, batch_size, patch_size_zyx, spacing_zyx_mm, oversample_foreground, augmentation,
-                         seed=seed, num_threads=num_workers, context_dir=context_dir)
+                         seed=seed, num_threads=num_workers, context_dir=context_dir,
+                         hard_negative_dir=hard_negative_dir, hard_negative_fraction=hard_negative_fraction)
     if num_workers <= 0:
         return SingleThreadedAugmenter(loader, None)
     # Random draws come from each worker's own generator (PatchLoader.set_thread_id), not from these seeds.
