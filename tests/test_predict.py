@@ -271,6 +271,24 @@ def test_output_of_another_model_is_refused_unless_overwrite(model_dir, oblique_
         predict_cases(model_dir, inputs, target, folds=["1"], device="cpu", progress=False, step_fraction=1.0)
 
 
+def test_test_time_mirroring_averages_the_flipped_pass_flipped_back(model_dir):
+    model = load_trained_model(model_dir, folds=["0"])
+    rng = np.random.default_rng(1)
+    image = rng.random((20, 50, 60), dtype=np.float32)
+    region = np.zeros(image.shape, np.uint8)
+    region[3:17, 5:45, 4:50] = 1  # not symmetric: the flipped pass runs other tiles
+    cls_image = rng.random((32, 64, 64), dtype=np.float32)
+    plain = run_networks(model, image, region, cls_image, mirror_axes=[])
+    flipped = run_networks(model, image[:, :, ::-1].copy(), region[:, :, ::-1].copy(), cls_image[:, :, ::-1].copy(),
+                           mirror_axes=[])
+    both = run_networks(model, image, region, cls_image, mirror_axes=[2])
+    np.testing.assert_allclose(both.lesion_probability,
+                               (plain.lesion_probability + flipped.lesion_probability[:, :, ::-1]) / 2, atol=1e-5)
+    np.testing.assert_allclose(both.class_probabilities,
+                               (plain.class_probabilities + flipped.class_probabilities) / 2, atol=1e-5)
+    assert not np.allclose(plain.lesion_probability, both.lesion_probability)
+
+
 def test_model_folder_and_fold_lookup(model_dir):
     results = model_dir.parent.parent
     assert find_model_folder(results, "Dataset999_Fake") == model_dir

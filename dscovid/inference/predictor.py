@@ -208,8 +208,9 @@ def run_networks(
     weighting: str | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    mirror_axes: Sequence[int] | None = None,
 ) -> NetworkOutput:
-    """Run every fold of ``model`` on one preprocessed case and average them.
+    """Run every fold of ``model`` on one preprocessed case (and its mirror images) and average them.
 
     Parameters
     ----------
@@ -219,6 +220,8 @@ def run_networks(
         only tiles touching it are run, and Ŝ is 0 outside it.
     cls_image : (N, H, W) float32, ``image`` on the classification grid.
     step_fraction, weighting, batch_size : sliding-window settings (default: the configuration's ``inference``).
+    mirror_axes : volume axes (0 z, 1 y, 2 x) to mirror at test time (default: ``inference.mirror_axes``, none if
+        absent); each costs one more pass of every fold.
     """
     from dscovid.preprocessing.resampling import resample_to_grid
 
@@ -226,6 +229,7 @@ def run_networks(
     step_fraction = float(step_fraction if step_fraction is not None else settings.get("step_fraction", 1.0))
     weighting = weighting or settings.get("weighting", "constant")
     batch_size = int(batch_size or settings.get("batch_size", 1))
+    mirror_axes = list(settings.get("mirror_axes", []) if mirror_axes is None else mirror_axes)
     device = model.device
     patch = model.patch_size_zyx
     shape = tuple(int(v) for v in image.shape)
@@ -233,42 +237,51 @@ def run_networks(
     region_mask = np.asarray(region) != 0
     # On a GPU the preprocessed volume (a few hundred MB at most) and the accumulators live there: no per-tile copies.
     accumulate_on = device if device.type == "cuda" else torch.device("cpu")
-    image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(accumulate_on)
-    cls_t = torch.from_numpy(np.ascontiguousarray(cls_image, dtype=np.float32))[None, None].to(device)
-
     probability_sum = torch.zeros(shape, dtype=torch.float32, device=accumulate_on)
     class_sum: torch.Tensor | None = None
     evidence_sum: list[torch.Tensor] | None = None
-    for network in model.networks:
-        if network.has_segmentation:
-            scan = segment_scan(network, image_t, region_mask, cls_t, patch, step_fraction, weighting, batch_size,
-                                device, accumulate_on, progress)
-            probability, i_cls, stitched = scan.probability, scan.cls_features, scan.stitched
-            probability_sum += probability
-        else:
-            probability, stitched = torch.zeros(shape, dtype=torch.float32, device=accumulate_on), None
-            with torch.no_grad(), _autocast(device):
-                i_cls = network.encode_classification(cls_t)
-        cross = bool(getattr(network, "uses_cross_stitch", False))
-
-        if network.has_classification:
-            lesion_on_grid = None
+    # Test-time mirroring along the axes the training mirrored (inference.mirror_axes): every fold also sees the
+    # flipped scan, and its outputs are flipped back and averaged with the plain ones.
+    flips = [()] + [(int(axis),) for axis in mirror_axes]
+    for flip in flips:
+        image_f = np.flip(image, flip) if flip else image
+        cls_f = np.flip(cls_image, flip) if flip else cls_image
+        region_f = np.flip(region_mask, flip) if flip else region_mask
+        image_t = torch.from_numpy(np.ascontiguousarray(image_f, dtype=np.float32))[None].to(accumulate_on)
+        cls_t = torch.from_numpy(np.ascontiguousarray(cls_f, dtype=np.float32))[None, None].to(device)
+        for network in model.networks:
             if network.has_segmentation:
-                on_grid = resample_to_grid(probability.cpu().numpy(), grid)
-                lesion_on_grid = torch.from_numpy(np.ascontiguousarray(on_grid))[None, None].to(device)
-            seg_on_grid = coverage = None
-            if cross and stitched is not None:
-                total, weight = stitched
-                seg_on_grid = total / weight.clamp(min=1e-6)
-                coverage = weight.clamp(max=1.0)
-            with torch.no_grad(), _autocast(device):
-                logits, evidence = network.classify(i_cls, lesion_on_grid, seg_on_grid, coverage)
-            probabilities = torch.softmax(logits.float(), dim=1)[0].cpu()
-            evidence = [e.float()[0].cpu() for e in evidence]  # three (K, z_l, y_l, x_l)
-            class_sum = probabilities if class_sum is None else class_sum + probabilities
-            evidence_sum = evidence if evidence_sum is None else [a + b for a, b in zip(evidence_sum, evidence)]
+                scan = segment_scan(network, image_t, np.ascontiguousarray(region_f), cls_t, patch, step_fraction,
+                                    weighting, batch_size, device, accumulate_on, progress)
+                probability, i_cls, stitched = scan.probability, scan.cls_features, scan.stitched
+                probability_sum += torch.flip(probability, flip) if flip else probability
+            else:
+                probability, stitched = torch.zeros(shape, dtype=torch.float32, device=accumulate_on), None
+                with torch.no_grad(), _autocast(device):
+                    i_cls = network.encode_classification(cls_t)
+            cross = bool(getattr(network, "uses_cross_stitch", False))
 
-    folds = len(model.networks)
+            if network.has_classification:
+                lesion_on_grid = None
+                if network.has_segmentation:
+                    on_grid = resample_to_grid(probability.cpu().numpy(), grid)
+                    lesion_on_grid = torch.from_numpy(np.ascontiguousarray(on_grid))[None, None].to(device)
+                seg_on_grid = coverage = None
+                if cross and stitched is not None:
+                    total, weight = stitched
+                    seg_on_grid = total / weight.clamp(min=1e-6)
+                    coverage = weight.clamp(max=1.0)
+                with torch.no_grad(), _autocast(device):
+                    logits, evidence = network.classify(i_cls, lesion_on_grid, seg_on_grid, coverage)
+                probabilities = torch.softmax(logits.float(), dim=1)[0].cpu()
+                # three (K, z_l, y_l, x_l), flipped back: a volume axis a is dimension a + 1 here
+                evidence = [e.float()[0].cpu() for e in evidence]
+                if flip:
+                    evidence = [torch.flip(e, [a + 1 for a in flip]) for e in evidence]
+                class_sum = probabilities if class_sum is None else class_sum + probabilities
+                evidence_sum = evidence if evidence_sum is None else [a + b for a, b in zip(evidence_sum, evidence)]
+
+    folds = len(model.networks) * len(flips)  # every fold, plain and mirrored
     lesion_probability = (probability_sum / folds).cpu().numpy()
     class_probabilities = evidence_map = None
     if class_sum is not None:

@@ -229,6 +229,7 @@ CONFIGURATION_SPEC = _Object(
                 "weighting": _Str(("constant", "gaussian")),
                 "batch_size": _POSITIVE_INT,
             },
+            optional={"mirror_axes": _List(_Number(minimum=0, maximum=2, integer=True), what="axes among 0, 1, 2")},
         ),
     },
     # What the planner computed the configuration from (informational; not read by later stages).
