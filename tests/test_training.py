@@ -253,12 +253,16 @@ def test_loader_centres_non_lesion_patches_on_mined_false_positives(tmp_path):
         for start, size in next(loader)["patch_box"]:
             assert ((start <= spot[0]) & (spot[0] < start + size)).all()
     close_loader(loader)
-    with pytest.raises(DscovidError, match="hard_negative_fraction needs"):
-        plans = make_plans("Dataset901_Tiny")
-        plans["configurations"]["3d_cpu"]["training"]["hard_negative_fraction"] = 0.3
-        make_cache(tmp_path / "pre2", n_cases=10, plans=plans, name="Dataset901_Tiny")
-        run_training(Roots(preprocessed=tmp_path / "pre2", results=tmp_path / "res2"), None, "3d_cpu", 0,
-                     num_workers=0, device="cpu")
+    # The plans' hard negatives need the joint network's context refresh: a single-task trainer of the same plans
+    # trains without them (it used to refuse to start).
+    plans = make_plans("Dataset901_Tiny", epochs=(1, 1), iterations=2)
+    plans["configurations"]["3d_cpu"]["training"]["hard_negative_fraction"] = 0.3
+    make_cache(tmp_path / "pre2", n_cases=10, plans=plans, name="Dataset901_Tiny")
+    run_training(Roots(preprocessed=tmp_path / "pre2", results=tmp_path / "res2"), None, "3d_cpu", 0,
+                 "SegmentationTrainer", num_workers=0, device="cpu")
+    fold_dir = tmp_path / "res2" / "Dataset901_Tiny" / "SegmentationTrainer__3d_cpu" / "fold_0"
+    assert "hard_negative_fraction 0.30 not used" in (fold_dir / "training_log.txt").read_text(encoding="utf-8")
+    assert not (fold_dir / "hard_negatives").exists()
 
 
 def test_predicted_context_matches_the_predictors_map(tmp_path):

@@ -134,13 +134,19 @@ class Trainer:
             self.context_dir = self.output_dir / CONTEXT_FOLDER
         self.context_refresh_epochs = int(self.configuration["training"].get("lesion_context_refresh_epochs",
                                                                              DEFAULT_REFRESH_EPOCHS))
+        self._unused_notes: list[str] = []  # settings of the plans this trainer does not use (logged at the start)
         self.hard_negative_fraction = float(self.configuration["training"].get("hard_negative_fraction", 0.0))
         self.hard_negative_dir: Path | None = None
         if self.hard_negative_fraction > 0:
             if self.context_dir is None:
-                raise DscovidError("training.hard_negative_fraction needs network.lesion_context 'prediction' and a "
-                                   "joint network (the false positives are mined while the context is refreshed)")
-            self.hard_negative_dir = self.output_dir / HARD_NEGATIVE_FOLDER
+                # The false positives are mined while the joint network's lesion context is refreshed; a
+                # single-task or ground-truth-context run of the same plans trains without them.
+                self._unused_notes.append(
+                    f"training.hard_negative_fraction {self.hard_negative_fraction:.2f} not used: hard negatives are "
+                    "mined by the lesion-context refresh of a joint network with network.lesion_context 'prediction'")
+                self.hard_negative_fraction = 0.0
+            else:
+                self.hard_negative_dir = self.output_dir / HARD_NEGATIVE_FOLDER
         self.loss = build_loss(self.configuration)
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -185,6 +191,8 @@ class Trainer:
     def on_train_start(self) -> None:
         """Start the data loaders (seeded by the run seed, the rank and the first epoch)."""
         self.open_log()
+        for note in self._unused_notes:
+            log.info(note)
         s = self.setup
         patch = self.configuration["segmentation"]["patch_size_zyx"]
         spacing = self.configuration["preprocessing"]["target_spacing_zyx_mm"]
