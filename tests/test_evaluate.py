@@ -126,6 +126,20 @@ def test_raw_dataset_reference_evaluates_only_the_predicted_cases(folders):
     assert summary["num_cases"] == 2 and summary["classification"]["n"] == 2
 
 
+def test_segmentation_only_predictions_are_evaluated_without_classification(folders):
+    raw, pred = folders
+    predictions = _predictions_json(CASES)
+    for entry in predictions["cases"]:
+        entry["predicted_class"] = entry["probabilities"] = None  # what a SegmentationTrainer model writes
+    write_json_atomic(predictions, pred / "predictions.json")
+    summary = evaluate_folder(pred, raw, plots=False)
+    assert summary["classification"] is None and summary["segmentation"]["mean"]["dsc"] >= 0
+    predictions["cases"][0]["probabilities"] = dict(zip(CLASSES, CASES["case_a"][3]))  # mixed: still an error
+    write_json_atomic(predictions, pred / "predictions.json")
+    with pytest.raises(DscovidError, match="has no probability"):
+        evaluate_folder(pred, raw, plots=False)
+
+
 def test_missing_prediction_is_an_error_listing_the_cases(folders):
     raw, pred = folders
     (pred / "case_b.nii.gz").unlink()

@@ -224,8 +224,13 @@ def evaluate_folder(
     segmentation = _segmentation_summary(per_case)
     classification = None
     class_names = _class_names(meta) if meta is not None else None
-    if meta is not None and predictions is not None:
+    # A segmentation-only model (SegmentationTrainer) writes no class probabilities at all: nothing to classify.
+    classified = predictions is not None and any(e.get("probabilities") for e in predictions.get("cases", []))
+    if meta is not None and classified:
         classification = _classification_summary(cases, class_of, predictions, class_names, prediction_dir)
+    elif meta is not None and predictions is not None:
+        log.info("%s holds no class probabilities (a segmentation-only model): classification not evaluated",
+                 prediction_dir / PREDICTIONS_JSON)
     elif meta is None:
         log.info("No dataset.json: classification is not evaluated (the true classes are unknown)")
     else:
