@@ -268,7 +268,7 @@ def test_loader_centres_non_lesion_patches_on_mined_false_positives(tmp_path):
 def test_predicted_context_matches_the_predictors_map(tmp_path):
     from dscovid.inference.predictor import segment_scan
     from dscovid.preprocessing.resampling import resample_to_grid
-    from dscovid.training.lesion_context import predict_context
+    from dscovid.training.lesion_context import predict_scan
 
     plans = make_plans("Dataset900_Tiny")
     configuration = plans["configurations"]["3d_cpu"]
@@ -277,7 +277,7 @@ def test_predicted_context_matches_the_predictors_map(tmp_path):
     torch.manual_seed(0)
     network = build_network(configuration).eval()
     with torch.no_grad():
-        made = predict_context(network, case, configuration, torch.device("cpu"))
+        made = predict_scan(network, case, configuration, torch.device("cpu"))[0]
         arrays = case.load(("image", "region", "cls_image"))
         scan = segment_scan(network, torch.from_numpy(arrays["image"])[None], arrays["region"] > 0,
                             torch.from_numpy(arrays["cls_image"])[None, None], (8, 16, 16), 1.0, "constant", 2,

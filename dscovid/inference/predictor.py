@@ -422,9 +422,9 @@ def _previous_entries(output_dir: Path, identity: dict, overwrite: bool) -> list
         )
     log.warning("%s: replacing the predictions of another model (--overwrite)", output_dir)
     for entry in previous.get("cases") or []:
-        if isinstance(entry.get("case"), str) and "/" not in entry["case"] and "\\" not in entry["case"]:
-            remove_case_files(output_dir, entry["case"])  # a montage (--png) is not listed among the files
-        for file_name in (entry.get("files") or {}).values():
+        # The listed files, and what else a case may have (a --png montage is not listed).
+        derived = output_files(str(entry.get("case", ""))).values() if entry.get("case") else ()
+        for file_name in [*(entry.get("files") or {}).values(), *derived]:
             candidate = output_dir / str(file_name)
             if candidate.parent == output_dir:  # only files directly in the folder, never a path from the JSON
                 candidate.unlink(missing_ok=True)

@@ -88,16 +88,10 @@ def grow_mask(mask: np.ndarray, spacing_zyx_mm: Sequence[float], margin_mm: floa
     mask = np.asarray(mask, dtype=np.uint8)
     if margin_mm <= 0 or not mask.any():
         return mask.copy()
-    spacing = np.asarray(spacing_zyx_mm, dtype=float)
-    reach = np.ceil(margin_mm / spacing).astype(int) + 1
-    box = []
-    for axis in range(3):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(max(0, present[0] - reach[axis]), min(mask.shape[axis], present[-1] + reach[axis] + 1)))
-    box = tuple(box)
+    # The box reaches one voxel beyond the margin on every axis, so nothing the margin reaches is cut off.
+    box = tuple(slice(b0, b1) for b0, b1 in lung_bounding_box(mask, spacing_zyx_mm, margin_mm + max(spacing_zyx_mm)))
     grown = np.zeros_like(mask)
-    distance = ndimage.distance_transform_edt(mask[box] == 0, sampling=spacing)
-    grown[box] = distance <= margin_mm
+    grown[box] = ndimage.distance_transform_edt(mask[box] == 0, sampling=spacing_zyx_mm) <= margin_mm
     return grown
 
 
@@ -205,7 +199,6 @@ def preprocess_image(
     else:
         lung_r, lesion_r = resample_mask(lung_c[crop], target_shape), np.zeros(target_shape, dtype=np.uint8)
     lap("resample")
-    region = lung_r
     if configuration.mask_outside_lung:
         region = grow_mask(lung_r, configuration.target_spacing_zyx_mm, configuration.lung_margin_mm)
         image *= region  # the paper multiplies the CT by the lung mask

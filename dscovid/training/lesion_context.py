@@ -56,25 +56,25 @@ def context_file(folder: Path, case_name: str) -> Path:
     return Path(folder) / f"{case_name}.npy"
 
 
-def read_context(folder: Path | None, case_name: str) -> np.ndarray | None:
-    """The cached (N, H, W) float32 map of ``case_name``, or None when there is none (yet)."""
+def _read_cached(folder: Path | None, case_name: str) -> np.ndarray | None:
     if folder is None:
         return None
-    path = context_file(folder, case_name)
     try:
-        return np.load(path).astype(np.float32, copy=False)
+        return np.load(context_file(folder, case_name))
     except FileNotFoundError:
         return None
+
+
+def read_context(folder: Path | None, case_name: str) -> np.ndarray | None:
+    """The cached (N, H, W) float32 map of ``case_name``, or None when there is none (yet)."""
+    cached = _read_cached(folder, case_name)
+    return None if cached is None else cached.astype(np.float32, copy=False)
 
 
 def read_hard_negatives(folder: Path | None, case_name: str) -> np.ndarray | None:
     """The stored (K, 3) false-positive voxel indices of ``case_name``, or None."""
-    if folder is None:
-        return None
-    try:
-        return np.load(context_file(folder, case_name)).astype(np.int64, copy=False).reshape(-1, 3)
-    except FileNotFoundError:
-        return None
+    cached = _read_cached(folder, case_name)
+    return None if cached is None else cached.astype(np.int64, copy=False).reshape(-1, 3)
 
 
 def false_positive_locations(probability: np.ndarray, target: np.ndarray, case_name: str,
@@ -85,12 +85,6 @@ def false_positive_locations(probability: np.ndarray, target: np.ndarray, case_n
         rng = np.random.default_rng(np.frombuffer(case_name.encode("utf-8"), dtype=np.uint8).astype(np.int64))
         wrong = wrong[np.sort(rng.choice(len(wrong), size=count, replace=False))]
     return wrong.astype(np.int32)
-
-
-def predict_context(network: torch.nn.Module, case: CacheCase, configuration: Mapping, device: torch.device,
-                    batch_size: int = 2) -> np.ndarray:
-    """Ŝ of the whole preprocessed case on the classification grid, (N, H, W) float32, as the predictor makes it."""
-    return predict_scan(network, case, configuration, device, batch_size)[0]
 
 
 def predict_scan(network: torch.nn.Module, case: CacheCase, configuration: Mapping, device: torch.device,
