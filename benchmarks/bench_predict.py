@@ -156,9 +156,11 @@ def _run_configuration(args: dict, queue) -> None:
 
     out_device = device if device.type == "cuda" else torch.device("cpu")
     lung = loaded.region_preprocessed != 0
+    placement = settings.get("tile_placement", "grid")
     ours_s, ours_gpu = timed(
         lambda: sliding_window_predict(
-            ours_fn, volume, patch, step, "constant", batch, region=lung, device=device, output_device=out_device, with_boxes=True
+            ours_fn, volume, patch, step, "constant", batch, region=lung, device=device, output_device=out_device,
+            with_boxes=True, placement=placement,
         )
     )
     box_s, box_gpu = timed(
@@ -196,7 +198,7 @@ def _run_configuration(args: dict, queue) -> None:
     )
 
     flops_patch = _segment_flops(network, patch, device, i_cls, tuple(loaded.image.shape))
-    tiles_run = len(plan_tiles(loaded.image.shape, patch, step, lung))
+    tiles_run = len(plan_tiles(loaded.image.shape, patch, step, lung, placement))
     queue.put(
         {
             "configuration": name,
@@ -209,6 +211,9 @@ def _run_configuration(args: dict, queue) -> None:
             "timing_s": entry["timing_s"],
             "wall_s": wall,
             "tiles": entry["tiles"],
+            "tile_placement": placement,
+            "tiles_lesion_branch": tiles_run,
+            "tiles_grid_over_lung": len(plan_tiles(loaded.image.shape, patch, step, lung)),
             "tiles_whole_scan": len(plan_tiles(whole.shape, patch, step)),
             "peak_rss_gb_predict": rss_predict,
             "peak_rss_gb_all": _rss_gb(),
@@ -295,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({100 * r['segment_gflops_achieved'] / r['matmul_gflops']:.1f} %)"
         )
         print(
-            f"tiles: {r['tiles']['run']} over the lung of {r['tiles']['total']} in the lung box, "
+            f"tiles ({r['tile_placement']} placement, step {r['step_fraction']}): {r['tiles_lesion_branch']} over the "
+            f"lung ({r['tiles_grid_over_lung']} on the volume grid), {r['tiles']['total']} in the lung box, "
             f"{r['tiles_whole_scan']} over the whole scan"
         )
         print(

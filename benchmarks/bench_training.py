@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None, help="override every stage's iterations")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where training and prediction run (the budget is sized for 2 CPU cores)")
     parser.add_argument("--fresh", action="store_true", help="delete the working folder's results first")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -87,20 +89,20 @@ def main() -> None:
         shutil.rmtree(model_dir)
     logging.getLogger("dscovid").setLevel(logging.INFO)  # the epoch lines
     result = _timed(f"train fold 0 ({args.trainer})", times, run_training, roots, TRAIN, "3d_cpu", 0, args.trainer,
-                    device="cpu", epochs=epochs, iterations_per_epoch=iterations, num_workers=args.workers)
+                    device=args.device, epochs=epochs, iterations_per_epoch=iterations, num_workers=args.workers)
     logging.getLogger("dscovid").setLevel(logging.WARNING)
     out_dir = work / "test_predictions" / args.trainer
     if out_dir.exists():
         shutil.rmtree(out_dir)
     _timed(f"predict {n_test} test cases", times, predict_cases, model_dir=model_dir,
-           inputs=roots.raw / TEST / "imagesTr", output_dir=out_dir, folds=["0"], device="cpu", progress=False)
+           inputs=roots.raw / TEST / "imagesTr", output_dir=out_dir, folds=["0"], device=args.device, progress=False)
     summary = _timed("evaluate", times, evaluate_folder, out_dir, roots.raw / TEST, out_dir / "summary.json",
                      plots=False)
 
     seg, cls = summary.get("segmentation") or {}, summary.get("classification") or {}
     fold_summary = result.validation_summary or {}
     print()
-    print(f"trainer {args.trainer}, configuration 3d_cpu, fold 0, {n_train} training cases "
+    print(f"trainer {args.trainer}, configuration 3d_cpu, fold 0 on {args.device}, {n_train} training cases "
           f"({'smoke' if args.smoke else 'full'} run), tested on {n_test} unseen cases")
     print(f"{'':32} {'Dice (lesion cases)':>20} {'Dice (all)':>11} {'accuracy':>9}")
     for label, block_seg, block_cls in (("fold-0 held-out validation", (fold_summary.get("segmentation") or {}),

@@ -156,7 +156,8 @@ def test_lung_restriction_gives_the_whole_volume_result_inside_the_lung(model_di
     lung = np.zeros(image.shape, np.uint8)
     lung[2:9, 5:30, 6:40] = 1  # touches only some tiles
     cls_image = rng.random((32, 64, 64), dtype=np.float32)
-    tiling = {"step_fraction": 1.0, "weighting": "constant"}
+    # On the volume grid the restricted tiles are a subset of the whole volume's, so the lung gets the same values.
+    tiling = {"step_fraction": 1.0, "weighting": "constant", "placement": "grid"}
     restricted = run_networks(model, image, lung, cls_image, **tiling)
     everywhere = run_networks(model, image, np.ones_like(lung), cls_image, **tiling)
     assert restricted.tiles_run < restricted.tiles_total == everywhere.tiles_run
@@ -164,9 +165,18 @@ def test_lung_restriction_gives_the_whole_volume_result_inside_the_lung(model_di
     np.testing.assert_allclose(restricted.lesion_probability[inside], everywhere.lesion_probability[inside], atol=1e-5)
     assert (restricted.lesion_probability[~inside] == 0).all()
     assert restricted.class_probabilities.shape == (3,) and restricted.evidence.shape == image.shape
-    overlapping = run_networks(model, image, lung, cls_image, step_fraction=0.5, weighting="gaussian")
+    overlapping = run_networks(model, image, lung, cls_image, step_fraction=0.5, weighting="gaussian", placement="grid")
     assert overlapping.tiles_run > restricted.tiles_run
     assert np.isfinite(overlapping.lesion_probability).all()
+    # Tiles fitted to the lung (the presets' inference.tile_placement): no more tiles, every lung voxel predicted.
+    straddling = np.zeros_like(lung)
+    straddling[10:20, 40:60, 40:60] = 1  # on 8 tiles of the grid, inside one 16×48×48 tile
+    inside = straddling == 1
+    on_grid = run_networks(model, image, straddling, cls_image, **tiling)
+    fitted = run_networks(model, image, straddling, cls_image, step_fraction=1.0, weighting="constant",
+                          placement="region")
+    assert fitted.tiles_run == 1 and on_grid.tiles_run == 8
+    assert (fitted.lesion_probability[inside] > 0).all() and (fitted.lesion_probability[~inside] == 0).all()
 
 
 def _write_failing_inputs(folder: Path) -> None:

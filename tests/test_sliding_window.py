@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dscovid.inference.sliding_window import (
+    fitted_starts,
     gaussian_importance_map,
     plan_tiles,
     sliding_window_predict,
@@ -173,6 +174,68 @@ def test_mask_region_predicts_every_masked_voxel(step_fraction):
     same = sliding_window_predict(net, image, (4, 6, 5), step_fraction, region=torch.from_numpy(mask), batch_size=5)
     torch.testing.assert_close(same, result)
     assert (result == 0).any()
+
+
+def test_fitted_starts_cover_the_range_evenly_and_stay_inside_the_axis():
+    assert fitted_starts(10, 14, 40, 8, 8) == [8]  # one tile, centred on the range
+    assert fitted_starts(0, 3, 40, 8, 8) == [0]  # shifted inside the axis
+    assert fitted_starts(5, 25, 40, 8, 8) == [3, 11, 19]  # 3 tiles at the full step, centred
+    assert fitted_starts(2, 9, 6, 8, 8) == [0]  # an axis shorter than the patch: one padded tile
+    for length in range(1, 30):
+        for patch in (1, 3, 4, 7):
+            for step in range(1, patch + 1):
+                for start in range(length):
+                    for stop in range(start + 1, length + 1):
+                        starts = fitted_starts(start, stop, length, patch, step)
+                        covered = np.zeros(max(length, patch), bool)
+                        for s in starts:
+                            covered[s : s + patch] = True
+                        assert covered[start:stop].all()
+                        assert min(starts) >= 0 and max(starts) + patch <= max(length, patch)
+                        assert len(starts) <= len(tile_starts(length, patch, step))
+
+
+@pytest.mark.parametrize("step_fraction", [1.0, 0.5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_region_placement_covers_every_masked_voxel_with_fewer_tiles(step_fraction, seed):
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(10, 40)), int(rng.integers(20, 60)), int(rng.integers(30, 80)))
+    mask = np.zeros(shape, bool)
+    for _ in range(3):  # a few blobs, like two lungs and an island
+        corner = [int(rng.integers(0, s - 3)) for s in shape]
+        size = [int(rng.integers(2, max(3, s // 3))) for s in shape]
+        mask[tuple(slice(c, c + n) for c, n in zip(corner, size))] = True
+    patch = (6, 16, 16)
+    corners = plan_tiles(shape, patch, step_fraction, mask, placement="region")
+    covered = np.zeros(shape, bool)
+    for corner in corners:
+        assert all(0 <= c and (c + p <= n or c == 0) for c, p, n in zip(corner, patch, shape))
+        covered[tuple(slice(c, c + p) for c, p in zip(corner, patch))] = True
+        assert mask[tuple(slice(c, c + p) for c, p in zip(corner, patch))].any()  # no empty tile is run
+    assert covered[mask].all()
+    assert len(corners) == len(set(corners))
+    assert len(corners) <= len(plan_tiles(shape, patch, step_fraction, mask)) + 2
+
+
+def test_region_placement_fits_one_tile_per_lung_where_the_grid_needs_more():
+    # Two "lungs" 20 voxels wide in x, 24 apart: a 24-wide grid over the 64-wide box needs 3 tiles per row,
+    # the fitted tiles one per lung; in y the lungs are 20 deep, so one row instead of the grid's 2.
+    shape = (12, 30, 64)
+    mask = np.zeros(shape, bool)
+    mask[:, 5:25, 0:20] = True
+    mask[:, 5:25, 44:64] = True
+    patch = (12, 24, 24)
+    grid = plan_tiles(shape, patch, 1.0, mask)
+    fitted = plan_tiles(shape, patch, 1.0, mask, placement="region")
+    assert len(grid) == 6 and len(fitted) == 2
+    net = _voxelwise_net()
+    image = torch.randn((2,) + shape)
+    result = sliding_window_predict(net, image, patch, 1.0, region=mask, placement="region")
+    with torch.no_grad():
+        whole = net(image[None])[0]
+    torch.testing.assert_close(result[:, mask], whole[:, mask], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="placement"):
+        plan_tiles(shape, patch, 1.0, mask, placement="lungs")
 
 
 def test_empty_region_gives_zeros_of_the_right_shape():

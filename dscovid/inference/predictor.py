@@ -164,11 +164,13 @@ def segment_scan(
     device: torch.device,
     output_device: torch.device,
     progress: bool = False,
+    placement: str = "grid",
 ) -> ScanSegmentation:
     """Sliding-window Ŝ of one network over the tiles of ``region`` (the predictor's and the trainer's path).
 
     image : (1, Z', Y', X') float32 on ``output_device``; region : (Z', Y', X') bool;
     cls_image : (1, 1, N, H, W) on ``device`` (the classification stem's input, for the cross-stitch).
+    placement : tile placement (``inference.tile_placement``): ``"grid"`` or ``"region"`` (fitted to the region).
     """
     from dscovid.model.geometry import stitch_boxes
 
@@ -194,6 +196,7 @@ def segment_scan(
     probability = sliding_window_predict(
         predict_fn, image, patch_size_zyx, step_fraction=step_fraction, weighting=weighting, batch_size=batch_size,
         region=region, device=device, output_device=output_device, progress=progress, with_boxes=True,
+        placement=placement,
     )[0]
     probability.mul_(torch.from_numpy(np.asarray(region, dtype=bool)).to(probability.device))
     return ScanSegmentation(probability, i_cls, stitched[0])
@@ -209,6 +212,7 @@ def run_networks(
     batch_size: int | None = None,
     progress: bool = False,
     mirror_axes: Sequence[int] | None = None,
+    placement: str | None = None,
 ) -> NetworkOutput:
     """Run every fold of ``model`` on one preprocessed case (and its mirror images) and average them.
 
@@ -222,6 +226,7 @@ def run_networks(
     step_fraction, weighting, batch_size : sliding-window settings (default: the configuration's ``inference``).
     mirror_axes : volume axes (0 z, 1 y, 2 x) to mirror at test time (default: ``inference.mirror_axes``, none if
         absent); each costs one more pass of every fold.
+    placement : tile placement, ``"grid"`` or ``"region"`` (default: ``inference.tile_placement``, else the grid).
     """
     from dscovid.preprocessing.resampling import resample_to_grid
 
@@ -230,6 +235,7 @@ def run_networks(
     weighting = weighting or settings.get("weighting", "constant")
     batch_size = int(batch_size or settings.get("batch_size", 1))
     mirror_axes = list(settings.get("mirror_axes", []) if mirror_axes is None else mirror_axes)
+    placement = placement or settings.get("tile_placement", "grid")
     device = model.device
     patch = model.patch_size_zyx
     shape = tuple(int(v) for v in image.shape)
@@ -252,7 +258,7 @@ def run_networks(
         for network in model.networks:
             if network.has_segmentation:
                 scan = segment_scan(network, image_t, np.ascontiguousarray(region_f), cls_t, patch, step_fraction,
-                                    weighting, batch_size, device, accumulate_on, progress)
+                                    weighting, batch_size, device, accumulate_on, progress, placement)
                 probability, i_cls, stitched = scan.probability, scan.cls_features, scan.stitched
                 probability_sum += torch.flip(probability, flip) if flip else probability
             else:
@@ -292,7 +298,7 @@ def run_networks(
         lesion_probability=lesion_probability,
         class_probabilities=class_probabilities,
         evidence=evidence_map,
-        tiles_run=len(plan_tiles(shape, patch, step_fraction, region_mask)),
+        tiles_run=len(plan_tiles(shape, patch, step_fraction, region_mask, placement)),
         tiles_total=len(plan_tiles(shape, patch, step_fraction)),
     )
 

@@ -100,7 +100,8 @@ def predict_scan(network: torch.nn.Module, case: CacheCase, configuration: Mappi
     patch = [int(v) for v in configuration["segmentation"]["patch_size_zyx"]]
     scan = segment_scan(network, image.to(accumulate_on), arrays["region"] != 0, cls_image.to(device), patch,
                         step_fraction=1.0, weighting="constant", batch_size=batch_size, device=device,
-                        output_device=accumulate_on)
+                        output_device=accumulate_on,
+                        placement=configuration.get("inference", {}).get("tile_placement", "grid"))
     probability = scan.probability.cpu().numpy()
     return resample_to_grid(probability, arrays["cls_image"].shape), probability
 
