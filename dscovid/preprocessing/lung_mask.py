@@ -22,7 +22,11 @@ No trained weights: thresholds, connected components and morphology, most of it 
    filled: the costal surface is convex, so the closing alone leaves the outer part of a wide pleural lesion
    out; deeper dents too when their opening lies wholly on the chest wall above the lung's base (a lesion
    filling a whole region of the lung). Dense lesions are therefore inside the mask without ever being
-   thresholded.
+   thresholded. Last, per lung, the blobs of tissue inside its axial convex hulls that the lung wraps in 3D
+   (their face at least 65 % lung and at most 15 % other tissue, after an opening that cuts thin bridges) are
+   filled, and the dents of the slices they change are filled again: a round consolidation against the
+   mediastinum or filling the back of a lung, which the closing and the dent rules miss, while the heart, the
+   hilum and the liver dome continue beyond the hulls and stay out.
 7. Back to full resolution: the coarse mask is repeated onto the full grid and its boundary band is
    re-decided voxel by voxel from the full-resolution HU (air: in; dense and not lesion filling: out).
 
@@ -82,6 +86,10 @@ class LungMaskSettings:
     deep_dent_max_depth_mm, deep_dent_min_mouth_mm, deep_dent_min_height_fraction : a deeper dent (up to this
         depth) is filled too when its opening touches no mediastinum at all, is at least this long, and the slice
         lies above this fraction of the lung's height (the diaphragm dome makes deep dents at the base).
+    enclosed_min_lung_fraction, enclosed_max_tissue_fraction, enclosed_opening : a blob of non-fat tissue inside
+        a lung's axial convex hulls (after an in-plane opening of this many steps, which cuts thin bridges) is
+        filled when at least the first fraction of its 3D face is that lung and at most the second is other
+        tissue (a consolidation wrapped by the lung, not the heart or the liver dome, which continue outside).
     fat_hu : on the working grid, fat lies in this range; lesion filling never adds fat (consolidation is
         denser, ground glass lighter).
     min_lung_ml : the lungs' air must be at least this large, or there is no lung.
@@ -103,6 +111,9 @@ class LungMaskSettings:
     deep_dent_max_depth_mm: float = 60.0
     deep_dent_min_mouth_mm: float = 20.0
     deep_dent_min_height_fraction: float = 0.25
+    enclosed_min_lung_fraction: float = 0.65
+    enclosed_max_tissue_fraction: float = 0.15
+    enclosed_opening: int = 2
     fat_hu: tuple[float, float] = (-180.0, -60.0)
     min_lung_ml: float = 10.0
     min_lung_fraction: float = 0.15
@@ -175,7 +186,10 @@ def segment_lung_sides(
     # The opening drops the one-voxel rim where lesion and aerated lung average to fat-like values.
     fat = ndimage.binary_opening((coarse > settings.fat_hu[0]) & (coarse < settings.fat_hu[1]), _IN_PLANE)
     filled = _fill_lesions(sides, body & ~fat, coarse_spacing, settings)
-    filled = _fill_costal_dents(filled, body & ~fat, coarse_spacing, settings)
+    filled, hulls = _fill_costal_dents(filled, body & ~fat, coarse_spacing, settings)
+    blobs = _fill_enclosed_blobs(filled, hulls, body & ~fat, settings)
+    changed = np.flatnonzero((blobs != filled).any(axis=(1, 2)))
+    filled = _fill_costal_dents(blobs, body & ~fat, coarse_spacing, settings, changed)[0] if changed.size else blobs
     labels = _refine(canonical, sides, filled, factors, settings.air_threshold_hu)
     return _from_canonical(labels, axes, flips)
 
@@ -444,8 +458,59 @@ def _fill_lesions(sides: np.ndarray, body: np.ndarray, spacing: np.ndarray, sett
     return filled
 
 
-def _fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarray,
-                       settings: LungMaskSettings) -> np.ndarray:
+def _fill_enclosed_blobs(filled: np.ndarray, hulls: np.ndarray, tissue: np.ndarray,
+                         settings: LungMaskSettings) -> np.ndarray:
+    """Fill the blobs of dense tissue inside a lung's axial convex hulls that the lung wraps in 3D.
+
+    A consolidation against the mediastinum or the posterior chest wall is too wide for the closing and its
+    dent faces the mediastinum or is too deep for the dent rules. What tells it from the heart, the hilum or the
+    liver dome (same density) is that the lung surrounds it in 3D: above, below and around, with only fat or a
+    small patch of chest wall on its other side, whereas the organs continue beyond the lung's hulls (the heart
+    into the mediastinum, the liver dome below the lung's base). So: take the tissue inside each lung's axial
+    hull that is not lung, cut thin bridges with an in-plane opening of ``enclosed_opening`` steps, and fill each
+    3D component whose face (6-neighbours outside it) is at least ``enclosed_min_lung_fraction`` this lung and at
+    most ``enclosed_max_tissue_fraction`` other tissue outside the hulls; it is grown back within the candidate
+    by the opening's size. Fat, air and the candidate voxels the opening took off count for neither.
+    ``hulls``: each lung's axial convex hulls as labels (from :func:`_fill_costal_dents`).
+    """
+    out = filled.copy()
+    if not hulls.any():
+        return out
+    box = _bounding_box(hulls > 0, np.ones(3, dtype=int))
+    filled, hulls, tissue, region = filled[box], hulls[box], tissue[box], out[box]
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        candidate = (hulls == side) & (filled == 0) & tissue
+        cores = ndimage.binary_opening(candidate, _IN_PLANE, iterations=settings.enclosed_opening)
+        labels, count = ndimage.label(cores)
+        if count == 0:
+            continue
+        lung = filled == side
+        other = tissue & ~candidate & (filled == 0)
+        face = np.zeros((3, count + 1))  # per component: all face voxels, lung, other tissue
+        for axis in range(3):
+            for step in (1, -1):
+                neighbour = np.roll(labels, step, axis=axis)
+                edge = [slice(None)] * 3
+                edge[axis] = 0 if step == 1 else -1
+                neighbour[tuple(edge)] = 0  # no wrap-around
+                ring = (neighbour > 0) & (labels != neighbour)
+                for row, where in enumerate((ring, ring & lung, ring & other)):
+                    face[row] += np.bincount(neighbour[where], minlength=count + 1)
+        total = np.maximum(face[0], 1.0)
+        keep = (face[1] >= settings.enclosed_min_lung_fraction * total) & (
+            face[2] <= settings.enclosed_max_tissue_fraction * total)
+        keep[0] = False
+        if not keep.any():
+            continue
+        kept = ndimage.binary_dilation(keep[labels], _IN_PLANE, iterations=settings.enclosed_opening + 1,
+                                       mask=candidate)
+        region[kept & (region == 0)] = side
+        log.debug("enclosed blobs filled in lung %d: %d voxels", side, int(kept.sum()))
+    return out
+
+
+def _fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarray, settings: LungMaskSettings,
+                       slices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fill, slice by slice, the dents that lesions against the costal pleura leave in each lung's outline.
 
     The costal surface is convex, so a ball closing leaves the outer part of a wide pleural lesion out; the
@@ -458,15 +523,20 @@ def _fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarr
     deeper dent whose opening lies entirely on the chest wall; such a dent is filled up to
     ``deep_dent_max_depth_mm`` when its opening is long and the slice is above the lung's base, where the deep
     dents of the diaphragm dome are (their tissue is liver, spleen or stomach).
+
+    Only ``slices`` (axial indices) when given. Returns the filled labels and each lung's axial convex hull as
+    labels (the right lung's where the two overlap); filling dents, which lie inside the hulls, leaves them as
+    they are.
     """
     out = filled.copy()
+    hull_labels = np.zeros_like(filled)
     heights = {}
     for side in (RIGHT_LUNG, LEFT_LUNG):
         present = np.flatnonzero((filled == side).any(axis=(1, 2)))
         if present.size:
             heights[side] = (present[0], present[-1])
     pixel_mm = float(np.sqrt(spacing[1] * spacing[2]))
-    for z in np.flatnonzero(filled.any(axis=(1, 2))):
+    for z in np.flatnonzero(filled.any(axis=(1, 2))) if slices is None else slices:
         hulls = {side: _convex_hull(filled[z] == side) for side in (RIGHT_LUNG, LEFT_LUNG)
                  if (filled[z] == side).sum() >= 3}
         mediastinum = np.zeros(filled.shape[1:], dtype=bool)
@@ -474,6 +544,7 @@ def _fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarr
             joint = _convex_hull(filled[z] > 0)
             mediastinum = ndimage.binary_dilation(joint & ~hulls[RIGHT_LUNG] & ~hulls[LEFT_LUNG])
         for side, hull in hulls.items():
+            hull_labels[z][hull & (hull_labels[z] == 0)] = side
             labels, count = ndimage.label(hull & (filled[z] == 0) & tissue[z])
             if count == 0:
                 continue
@@ -491,7 +562,7 @@ def _fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarr
                 keep |= (depth <= settings.deep_dent_max_depth_mm) & (facing == 0) & (
                     mouth_size * pixel_mm >= settings.deep_dent_min_mouth_mm)
             out[z][np.isin(labels, index[keep])] = side
-    return out
+    return out, hull_labels
 
 
 def _convex_hull(mask: np.ndarray) -> np.ndarray:
