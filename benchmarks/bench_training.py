@@ -143,8 +143,14 @@ def print_multitask_gain(work: Path) -> None:
     for label, record in rows:
         if record is None:
             continue
-        print(f"{label:40} {fmt(record.get('test_dice_lesion_cases'))} {fmt(record.get('test_nsd'))} "
-              f"{fmt(record.get('test_accuracy'))} {fmt(record.get('test_macro_auc'))}")
+        # A single-task network has no output for the other task: its empty lesion masks or constant class are
+        # not a measurement, so those columns stay blank.
+        seg = record["trainer"] != "ClassificationTrainer"
+        cls = record["trainer"] != "SegmentationTrainer"
+        blank = "     –"
+        print(f"{label:40} {fmt(record.get('test_dice_lesion_cases')) if seg else blank} "
+              f"{fmt(record.get('test_nsd')) if seg else blank} {fmt(record.get('test_accuracy')) if cls else blank} "
+              f"{fmt(record.get('test_macro_auc')) if cls else blank}")
     seg_only, cls_only = runs.get("SegmentationTrainer"), runs.get("ClassificationTrainer")
     gain = lambda a, b: (a - b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None  # noqa: E731
     print(f"{'multi-task gain (joint - single task)':40} "
