@@ -272,6 +272,7 @@ def test_predicted_context_matches_the_predictors_map(tmp_path):
 
     plans = make_plans("Dataset900_Tiny")
     configuration = plans["configurations"]["3d_cpu"]
+    configuration["inference"]["tile_placement"] = "region"  # as both presets: the refresh must follow the plans
     dataset_dir = make_cache(tmp_path / "pre", n_cases=3, plans=plans)
     case = list_cache_cases(dataset_dir / "3d_cpu")["case_0000"]
     torch.manual_seed(0)
@@ -279,9 +280,13 @@ def test_predicted_context_matches_the_predictors_map(tmp_path):
     with torch.no_grad():
         made = predict_scan(network, case, configuration, torch.device("cpu"))[0]
         arrays = case.load(("image", "region", "cls_image"))
-        scan = segment_scan(network, torch.from_numpy(arrays["image"])[None], arrays["region"] > 0,
-                            torch.from_numpy(arrays["cls_image"])[None, None], (8, 16, 16), 1.0, "constant", 2,
-                            torch.device("cpu"), torch.device("cpu"))
+        scans = {placement: segment_scan(network, torch.from_numpy(arrays["image"])[None], arrays["region"] > 0,
+                                         torch.from_numpy(arrays["cls_image"])[None, None], (8, 16, 16), 1.0,
+                                         "constant", 2, torch.device("cpu"), torch.device("cpu"), placement=placement)
+                 for placement in ("region", "grid")}
+    scan = scans["region"]
     expected = resample_to_grid(scan.probability.numpy(), arrays["cls_image"].shape)
     np.testing.assert_allclose(made, expected, atol=1e-6)
+    on_grid = resample_to_grid(scans["grid"].probability.numpy(), arrays["cls_image"].shape)
+    assert np.abs(made - on_grid).max() > 1e-4  # the tiles differ, so a refresh ignoring the plans would be caught
     assert made.max() > 0 and (scan.probability.numpy()[arrays["region"] == 0] == 0).all()
