@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from dscovid import __version__
 from dscovid.cli.predict import main as predict_main
@@ -345,3 +346,24 @@ def test_a_case_failing_during_export_leaves_no_file(model_dir, oblique_run, tmp
     summary = predict_cases(model_dir, inputs, target, device="cpu", progress=False)
     assert summary["failed"] == [{"case": "oblique", "reason": "report exploded"}] and summary["cases"] == []
     assert sorted(p.name for p in target.iterdir()) == ["predictions.csv", "predictions.json"]
+
+
+def test_a_model_with_the_findings_head_predicts_with_its_term(tmp_path):
+    from dscovid.planning.planner import plan_experiment
+
+    plans = plan_experiment(_FINGERPRINT, "Dataset998_Findings", list(CLASS_NAMES), presets=[CONFIGURATION])
+    plans["configurations"][CONFIGURATION]["network"]["findings_head"] = True
+    folder = save_untrained_model(tmp_path, plans, CONFIGURATION, TRAINER, (0,), seed=100)
+    model = load_trained_model(folder, folds=["0"])
+    head = model.networks[0].findings_head
+    assert head is not None
+    rng = np.random.default_rng(2)
+    image = rng.random((20, 50, 60), dtype=np.float32)
+    region = np.zeros(image.shape, np.uint8)
+    region[3:17, 5:45, 4:50] = 1
+    cls_image = rng.random((32, 64, 64), dtype=np.float32)
+    before = run_networks(model, image, region, cls_image, mirror_axes=[]).class_probabilities
+    with torch.no_grad():
+        head.linear.bias.copy_(torch.tensor([0.0, 0.0, 4.0]))  # the head's term favours non-pneumonia
+    after = run_networks(model, image, region, cls_image, mirror_axes=[]).class_probabilities
+    assert after[2] > before[2] + 0.2

@@ -103,6 +103,31 @@ def _trainer(tmp_path, **loss_overrides) -> DeepSCCOVIDTrainer:
     return trainer
 
 
+def test_findings_head_learns_at_its_own_rate_in_both_stages(tmp_path):
+    plans = make_plans("Dataset900_Tiny")
+    configuration = plans["configurations"]["3d_cpu"]
+    configuration["network"]["findings_head"] = True
+    configuration["training"]["findings_head_lr_scale"] = 10.0
+    dataset_dir = make_cache(tmp_path / "pre", n_cases=4, plans=plans)
+    cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
+    setup = TrainingSetup(plans, "3d_cpu", DeepSCCOVIDTrainer.effective_configuration(configuration), cases, [],
+                          tmp_path / "out", num_workers=0)
+    trainer = DeepSCCOVIDTrainer(setup)
+    head = {id(p) for p in trainer.network.findings_head.parameters()}
+    for stage in (0, 1):
+        trainer.on_stage_start(stage)
+        trainer.epoch = sum(s.epochs for s in trainer.stages[:stage])
+        lr = trainer.on_epoch_start()
+        groups = trainer.optimizer.param_groups
+        assert [g["lr"] for g in groups] == pytest.approx([lr, 10 * lr])
+        assert {id(p) for p in groups[1]["params"]} == head and not head & {id(p) for p in groups[0]["params"]}
+    # Stage 1 trains the head with the classification part.
+    trainer.on_stage_start(0)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    terms = trainer._separate_backward(trainer.to_device(_fixed_batch(dataset_dir)))
+    assert "findings" in terms and trainer.network.findings_head.linear.weight.grad is not None
+
+
 @pytest.mark.parametrize("silenced", ["seg", "cls"])
 def test_stage_one_routes_each_loss_to_its_own_part(tmp_path, silenced):
     """Stage 1 pre-trains the parts separately: a task's loss must not move the other task's part."""
@@ -151,7 +176,8 @@ def test_deterministic_seed_gives_identical_weights(tmp_path, nondeterministic_a
 
 @pytest.mark.parametrize("name, tasks", [("SegmentationTrainer", "segmentation"),
                                          ("ClassificationTrainer", "classification"),
-                                         ("DeepSCCOVIDTrainer_noCrossStitch", "joint")])
+                                         ("DeepSCCOVIDTrainer_noCrossStitch", "joint"),
+                                         ("DeepSCCOVIDTrainer_findings", "joint")])
 def test_single_task_and_ablation_trainers_train(tmp_path, name, tasks):
     make_cache(tmp_path / "pre", n_cases=10, plans=make_plans("Dataset900_Tiny", epochs=(1, 1), iterations=2))
     result = run_training(_roots(tmp_path), None, "3d_cpu", 2, name, device="cpu", num_workers=0)
@@ -163,6 +189,10 @@ def test_single_task_and_ablation_trainers_train(tmp_path, name, tasks):
     if name.endswith("noCrossStitch"):
         assert not any(k.startswith("cross_stitch") for k in state["network_weights"])
         assert saved["configurations"]["3d_cpu"]["network"]["cross_stitch"] is False
+    if name.endswith("findings"):
+        # Trained in both stages (stage 1 counts it with the classification part).
+        assert int(state["network_weights"]["findings_head.updates"]) == 4
+        assert float(state["network_weights"]["findings_head.linear.weight"].abs().sum()) > 0
 
 
 def test_registry_and_ablation_overrides():

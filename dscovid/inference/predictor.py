@@ -278,7 +278,7 @@ def run_networks(
                     seg_on_grid = total / weight.clamp(min=1e-6)
                     coverage = weight.clamp(max=1.0)
                 with torch.no_grad(), _autocast(device):
-                    logits, evidence = network.classify(i_cls, lesion_on_grid, seg_on_grid, coverage)
+                    logits, evidence = network.classify(i_cls, lesion_on_grid, seg_on_grid, coverage, cls_t)
                 probabilities = torch.softmax(logits.float(), dim=1)[0].cpu()
                 # three (K, z_l, y_l, x_l), flipped back: a volume axis a is dimension a + 1 here
                 evidence = [e.float()[0].cpu() for e in evidence]

@@ -78,6 +78,9 @@ class NetworkConfig:
     """What stands for Ŝ outside the training patch: ``ground_truth`` (cls_lesion), ``prediction``, ``none``."""
     seg_to_cls_fill: str = "classification"
     """What stands for the segmentation stem features outside the patch: ``classification`` or ``zeros``."""
+    findings_head: bool = False
+    """Add the findings head (``dscovid.model.findings_head``): a linear term per class over the paper's lesion
+    findings measured on Ŝ. Not in the paper; only the joint network has it (single-task networks ignore it)."""
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> NetworkConfig:
@@ -99,8 +102,9 @@ class NetworkConfig:
         _check_choice(p, "norm", self.norm, NORMS)
         _check_choice(p, "lesion_context", self.lesion_context, LESION_CONTEXTS)
         _check_choice(p, "seg_to_cls_fill", self.seg_to_cls_fill, SEG_TO_CLS_FILLS)
-        if not isinstance(self.cross_stitch, bool):
-            raise DscovidError(f"{p}.cross_stitch must be true or false; got {self.cross_stitch!r}")
+        for key in ("cross_stitch", "findings_head"):
+            if not isinstance(getattr(self, key), bool):
+                raise DscovidError(f"{p}.{key} must be true or false; got {getattr(self, key)!r}")
         _check_int_list(p, "stem_channels", [self.stem_channels], 1, minimum=8)
         if self.stem_channels % 8:
             raise DscovidError(f"{p}.stem_channels must be a multiple of 8 (inception branch split); got {self.stem_channels}")
@@ -142,6 +146,9 @@ class LossConfig:
     lambda_cls: float = 1.0
     lambda_ta: float = 10.0
     """λ_ta of equation 11 (paper's best 10; 0 removes the task-aware loss)."""
+    lambda_findings: float = 1.0
+    """Weight of the cross-entropy of the findings head's logits alone (only with ``network.findings_head``): it
+    keeps the head a classifier in its own right while the subnet's logits fit the training cases."""
     lambda_dice: float = 1.0
     lambda_focal: float = 1.0
     focal_alpha: float = 0.75
@@ -188,7 +195,8 @@ class LossConfig:
 
     def validate(self) -> None:
         p = "training.loss"
-        for key in ("lambda_seg", "lambda_cls", "lambda_ta", "lambda_dice", "lambda_focal", "focal_gamma", "dice_smooth"):
+        for key in ("lambda_seg", "lambda_cls", "lambda_ta", "lambda_findings", "lambda_dice", "lambda_focal",
+                    "focal_gamma", "dice_smooth"):
             _check_number(p, key, getattr(self, key))
         _check_number(p, "focal_alpha", self.focal_alpha)
         if self.focal_alpha > 1:

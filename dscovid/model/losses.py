@@ -202,6 +202,10 @@ class DeepSCLoss(nn.Module):
             cls = weighted_cross_entropy(outputs.class_logits, class_index, c.class_weights)
             terms["cls"] = float(cls.detach())
             total = c.lambda_cls * cls if total is None else total + c.lambda_cls * cls
+        if outputs.findings_logits is not None and c.lambda_findings > 0:
+            findings = weighted_cross_entropy(outputs.findings_logits, class_index, c.class_weights)
+            terms["findings"] = float(findings.detach())
+            total = total + c.lambda_findings * findings
         if outputs.lesion_logits is not None and outputs.class_logits is not None and c.lambda_ta > 0:
             if c.task_aware_class == "predicted":
                 chosen = outputs.class_logits.detach().argmax(1)

@@ -23,6 +23,7 @@ from dscovid.model.classification_subnet import ClassificationSubnet
 from dscovid.model.config import NetworkConfig
 from dscovid.model.cross_stitch import CrossStitch
 from dscovid.model.evidence import evidence_masks
+from dscovid.model.findings_head import FindingsHead
 from dscovid.model.geometry import BoxLike, ShapeLike, as_boxes, composite, paste_box, sample_box
 from dscovid.model.inception import make_stem
 from dscovid.model.lesion_subnet import LesionSubnet
@@ -54,6 +55,7 @@ class DeepSCOutput:
 
     lesion_logits : (B, 1, pz, py, px); side_outputs : four tensors (B, 1, ...);
     class_logits : (B, K); evidence : three tensors (B, K, z_l, y_l, x_l) (equation 5 for every class, uncropped);
+    findings_logits : (B, K), the findings head's term of ``class_logits`` (None without the head);
     lesion_on_grid : (B, 1, N, H, W), what the classifier saw; patch_box (B, 2, 3) and volume_shape (B, 3):
     float64 CPU tensors, for cropping the evidence masks.
     """
@@ -61,6 +63,7 @@ class DeepSCOutput:
     lesion_logits: torch.Tensor | None = None
     side_outputs: list[torch.Tensor] | None = None
     class_logits: torch.Tensor | None = None
+    findings_logits: torch.Tensor | None = None
     evidence: list[torch.Tensor] | None = None
     lesion_on_grid: torch.Tensor | None = None
     patch_box: torch.Tensor | None = None
@@ -100,6 +103,9 @@ class DeepSCCOVID(nn.Module):
             self.classification_subnet = ClassificationSubnet(
                 c0, config.classification_widths, lesion_channels, config.num_classes, *norm
             )
+        self.findings_head = None
+        if config.tasks == "joint" and config.findings_head:
+            self.findings_head = FindingsHead(config.num_classes)
         self.uses_cross_stitch = config.tasks == "joint" and config.cross_stitch
         if self.uses_cross_stitch:
             self.cross_stitch = CrossStitch(*config.cross_stitch_init)
@@ -145,6 +151,7 @@ class DeepSCCOVID(nn.Module):
         lesion_on_grid: torch.Tensor | None = None,
         seg_features_on_grid: torch.Tensor | None = None,
         seg_coverage: torch.Tensor | None = None,
+        cls_image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Cross-stitch (segmentation → classification) and the classification subnet.
 
@@ -156,12 +163,19 @@ class DeepSCCOVID(nn.Module):
         seg_features_on_grid : (B, C0, n, h, w) or None, the segmentation stem features pasted onto the
             classification stem grid (``geometry.stitch_boxes``: sum / weight); None: none available.
         seg_coverage : (B, 1, n, h, w) in [0, 1] or None (None with features given means fully covered).
+        cls_image : (B, 1, N, H, W), the classification image; needed by the findings head.
 
         Returns
         -------
-        class_logits : (B, K)
+        class_logits : (B, K), the sum of the evidence masks plus, with the findings head, its term
         evidence : three (B, K, z_l, y_l, x_l) tensors, equation 5 for every class (uncropped)
         """
+        logits, evidence, findings = self._classify(cls_features, lesion_on_grid, seg_features_on_grid, seg_coverage,
+                                                    cls_image)
+        return (logits if findings is None else logits + findings), evidence
+
+    def _classify(self, cls_features, lesion_on_grid, seg_features_on_grid, seg_coverage, cls_image):
+        """``classify`` with the subnet's logits and the findings head's term (or None) apart."""
         f_cls = cls_features
         if self.uses_cross_stitch:
             fill = cls_features if self.config.seg_to_cls_fill == "classification" else None
@@ -173,7 +187,12 @@ class DeepSCCOVID(nn.Module):
                 seg_part = composite(seg_features_on_grid, seg_coverage, fill)
             f_cls = self.cross_stitch.classification(cls_features, seg_part.to(cls_features.dtype))
         logits, features = self.classification_subnet(f_cls, lesion_on_grid if self.has_segmentation else None)
-        return logits, evidence_masks(features, self.classification_subnet.linear.weight)
+        findings = None
+        if self.findings_head is not None:
+            if cls_image is None or lesion_on_grid is None:
+                raise ValueError("the findings head needs the lesion map and the classification image")
+            findings = self.findings_head(lesion_on_grid, cls_image)
+        return logits, evidence_masks(features, self.classification_subnet.linear.weight), findings
 
     # Training forward ----------------------------------------------------------------------------------------------
 
@@ -224,5 +243,8 @@ class DeepSCCOVID(nn.Module):
         if context is None and self.config.lesion_context != "none":
             raise ValueError(f"network.lesion_context={self.config.lesion_context!r} needs a lesion_context tensor")
         out.lesion_on_grid = composite(lesion_values, lesion_coverage, None if context is None else context.float())
-        out.class_logits, out.evidence = self.classify(i_cls, out.lesion_on_grid, seg_on_grid, seg_coverage)
+        logits, out.evidence, out.findings_logits = self._classify(
+            i_cls, out.lesion_on_grid, seg_on_grid, seg_coverage, cls_image
+        )
+        out.class_logits = logits if out.findings_logits is None else logits + out.findings_logits
         return out

@@ -221,7 +221,8 @@ CONFIGURATION_SPEC = _Object(
                 "oversample_foreground": _FRACTION,
             },
             optional={"seed": _Number(minimum=0, integer=True), "lesion_context_refresh_epochs": _POSITIVE_INT,
-                      "hard_negative_fraction": _FRACTION},
+                      "hard_negative_fraction": _FRACTION,
+                      "findings_head_lr_scale": _Number(minimum=0, exclusive_minimum=True)},
         ),
         "inference": _Object(
             required={

@@ -54,15 +54,17 @@ MODULE_ALIASES: dict[str, tuple[str, ...]] = {
     "classification_subnet": ("classification_subnet",),
     "cross_stitch": ("cross_stitch",),
     "seg": ("lesion_subnet",),
+    "findings_head": ("findings_head",),
     "cls": ("classification_subnet",),
     "segmentation": ("stem_seg", "lesion_subnet"),
-    "classification": ("stem_cls", "classification_subnet"),
+    "classification": ("stem_cls", "classification_subnet", "findings_head"),
 }
 
 #: The two parts pre-trained separately in stage 1 (paper §V-A): each task's stem and subnet, plus the row of the
 #: cross-stitch (equation 2) that produces that task's features. Parameter-name prefixes.
 SEGMENTATION_PART = ("stem_seg.", "lesion_subnet.", "cross_stitch.w_seg1", "cross_stitch.w_cls2")
-CLASSIFICATION_PART = ("stem_cls.", "classification_subnet.", "cross_stitch.w_seg2", "cross_stitch.w_cls1")
+CLASSIFICATION_PART = ("stem_cls.", "classification_subnet.", "findings_head.", "cross_stitch.w_seg2",
+                       "cross_stitch.w_cls1")
 
 
 @dataclass
@@ -136,6 +138,7 @@ class Trainer:
                                                                              DEFAULT_REFRESH_EPOCHS))
         self._unused_notes: list[str] = []  # settings of the plans this trainer does not use (logged at the start)
         self.hard_negative_fraction = float(self.configuration["training"].get("hard_negative_fraction", 0.0))
+        self.findings_lr_scale = float(self.configuration["training"].get("findings_head_lr_scale", 1.0))
         self.hard_negative_dir: Path | None = None
         if self.hard_negative_fraction > 0:
             if self.context_dir is None:
@@ -243,7 +246,7 @@ class Trainer:
             param.requires_grad_(id(param) in chosen)
         if not trainable:
             raise DscovidError(f"training stage {stage.name!r} trains no parameter of this network")
-        self.optimizer = make_optimizer(stage, trainable)
+        self.optimizer = make_optimizer(stage, self._parameter_groups(trainable))
         if self.context.enabled:
             # Re-wrapped per stage: DDP records which parameters need gradients when it is built.
             self.model = DistributedDataParallel(self.network, find_unused_parameters=True)
@@ -251,6 +254,21 @@ class Trainer:
                  index + 1, len(self.stages), stage.name, stage.epochs, stage.iterations_per_epoch,
                  stage.optimizer.get("name", "adam"), stage.optimizer["lr"], stage.schedule, self.step_mode(stage),
                  "all" if "all" in stage.trainable else ", ".join(stage.trainable))
+
+    def _parameter_groups(self, trainable: list[torch.nn.Parameter]) -> list[dict]:
+        """One optimiser group, or two when the findings head learns at ``training.findings_head_lr_scale`` x lr.
+
+        The head is one linear layer over standardised findings; at the fine-tuning rate (1e-4) it barely follows
+        the switch from the ground-truth lesion context of stage 1 to the network's own Ŝ of stage 2.
+        """
+        head = getattr(self.network, "findings_head", None)
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        rest = [p for p in trainable if id(p) not in head_ids]
+        own = [p for p in trainable if id(p) in head_ids]
+        if not own or self.findings_lr_scale == 1.0:
+            return [{"params": trainable, "lr_scale": 1.0}]
+        return [group for group in ({"params": rest, "lr_scale": 1.0},
+                                    {"params": own, "lr_scale": self.findings_lr_scale}) if group["params"]]
 
     def step_mode(self, stage: Stage) -> str:
         """``separate`` (stage-1 pre-training of each part by its own loss) or ``total`` (the network's loss)."""
@@ -319,8 +337,13 @@ class Trainer:
                                                 inputs["lesion_annotated"])
             cls = weighted_cross_entropy(outputs.class_logits, inputs["class_index"], c.class_weights)
             seg_total, cls_total = c.lambda_seg * seg, c.lambda_cls * cls
+            terms = {"seg": float(seg.detach()), "cls": float(cls.detach()), **parts}
+            if outputs.findings_logits is not None and c.lambda_findings > 0:
+                findings = weighted_cross_entropy(outputs.findings_logits, inputs["class_index"], c.class_weights)
+                terms["findings"] = float(findings.detach())
+                cls_total = cls_total + c.lambda_findings * findings
             total = float(seg_total.detach() + cls_total.detach())
-            terms = {"seg": float(seg.detach()), "cls": float(cls.detach()), **parts, "total": total}
+            terms["total"] = total
             if math.isfinite(total):
                 seg_params, cls_params = self._parts()
                 if seg_params:
@@ -392,7 +415,7 @@ class Trainer:
             self.on_stage_start(index)
         lr = learning_rate(self.stages[index], in_stage)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.context_dir is not None and self.step_mode(self.stages[index]) == "total":
             cases = list({case.name: case for case in [*self.setup.train_cases, *self.setup.val_cases]}.values())
             missing = any(not context_file(self.context_dir, case.name).exists() for case in cases)
@@ -420,7 +443,7 @@ class Trainer:
     def on_epoch_end(self, lr: float, terms: list[dict[str, float]], metrics: dict[str, float], seconds: float,
                      waited_s: float) -> None:
         """Record the epoch, update the EMA score, write the latest (and maybe best) checkpoint and the plot."""
-        mean = {key: float(np.mean([t[key] for t in terms if key in t])) for key in ("total", "seg", "cls", "ta")
+        mean = {key: float(np.mean([t[key] for t in terms if key in t])) for key in ("total", "seg", "cls", "findings", "ta")
                 if any(key in t for t in terms)}
         score = self.validation_score(metrics)
         self.ema = score if self.ema is None else self.ema_momentum * self.ema + (1 - self.ema_momentum) * score

@@ -99,8 +99,8 @@ def learning_rate(stage: Stage, epoch_in_stage: int) -> float:
     raise DscovidError(f"training.stages: unknown schedule {stage.schedule!r} (known: linear, poly, constant)")
 
 
-def make_optimizer(stage: Stage, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The stage's optimiser (Adam by default: betas 0.9/0.999 as in the paper)."""
+def make_optimizer(stage: Stage, parameters: Iterable[torch.nn.Parameter] | Iterable[dict]) -> torch.optim.Optimizer:
+    """The stage's optimiser (Adam by default: betas 0.9/0.999 as in the paper); parameters or parameter groups."""
     settings = stage.optimizer
     name = settings.get("name", "adam")
     lr = float(settings["lr"])

@@ -77,6 +77,18 @@ class DeepSCCOVIDTrainer_singleScaleTaskAware(DeepSCCOVIDTrainer):  # noqa: N801
     overrides = {"training.loss.task_aware_scales": [3]}
 
 
+class DeepSCCOVIDTrainer_findings(DeepSCCOVIDTrainer):  # noqa: N801
+    """The joint model with the findings head (``dscovid.model.findings_head``; not in the paper)."""
+
+    overrides = {"network.findings_head": True}
+
+
+class DeepSCCOVIDTrainer_noFindings(DeepSCCOVIDTrainer):  # noqa: N801
+    """The joint model without the findings head, whatever the plans say (the paper's network)."""
+
+    overrides = {"network.findings_head": False}
+
+
 TRAINERS: dict[str, type[Trainer]] = {
     cls.__name__: cls
     for cls in (
@@ -89,6 +101,8 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_lambdaTA1,
         DeepSCCOVIDTrainer_lambdaTA100,
         DeepSCCOVIDTrainer_singleScaleTaskAware,
+        DeepSCCOVIDTrainer_findings,
+        DeepSCCOVIDTrainer_noFindings,
     )
 }
 DEFAULT_TRAINER = "DeepSCCOVIDTrainer"
