@@ -27,6 +27,7 @@ from dscovid.inference.predictor import predict_cases, run_networks
 from dscovid.inference.untrained_model import save_untrained_model
 from dscovid.io.dataset import CLASS_NAMES
 from dscovid.io.image_io import Geometry, read_image, write_image
+from dscovid.model.findings_head import FEATURE_NAMES
 
 TRAINER, CONFIGURATION = "DeepSCCOVIDTrainer", "3d_cpu"
 
@@ -365,5 +366,15 @@ def test_a_model_with_the_findings_head_predicts_with_its_term(tmp_path):
     before = run_networks(model, image, region, cls_image, mirror_axes=[]).class_probabilities
     with torch.no_grad():
         head.linear.bias.copy_(torch.tensor([0.0, 0.0, 4.0]))  # the head's term favours non-pneumonia
-    after = run_networks(model, image, region, cls_image, mirror_axes=[]).class_probabilities
-    assert after[2] > before[2] + 0.2
+    output = run_networks(model, image, region, cls_image, mirror_axes=[])
+    assert output.class_probabilities[2] > before[2] + 0.2
+    np.testing.assert_allclose(output.findings_term, [0.0, 0.0, 4.0], atol=1e-6)  # zero weights: the bias alone
+    assert set(output.findings) == set(FEATURE_NAMES) and all(np.isfinite(list(output.findings.values())))
+    # ... and predictions.json says what the head added.
+    case_image, geometry = synthetic_oblique_case()
+    write_image(case_image, geometry, tmp_path / "in" / "case_0000.nii.gz")
+    summary = predict_cases(folder, tmp_path / "in", tmp_path / "out", device="cpu", progress=False)
+    entry = summary["cases"][0]["findings_head"]
+    assert entry["logit_term"] == {c: 0.0 for c in CLASS_NAMES}  # the saved head is untrained: zero weights
+    assert set(entry["measurements"]) == set(FEATURE_NAMES)
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text(encoding="utf-8"))["cases"][0]["findings_head"]

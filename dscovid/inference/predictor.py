@@ -53,6 +53,8 @@ from dscovid.inference.report import (
 from dscovid.inference.sliding_window import plan_tiles, sliding_window_predict
 from dscovid.io.dataset import write_json_atomic
 from dscovid.io.image_io import Geometry, read_image, write_image
+from dscovid.model.findings_head import FEATURE_NAMES as FINDINGS_NAMES
+from dscovid.model.findings_head import lesion_findings
 from dscovid.planning.plans import Configuration
 from dscovid.training.checkpoint import FINAL
 
@@ -122,6 +124,9 @@ class NetworkOutput:
     class_probabilities : (K,) softmax averaged over folds, or None for a segmentation-only model.
     evidence : (Z', Y', X') float32 evidence map (equation 5) of the predicted class, or None.
     tiles_run, tiles_total : sliding-window tiles run (touching the lung) and in the whole volume.
+    findings_term : (K,) the findings head's term of the logits (docs/model.md), averaged over the passes that have
+        a head; None without one.
+    findings : the head's measurements of Ŝ (name → value), averaged likewise; None without a head.
     """
 
     lesion_probability: np.ndarray
@@ -129,6 +134,8 @@ class NetworkOutput:
     evidence: np.ndarray | None
     tiles_run: int
     tiles_total: int
+    findings_term: np.ndarray | None = None
+    findings: dict[str, float] | None = None
 
 
 def _autocast(device: torch.device):
@@ -246,6 +253,8 @@ def run_networks(
     probability_sum = torch.zeros(shape, dtype=torch.float32, device=accumulate_on)
     class_sum: torch.Tensor | None = None
     evidence_sum: list[torch.Tensor] | None = None
+    findings_terms: list[torch.Tensor] = []
+    findings_values: list[torch.Tensor] = []
     # Test-time mirroring along the axes the training mirrored (inference.mirror_axes): every fold also sees the
     # flipped scan, and its outputs are flipped back and averaged with the plain ones.
     flips = [()] + [(int(axis),) for axis in mirror_axes]
@@ -279,6 +288,10 @@ def run_networks(
                     coverage = weight.clamp(max=1.0)
                 with torch.no_grad(), _autocast(device):
                     logits, evidence = network.classify(i_cls, lesion_on_grid, seg_on_grid, coverage, cls_t)
+                    head = getattr(network, "findings_head", None)
+                    if head is not None:
+                        findings_terms.append(head(lesion_on_grid, cls_t)[0].float().cpu())
+                        findings_values.append(lesion_findings(lesion_on_grid, cls_t)[0].cpu())
                 probabilities = torch.softmax(logits.float(), dim=1)[0].cpu()
                 # three (K, z_l, y_l, x_l), flipped back: a volume axis a is dimension a + 1 here
                 evidence = [e.float()[0].cpu() for e in evidence]
@@ -300,6 +313,8 @@ def run_networks(
         evidence=evidence_map,
         tiles_run=len(plan_tiles(shape, patch, step_fraction, region_mask, placement)),
         tiles_total=len(plan_tiles(shape, patch, step_fraction)),
+        findings_term=torch.stack(findings_terms).mean(0).numpy() if findings_terms else None,
+        findings=dict(zip(FINDINGS_NAMES, torch.stack(findings_values).mean(0).tolist())) if findings_values else None,
     )
 
 
@@ -389,6 +404,9 @@ def export_case(
             probabilities = output.class_probabilities
             entry["predicted_class"] = class_names[int(np.argmax(probabilities))]
             entry["probabilities"] = {c: float(p) for c, p in zip(class_names, probabilities)}
+        if output.findings_term is not None:
+            entry["findings_head"] = {"logit_term": {c: float(v) for c, v in zip(class_names, output.findings_term)},
+                                      "measurements": output.findings}
         entry.update(lesion_report(loaded.image_hu, lesion, lung, geometry, peripheral_thickness_mm))
         for future in futures:
             future.result()
