@@ -53,6 +53,16 @@ def test_select_slices_covers_separate_lesion_groups_and_takes_the_largest_slice
     assert len(select_slices(weight, 10)) <= 4  # never more slices than hold weight
 
 
+def test_montage_title_names_the_findings_heads_share_of_the_predicted_class():
+    from dscovid.inference.montage import _title
+
+    report = {"lesion_count": 3, "lesion_volume_ml": 10.0,
+              "findings_head": {"logit_term": {"covid": 0.83, "cap": -0.5, "non_pneumonia": -0.3}}}
+    title, details = _title("c", "covid", {"covid": 0.9}, "cap", report)
+    assert "(WRONG)" in title and details.endswith("findings head +0.83 to its logit")
+    assert "findings head" not in _title("c", "covid", {"covid": 0.9}, None, {"lesion_count": 3})[1]
+
+
 def test_montage_looks_the_same_whatever_the_stored_orientation(tmp_path):
     image, lesion, evidence = _phantom()
     spacing = (3.0, 2.0, 2.0)

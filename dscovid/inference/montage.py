@@ -107,6 +107,9 @@ def _title(case: str, predicted_class: str | None, probabilities: Mapping[str, f
             details.append(f"{report['lesion_count']} predicted lesion(s)")
         if report.get("lesion_volume_ml") is not None:
             details.append(f"{float(report['lesion_volume_ml']):.1f} ml")
+        head = report.get("findings_head")
+        if isinstance(head, Mapping) and predicted_class in (head.get("logit_term") or {}):
+            details.append(f"findings head {float(head['logit_term'][predicted_class]):+.2f} to its logit")
     return f"{case}: {verdict}", "   ".join(filter(None, [probability_text, ", ".join(details)]))
 
 
