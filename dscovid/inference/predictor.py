@@ -287,10 +287,11 @@ def run_networks(
                     seg_on_grid = total / weight.clamp(min=1e-6)
                     coverage = weight.clamp(max=1.0)
                 with torch.no_grad(), _autocast(device):
-                    logits, evidence = network.classify(i_cls, lesion_on_grid, seg_on_grid, coverage, cls_t)
-                    head = getattr(network, "findings_head", None)
-                    if head is not None:
-                        findings_terms.append(head(lesion_on_grid, cls_t)[0].float().cpu())
+                    logits, evidence, term = network.classify_parts(i_cls, lesion_on_grid, seg_on_grid, coverage, cls_t)
+                    if term is not None:
+                        logits = logits + term
+                        findings_terms.append(term[0].float().cpu())
+                        # for the report; the head measured the same inside classify_parts
                         findings_values.append(lesion_findings(lesion_on_grid, cls_t)[0].cpu())
                 probabilities = torch.softmax(logits.float(), dim=1)[0].cpu()
                 # three (K, z_l, y_l, x_l), flipped back: a volume axis a is dimension a + 1 here

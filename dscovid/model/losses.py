@@ -174,6 +174,12 @@ class DeepSCLoss(nn.Module):
         dice, focal = dice.detach(), focal.detach()
         return seg, {"dice": float((dice * mask).sum()) / n, "focal": float((focal * mask).sum()) / n}
 
+    def findings(self, outputs: DeepSCOutput, class_index: torch.Tensor) -> torch.Tensor | None:
+        """The findings head's own weighted cross-entropy (unweighted by λ_findings), or None without a head."""
+        if outputs.findings_logits is None or self.config.lambda_findings <= 0:
+            return None
+        return weighted_cross_entropy(outputs.findings_logits, class_index, self.config.class_weights)
+
     def forward(
         self,
         outputs: DeepSCOutput,
@@ -202,8 +208,8 @@ class DeepSCLoss(nn.Module):
             cls = weighted_cross_entropy(outputs.class_logits, class_index, c.class_weights)
             terms["cls"] = float(cls.detach())
             total = c.lambda_cls * cls if total is None else total + c.lambda_cls * cls
-        if outputs.findings_logits is not None and c.lambda_findings > 0:
-            findings = weighted_cross_entropy(outputs.findings_logits, class_index, c.class_weights)
+        findings = self.findings(outputs, class_index)
+        if findings is not None:
             terms["findings"] = float(findings.detach())
             total = total + c.lambda_findings * findings
         if outputs.lesion_logits is not None and outputs.class_logits is not None and c.lambda_ta > 0:

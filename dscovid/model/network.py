@@ -170,12 +170,19 @@ class DeepSCCOVID(nn.Module):
         class_logits : (B, K), the sum of the evidence masks plus, with the findings head, its term
         evidence : three (B, K, z_l, y_l, x_l) tensors, equation 5 for every class (uncropped)
         """
-        logits, evidence, findings = self._classify(cls_features, lesion_on_grid, seg_features_on_grid, seg_coverage,
-                                                    cls_image)
+        logits, evidence, findings = self.classify_parts(cls_features, lesion_on_grid, seg_features_on_grid,
+                                                         seg_coverage, cls_image)
         return (logits if findings is None else logits + findings), evidence
 
-    def _classify(self, cls_features, lesion_on_grid, seg_features_on_grid, seg_coverage, cls_image):
-        """``classify`` with the subnet's logits and the findings head's term (or None) apart."""
+    def classify_parts(
+        self,
+        cls_features: torch.Tensor,
+        lesion_on_grid: torch.Tensor | None = None,
+        seg_features_on_grid: torch.Tensor | None = None,
+        seg_coverage: torch.Tensor | None = None,
+        cls_image: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """:meth:`classify` with the subnet's logits and the findings head's term (B, K) (None without a head) apart."""
         f_cls = cls_features
         if self.uses_cross_stitch:
             fill = cls_features if self.config.seg_to_cls_fill == "classification" else None
@@ -243,7 +250,7 @@ class DeepSCCOVID(nn.Module):
         if context is None and self.config.lesion_context != "none":
             raise ValueError(f"network.lesion_context={self.config.lesion_context!r} needs a lesion_context tensor")
         out.lesion_on_grid = composite(lesion_values, lesion_coverage, None if context is None else context.float())
-        logits, out.evidence, out.findings_logits = self._classify(
+        logits, out.evidence, out.findings_logits = self.classify_parts(
             i_cls, out.lesion_on_grid, seg_on_grid, seg_coverage, cls_image
         )
         out.class_logits = logits if out.findings_logits is None else logits + out.findings_logits

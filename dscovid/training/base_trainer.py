@@ -338,8 +338,8 @@ class Trainer:
             cls = weighted_cross_entropy(outputs.class_logits, inputs["class_index"], c.class_weights)
             seg_total, cls_total = c.lambda_seg * seg, c.lambda_cls * cls
             terms = {"seg": float(seg.detach()), "cls": float(cls.detach()), **parts}
-            if outputs.findings_logits is not None and c.lambda_findings > 0:
-                findings = weighted_cross_entropy(outputs.findings_logits, inputs["class_index"], c.class_weights)
+            findings = self.loss.findings(outputs, inputs["class_index"])
+            if findings is not None:
                 terms["findings"] = float(findings.detach())
                 cls_total = cls_total + c.lambda_findings * findings
             total = float(seg_total.detach() + cls_total.detach())
