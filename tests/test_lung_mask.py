@@ -187,13 +187,27 @@ def test_consolidations_wrapped_by_the_lung_against_the_mediastinum_and_back_are
     (its dent faces the mediastinum and is 60 mm deep); case 4, one filling the back of the right lung.
 
     Both are wrapped by the lung in 3D, which the enclosed-blob filling uses (measured 0.993 and 0.967 inside,
-    Dice 0.996; 0.256 and 0.368, Dice 0.973 and 0.961 without it). Case 4's loss is the thin strip between the
-    lung's hull chord and the curved chest wall.
+    Dice 0.996; 0.256 and 0.368, Dice 0.973 and 0.961 without it). Case 4's strip between the lung's hull chord and
+    the curved chest wall is taken by the chest wall gaps (0.986 inside; 0.967 without them).
     """
     dices, coverage = _synthetic_scores(range(9, 10), seed=1, scale=0.5)
     assert dices[0] >= 0.99 and coverage["cap"] >= 0.99, (dices, coverage)
     dices, coverage = _synthetic_scores(range(4, 5), seed=1, scale=0.5)
-    assert dices[0] >= 0.99 and coverage["cap"] >= 0.95, (dices, coverage)
+    assert dices[0] >= 0.99 and coverage["cap"] >= 0.98, (dices, coverage)
+
+
+def test_consolidation_filling_the_back_of_a_lung_against_the_ribs_is_inside():
+    """Seed 1 (the demo's test set) at half scale: case 1029 (COVID-19), the back of the left lung consolidated
+    against the posterior chest wall; case 1026, the back of the right lung over most of its height.
+
+    The lung wraps them only from the front; the rays from the lung's centre to the ribs take the tissue beyond the
+    usual gap between lung and ribs (measured 0.983 and 0.787 inside; 0.893 and 0.733 without them). Case 1026's
+    remaining loss is its paravertebral part, medial to the rays.
+    """
+    dices, coverage = _synthetic_scores(range(1029, 1030), seed=1, scale=0.5)
+    assert dices[0] >= 0.99 and coverage["covid"] >= 0.97, (dices, coverage)
+    dices, coverage = _synthetic_scores(range(1026, 1027), seed=1, scale=0.5)
+    assert dices[0] >= 0.96 and coverage["covid"] >= 0.77, (dices, coverage)
 
 
 @pytest.mark.xfail(strict=True, reason="lesions merged with the heart's outline are left out (docs/lung_mask.md, Limits)")

@@ -26,7 +26,9 @@ No trained weights: thresholds, connected components and morphology, most of it 
    (their face at least 65 % lung and at most 15 % other tissue, after an opening that cuts thin bridges) are
    filled, and the dents of the slices they change are filled again: a round consolidation against the
    mediastinum or filling the back of a lung, which the closing and the dent rules miss, while the heart, the
-   hilum and the liver dome continue beyond the hulls and stay out.
+   hilum and the liver dome continue beyond the hulls and stay out. Then the tissue between each lung and its
+   ribs, along rays from the lung's centre toward the back and the side, where it is clearly wider than the
+   usual gap (pleura and intercostal muscle): a consolidation filling the back of a lung against the chest wall.
 7. Back to full resolution: the coarse mask is repeated onto the full grid and its boundary band is
    re-decided voxel by voxel from the full-resolution HU (air: in; dense and not lesion filling: out).
 
@@ -90,6 +92,13 @@ class LungMaskSettings:
         a lung's axial convex hulls (after an in-plane opening of this many steps, which cuts thin bridges) is
         filled when at least the first fraction of its 3D face is that lung and at most the second is other
         tissue (a consolidation wrapped by the lung, not the heart or the liver dome, which continue outside).
+    wall_bone_hu, wall_bone_slab_mm, wall_max_gap_mm, wall_ray_step_deg, wall_max_anterior_deg, wall_smoothing_rays,
+    wall_min_excess_mm, wall_gap_percentile, wall_max_height_fraction : the chest wall gaps
+        (:func:`_fill_chest_wall_gaps`): bone is above ``wall_bone_hu`` (its maximum over this many mm up and down
+        closes the rib shell); rays every ``wall_ray_step_deg`` degrees from straight back to the side and this many
+        degrees in front of it; bone at most ``wall_max_gap_mm`` beyond the lung, and no further out than the median
+        of this many rays on each side; filled when the gap exceeds the usual one (the larger of the lung's median
+        and this percentile of the slice) by ``wall_min_excess_mm``; only up to this fraction of the lung's height.
     fat_hu : on the working grid, fat lies in this range; lesion filling never adds fat (consolidation is
         denser, ground glass lighter).
     min_lung_ml : the lungs' air must be at least this large, or there is no lung.
@@ -115,6 +124,15 @@ class LungMaskSettings:
     enclosed_max_tissue_fraction: float = 0.15
     enclosed_opening: int = 2
     fat_hu: tuple[float, float] = (-180.0, -60.0)
+    wall_bone_hu: float = 200.0
+    wall_bone_slab_mm: float = 15.0
+    wall_max_gap_mm: float = 80.0
+    wall_ray_step_deg: float = 1.0
+    wall_max_anterior_deg: float = 30.0
+    wall_smoothing_rays: int = 10
+    wall_min_excess_mm: float = 3.0
+    wall_gap_percentile: float = 25.0
+    wall_max_height_fraction: float = 0.75
     min_lung_ml: float = 10.0
     min_lung_fraction: float = 0.15
     second_lung_min_fraction: float = 0.05
@@ -190,6 +208,7 @@ def segment_lung_sides(
     blobs = _fill_enclosed_blobs(filled, hulls, body & ~fat, settings)
     changed = np.flatnonzero((blobs != filled).any(axis=(1, 2)))
     filled = _fill_costal_dents(blobs, body & ~fat, coarse_spacing, settings, changed)[0] if changed.size else blobs
+    filled = _fill_chest_wall_gaps(filled, coarse, body & ~fat, coarse_spacing, settings)
     labels = _refine(canonical, sides, filled, factors, settings.air_threshold_hu)
     return _from_canonical(labels, axes, flips)
 
@@ -506,6 +525,103 @@ def _fill_enclosed_blobs(filled: np.ndarray, hulls: np.ndarray, tissue: np.ndarr
                                        mask=candidate)
         region[kept & (region == 0)] = side
         log.debug("enclosed blobs filled in lung %d: %d voxels", side, int(kept.sum()))
+    return out
+
+
+def _fill_chest_wall_gaps(filled: np.ndarray, coarse: np.ndarray, tissue: np.ndarray, spacing: np.ndarray,
+                          settings: LungMaskSettings) -> np.ndarray:
+    """Fill the tissue between each lung and the rib cage behind and beside it, along rays from the lung's centre.
+
+    A consolidation filling the back of a lung over a large height (against the posterior chest wall) is wrapped
+    by the lung only from the front, and its dent is too deep and too wide for the other rules. The ribs tell where
+    the lung should end. Per axial slice and lung (between the lowest quarter and ``wall_max_height_fraction`` of
+    the lung's height: the liver and spleen lie inside the ribs at the base, and the ribs run so obliquely in the
+    upper chest that their axial cut lies well outside the lung), rays leave the centre of the lung's slice toward
+    the back and the side, up to 30 degrees in front of the side (not toward the front, where the heart is, nor
+    medially, where the spine is). Beyond the ray's last lung voxel, the non-fat tissue up to the first bone of the
+    rib cage (bone within ``wall_bone_slab_mm`` above or below, so the ribs form a closed shell; no further out than
+    the median end of the ``wall_smoothing_rays`` rays either side, for a ray slipping between two ribs on a
+    coarse grid) is filled, less the usual gap between lung and ribs (pleura, intercostal muscle: the larger of
+    the median over all rays of that lung and the ``wall_gap_percentile`` of this slice's rays), when that leaves
+    at least ``wall_min_excess_mm``. A ray that meets fat (even a thin plane), air or the body's edge first, or
+    bone further than ``wall_max_gap_mm``, fills nothing.
+    """
+    out = filled.copy()
+    reach = max(1, int(round(settings.wall_bone_slab_mm / spacing[0])))
+    bone = ndimage.maximum_filter1d(tissue & (coarse > settings.wall_bone_hu), 2 * reach + 1, axis=0)
+    passable = tissue & ~bone & (filled == 0)
+    thin_fat = (coarse > settings.fat_hu[0]) & (coarse < settings.fat_hu[1])
+    pixel = float(min(spacing[1], spacing[2]))
+    steps = np.arange(0.0, 2.0 * settings.wall_max_gap_mm + 150.0, 0.5 * pixel)  # mm along the ray
+    ny, nx = filled.shape[1:]
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        lung = filled == side
+        present = np.flatnonzero(lung.any(axis=(1, 2)))
+        if present.size == 0:
+            continue
+        # From straight back (canonical y), round the side (x runs toward the patient's left), to
+        # ``wall_max_anterior_deg`` in front of it, in angle order: the costal surface, away from heart and spine.
+        span = 90.0 + settings.wall_max_anterior_deg
+        degrees = np.arange(0.0, span + 1e-6, settings.wall_ray_step_deg)
+        angles = np.deg2rad(90.0 + degrees if side == RIGHT_LUNG else 90.0 - degrees)
+        dy, dx = np.sin(angles), np.cos(angles)
+        height = present[-1] - present[0]
+        bottom = present[0] + settings.deep_dent_min_height_fraction * height
+        top = present[0] + settings.wall_max_height_fraction * height
+        records = []
+        for z in present[(present >= bottom) & (present <= top)]:
+            cy, cx = ndimage.center_of_mass(lung[z])
+            ys = np.rint(cy + dy[:, None] * steps[None, :] / spacing[1]).astype(int)
+            xs = np.rint(cx + dx[:, None] * steps[None, :] / spacing[2]).astype(int)
+            inside = (ys >= 0) & (ys < ny) & (xs >= 0) & (xs < nx)
+            ys, xs = np.clip(ys, 0, ny - 1), np.clip(xs, 0, nx - 1)
+            on_lung = lung[z][ys, xs] & inside
+            if not on_lung.any():
+                continue
+            n = steps.size
+            index = np.arange(n)[None, :]
+            last = np.where(on_lung, index, -1).max(axis=1)
+            stop = (index > last[:, None]) & ~(passable[z][ys, xs] & inside)
+            # Even a thin fat plane (extrapleural fat, between chest wall muscles) stops a ray past the lung's rim.
+            stop |= (index > last[:, None] + 3) & thin_fat[z][ys, xs]
+            first = np.where(stop.any(axis=1), stop.argmax(axis=1), n - 1)
+            rows = np.arange(len(last))
+            hit = (last >= 0) & bone[z][ys[rows, first], xs[rows, first]] & inside[rows, first]
+            gap_mm = (steps[first] - steps[np.maximum(last, 0)])
+            hit &= gap_mm <= settings.wall_max_gap_mm
+            # The rib shell is smooth: a ray slipping between two ribs (coarse grids) ends no further out than the
+            # median of its neighbours' ends.
+            wall_mm = np.where(hit, steps[first], np.nan)
+            half = settings.wall_smoothing_rays
+            padded = np.concatenate([np.full(half, np.nan), wall_mm, np.full(half, np.nan)])
+            windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1)
+            counts = np.isfinite(windows).sum(axis=1)
+            smooth = np.where(counts > 0, np.nanmedian(np.where(counts[:, None] > 0, windows, 0.0), axis=1), np.nan)
+            end_mm = np.where(hit, np.fmin(steps[first], smooth), 0.0)
+            gap_mm = end_mm - steps[np.maximum(last, 0)]
+            records.append((z, ys, xs, last, end_mm, hit, gap_mm))
+        gaps = np.concatenate([r[6][r[5]] for r in records]) if records else np.zeros(0)
+        if gaps.size == 0:
+            continue
+        lung_margin_mm = float(np.median(gaps))
+        added = 0
+        for z, ys, xs, last, wall_end_mm, hit, gap_mm in records:
+            # The usual gap of this slice too: where the ribs run obliquely (the upper chest) they lie further out.
+            if hit.sum() >= 10:
+                margin_mm = max(lung_margin_mm, float(np.percentile(gap_mm[hit], settings.wall_gap_percentile)))
+            else:
+                margin_mm = lung_margin_mm
+            take = hit & (gap_mm > margin_mm + settings.wall_min_excess_mm)
+            if not take.any():
+                continue
+            index = np.arange(steps.size)[None, :]
+            end_mm = wall_end_mm - margin_mm
+            along = (index > last[:, None]) & (steps[None, :] <= end_mm[:, None]) & take[:, None]
+            plane = out[z]
+            sel = along & (plane[ys, xs] == 0)
+            plane[ys[sel], xs[sel]] = side
+            added += int(sel.sum())
+        log.debug("chest wall gaps of lung %d: margin %.1f mm, %d voxels", side, lung_margin_mm, added)
     return out
 
 
