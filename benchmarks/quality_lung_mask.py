@@ -4,7 +4,7 @@
 
     python benchmarks/quality_lung_mask.py [--seeds 0 7 3] [--cases 10] [--first-index 0] [--cache DIR]
     python benchmarks/quality_lung_mask.py --dataset RAW/Dataset961_SynthTest [--dataset ...]
-    ... [--margins 10] [--no-baseline] [--per-case]
+    ... [--margins 10] [--chest-wall-gaps] [--no-baseline] [--per-case]
 
 Each source is either a seed (cases ``first-index .. first-index+cases-1`` of
 ``dataset_conversion.synthetic.generate_case``, default small grids; ``--cache`` keeps them as ``.npz`` so that
@@ -13,7 +13,8 @@ reference lungs (``lungsReference/``, as ``dscovid_make_synthetic`` writes them)
 measured on files. The mask of :func:`dscovid.preprocessing.lung_mask.segment_lungs` is compared with the
 reference lung (which includes the lesions): Dice mean (min) and, per class, the fraction of lesion voxels inside
 the mask (pooled over the cases of that class), and inside the mask grown by each ``--margins`` mm (what the
-preprocessor's ``region`` keeps with ``lung_margin_mm``).
+preprocessor's ``region`` keeps with ``lung_margin_mm``). ``--chest-wall-gaps`` adds a row for the mask with the
+opt-in chest wall gaps (``LungMaskSettings(chest_wall_gaps=True)``).
 
 The peer in the same run is the textbook classical recipe without any lesion filling (threshold at -320 HU inside
 the body, the two largest air components, a 2-voxel closing and holes filled per slice): how much of the lesions
@@ -137,13 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep generated cases in (.npz)")
     parser.add_argument("--margins", type=float, nargs="*", default=[10.0],
                         help="also count lesion voxels inside the mask grown by these mm")
+    parser.add_argument("--chest-wall-gaps", action="store_true", help="also score the mask with the chest wall gaps")
     parser.add_argument("--no-baseline", action="store_true", help="skip the threshold peer")
     parser.add_argument("--per-case", action="store_true")
     args = parser.parse_args(argv)
 
-    from dscovid.preprocessing.lung_mask import segment_lungs
+    from dscovid.preprocessing.lung_mask import LungMaskSettings, segment_lungs
 
     methods = {"dscovid": segment_lungs}
+    if args.chest_wall_gaps:
+        gaps = LungMaskSettings(chest_wall_gaps=True)
+        methods["+gaps"] = lambda image, spacing, direction: segment_lungs(image, spacing, direction, gaps)
     if not args.no_baseline:
         methods["threshold"] = threshold_lungs
     seeds = args.seeds if args.seeds is not None else ([] if args.dataset else [0, 7, 3])
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{coverage.get(('covid', 0.0), float('nan')):6.3f} {coverage.get(('cap', 0.0), float('nan')):6.3f} "
                   f"{coverage.get(('all', 0.0), float('nan')):6.3f}{grown} {np.mean(result['seconds']):6.1f}",
                   flush=True)
-        if len(results) == 2:
+        if "threshold" in results:
             ours, peer = results["dscovid"]["coverage"], results["threshold"]["coverage"]
             missed_ours, missed_peer = 1 - ours.get(("all", 0.0), 1.0), 1 - peer.get(("all", 0.0), 1.0)
             if missed_ours > 0:

@@ -11,7 +11,7 @@ from dscovid.preprocessing.lung_mask import LungMaskSettings, find_scans, write_
 
 def _run(args: argparse.Namespace) -> int:
     scans = find_scans(args.input)
-    settings = LungMaskSettings(closing_radius_mm=args.closing_radius_mm)
+    settings = LungMaskSettings(closing_radius_mm=args.closing_radius_mm, chest_wall_gaps=args.chest_wall_gaps)
     failures = write_lung_masks(scans, args.output, settings, progress=not args.quiet)
     for case, reason in failures:
         print(f"{case}: {reason}", file=sys.stderr)
@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--closing-radius-mm", type=float, default=LungMaskSettings.closing_radius_mm,
                         help="radius of the per-lung closing that brings pleural lesions into the mask "
                         "(default %(default)s mm)")
+    parser.add_argument("--chest-wall-gaps", action="store_true",
+                        help="also fill the tissue between each lung and its ribs behind and beside it: more of a "
+                        "consolidation filling the back of a lung is kept (off by default, and off in the "
+                        "preprocessor; see docs/lung_mask.md)")
     return run_command(parser, _run, argv)
 
 
