@@ -176,4 +176,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dscovid.errors import DscovidError
+
+    try:
+        sys.exit(main())
+    except DscovidError as error:  # a dataset folder without labels or reference lungs: one line, exit 1
+        print(f"quality_lung_mask: {error}", file=sys.stderr)
+        sys.exit(1)

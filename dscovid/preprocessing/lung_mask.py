@@ -560,6 +560,7 @@ def _fill_chest_wall_gaps(filled: np.ndarray, coarse: np.ndarray, tissue: np.nda
     thin_fat = (coarse > settings.fat_hu[0]) & (coarse < settings.fat_hu[1])
     pixel = float(min(spacing[1], spacing[2]))
     steps = np.arange(0.0, 2.0 * settings.wall_max_gap_mm + 150.0, 0.5 * pixel)  # mm along the ray
+    index = np.arange(steps.size)[None, :]
     ny, nx = filled.shape[1:]
     for side in (RIGHT_LUNG, LEFT_LUNG):
         lung = filled == side
@@ -585,13 +586,11 @@ def _fill_chest_wall_gaps(filled: np.ndarray, coarse: np.ndarray, tissue: np.nda
             on_lung = lung[z][ys, xs] & inside
             if not on_lung.any():
                 continue
-            n = steps.size
-            index = np.arange(n)[None, :]
             last = np.where(on_lung, index, -1).max(axis=1)
             stop = (index > last[:, None]) & ~(passable[z][ys, xs] & inside)
             # Even a thin fat plane (extrapleural fat, between chest wall muscles) stops a ray past the lung's rim.
             stop |= (index > last[:, None] + 3) & thin_fat[z][ys, xs]
-            first = np.where(stop.any(axis=1), stop.argmax(axis=1), n - 1)
+            first = np.where(stop.any(axis=1), stop.argmax(axis=1), steps.size - 1)
             rows = np.arange(len(last))
             hit = (last >= 0) & bone[z][ys[rows, first], xs[rows, first]] & inside[rows, first]
             gap_mm = (steps[first] - steps[np.maximum(last, 0)])
@@ -621,7 +620,6 @@ def _fill_chest_wall_gaps(filled: np.ndarray, coarse: np.ndarray, tissue: np.nda
             take = hit & (gap_mm > margin_mm + settings.wall_min_excess_mm)
             if not take.any():
                 continue
-            index = np.arange(steps.size)[None, :]
             end_mm = wall_end_mm - margin_mm
             along = (index > last[:, None]) & (steps[None, :] <= end_mm[:, None]) & take[:, None]
             plane = out[z]
