@@ -1,0 +1,250 @@
+"""The accuracy benchmark: dscovid's default, the plain baseline and the ablations on large unseen test sets.
+
+Three synthetic datasets, each made by ``dscovid_make_synthetic`` with its own seed:
+
+* **training**: 60 cases, seed 0 (the demo's training set); every model trains fold 0 of it with ``3d_cpu``;
+* **development** (``dev``): seed 1 from case 1030 (after the demo's 30 test cases); every choice of settings is
+  made on it;
+* **test**: seed 97 from case 5000, a seed no development used; it only reports.
+
+Each model is trained once (``run_training``), predicted by the real predictor and scored by the real evaluator;
+the table gives the lesion Dice over the cases with lesions and the accuracy and macro AUC over all cases, each
+with its 95 % bootstrap interval over the cases (``dscovid.evaluation.intervals``), and every model's paired
+difference to the default. Everything is cached in ``--work`` (data, models, predictions), so a second run only
+does what is missing, and models can be added one at a time.
+
+Models (``--models``): ``default`` (``DeepSCCOVIDTrainer``), ``stage1`` (the same training's network at the end of
+pre-training, before the joint stage), ``plain`` (``PlainCascadeTrainer``, none of the paper's parts),
+``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``segOnly`` / ``clsOnly`` (the paper's
+single-task rows).
+
+Examples::
+
+    python benchmarks/bench_accuracy.py --work /data/bench_accuracy --models default plain   # ~1.5 h on 2 cores
+    python benchmarks/bench_accuracy.py --work /data/bench_accuracy --sets dev --report      # table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dscovid.cli.make_synthetic import main as make_synthetic
+from dscovid.cli.plan_and_preprocess import main as plan_and_preprocess
+from dscovid.evaluation.evaluate import evaluate_folder
+from dscovid.evaluation.intervals import bootstrap_interval, paired_bootstrap, wilson_interval
+from dscovid.evaluation.metrics import roc_auc
+from dscovid.inference.predictor import predict_cases
+from dscovid.settings import Roots
+from dscovid.training.checkpoint import FINAL, stage_checkpoint
+from dscovid.training.run import model_folder, run_training
+
+TRAIN = "Dataset980_AccuracyTrain"
+SETS = {"dev": ("Dataset981_AccuracyDev", 1, 1030), "test": ("Dataset982_AccuracyTest", 97, 5000)}
+CONFIGURATION = "3d_cpu"
+
+
+@dataclass(frozen=True)
+class Model:
+    label: str
+    trainer: str
+    checkpoint: str = FINAL
+
+
+MODELS = {
+    "default": Model("dscovid default (joint, 3d_cpu)", "DeepSCCOVIDTrainer"),
+    "stage1": Model("default after stage 1 (no joint stage)", "DeepSCCOVIDTrainer", stage_checkpoint(1)),
+    "plain": Model("plain cascade (none of the paper's parts)", "PlainCascadeTrainer"),
+    "noCrossStitch": Model("without cross-stitch", "DeepSCCOVIDTrainer_noCrossStitch"),
+    "noTaskAware": Model("without task-aware loss", "DeepSCCOVIDTrainer_noTaskAware"),
+    "convStem": Model("plain convolution instead of inception", "DeepSCCOVIDTrainer_convStem"),
+    "noFindings": Model("without findings head", "DeepSCCOVIDTrainer_noFindings"),
+    "segOnly": Model("segmentation only (w/o Cls.)", "SegmentationTrainer"),
+    "clsOnly": Model("classification only (w/o Seg.)", "ClassificationTrainer"),
+}
+
+
+def ensure_data(roots: Roots, sets: dict[str, int], train_cases: int, processes: int, scale: float = 1.0) -> None:
+    """Generate the training set and the asked evaluation sets, and preprocess the training set."""
+    wanted = [(TRAIN, train_cases, 0, 0)] + [(SETS[name][0], count, SETS[name][1], SETS[name][2])
+                                              for name, count in sets.items()]
+    for dataset, count, seed, first in wanted:
+        meta = roots.raw / dataset / "dataset.json"
+        if meta.exists() and len(json.loads(meta.read_text(encoding="utf-8"))["cases"]) == count:
+            continue
+        started = time.perf_counter()
+        make_synthetic(["-o", str(roots.raw / dataset), "-n", str(count), "--seed", str(seed),
+                        "--first-index", str(first), "-np", str(processes), "--scale", str(scale), "-q"])
+        print(f"[data] {dataset}: {count} cases, seed {seed}, in {time.perf_counter() - started:.0f} s", flush=True)
+    if not (roots.preprocessed / TRAIN / CONFIGURATION).is_dir():
+        plan_and_preprocess(["-d", TRAIN, "-c", CONFIGURATION, "-np", str(processes), "--raw", str(roots.raw),
+                             "--preprocessed", str(roots.preprocessed), "-q"])
+
+
+def ensure_model(roots: Roots, model: Model, device: str, workers: int, smoke: bool = False) -> dict:
+    """Train the model's trainer on fold 0 unless its checkpoint exists; returns its training record."""
+    fold_dir = model_folder(roots.results, TRAIN, model.trainer, CONFIGURATION) / "fold_0"
+    record_path = fold_dir / "bench_training.json"
+    if (fold_dir / FINAL).exists() and record_path.exists():
+        return json.loads(record_path.read_text(encoding="utf-8"))
+    started = time.perf_counter()
+    logging.getLogger("dscovid").setLevel(logging.INFO)
+    run_training(roots, TRAIN, CONFIGURATION, 0, model.trainer,
+                 continue_training=(fold_dir / "checkpoint_latest.pt").exists(), device=device, num_workers=workers,
+                 run_final_validation=False, epochs=1 if smoke else None, iterations_per_epoch=3 if smoke else None)
+    logging.getLogger("dscovid").setLevel(logging.WARNING)
+    record = {"trainer": model.trainer, "training_s": time.perf_counter() - started, "threads": torch.get_num_threads()}
+    record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return record
+
+
+def ensure_predictions(roots: Roots, work: Path, key: str, model: Model, set_name: str, device: str,
+                       processes: int) -> Path:
+    """Predict and evaluate one model on one set unless its summary exists; returns the summary file."""
+    dataset = SETS[set_name][0]
+    out_dir = work / "predictions" / set_name / key
+    summary_file = out_dir / "summary.json"
+    if summary_file.exists():
+        return summary_file
+    started = time.perf_counter()
+    predict_cases(model_dir=model_folder(roots.results, TRAIN, model.trainer, CONFIGURATION),
+                  inputs=roots.raw / dataset / "imagesTr", output_dir=out_dir, folds=["0"], device=device,
+                  checkpoint_name=model.checkpoint, num_workers=processes, progress=False, overwrite=True)
+    evaluate_folder(out_dir, roots.raw / dataset, summary_file, plots=False, num_processes=processes)
+    print(f"[predict] {key} on {set_name}: {time.perf_counter() - started:.0f} s", flush=True)
+    return summary_file
+
+
+def case_table(summary_file: Path, class_names: list[str]) -> dict[str, dict]:
+    """Per case: lesion Dice (cases with lesions), correctness, true class index and class probabilities."""
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    cases: dict[str, dict] = {}
+    for row in (summary.get("segmentation") or {}).get("per_case") or []:
+        if row.get("class") != "non_pneumonia":
+            cases.setdefault(row["case"], {})["dice"] = float(row["dsc"])
+    for row in (summary.get("classification") or {}).get("per_case") or []:
+        entry = cases.setdefault(row["case"], {})
+        entry["correct"] = float(row["predicted_class"] == row["class"])
+        entry["label"] = class_names.index(row["class"])
+        entry["probabilities"] = [float(row["probabilities"][name]) for name in class_names]
+    return cases
+
+
+def macro_auc(rows: np.ndarray) -> float:
+    """One-vs-rest AUC averaged over the classes present; rows = [label, p_0, ..., p_K-1]."""
+    labels = rows[:, 0].astype(int)
+    aucs = [roc_auc((labels == k).astype(int), rows[:, 1 + k]) for k in range(rows.shape[1] - 1)
+            if 0 < (labels == k).sum() < len(labels)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def figures(cases: dict[str, dict]) -> dict:
+    dice = np.array([c["dice"] for c in cases.values() if "dice" in c])
+    correct = np.array([c["correct"] for c in cases.values() if "correct" in c])
+    rows = np.array([[c["label"], *c["probabilities"]] for c in cases.values() if "label" in c])
+    result: dict = {"n_cases": len(cases), "n_lesion_cases": len(dice)}
+    if len(dice):
+        result["dice"] = (float(dice.mean()), *bootstrap_interval(dice))
+    if len(correct):
+        result["accuracy"] = (float(correct.mean()), *wilson_interval(int(correct.sum()), len(correct)))
+        result["macro_auc"] = (macro_auc(rows), *bootstrap_interval(rows, macro_auc, resamples=2000))
+    return result
+
+
+def paired(cases: dict[str, dict], reference: dict[str, dict]) -> dict:
+    """Paired differences (this model − reference) over the cases both have."""
+    result = {}
+    lesion = sorted(k for k in cases if "dice" in cases[k] and "dice" in reference.get(k, {}))
+    if lesion:
+        result["dice"] = paired_bootstrap([cases[k]["dice"] for k in lesion], [reference[k]["dice"] for k in lesion])
+    scored = sorted(k for k in cases if "correct" in cases[k] and "correct" in reference.get(k, {}))
+    if scored:
+        result["accuracy"] = paired_bootstrap([cases[k]["correct"] for k in scored],
+                                              [reference[k]["correct"] for k in scored])
+    return result
+
+
+def _fmt(value: tuple | None, scale: float = 100.0) -> str:
+    if not value or not np.isfinite(value[0]):
+        return "–"
+    return f"{scale * value[0]:.1f} ({scale * value[1]:.1f}-{scale * value[2]:.1f})"
+
+
+def _fmt_diff(value: tuple | None) -> str:
+    if not value:
+        return "–"
+    return f"{100 * value[0]:+.1f} ({100 * value[1]:+.1f} to {100 * value[2]:+.1f})"
+
+
+def report(work: Path, keys: list[str], set_names: list[str], records: dict[str, dict]) -> dict:
+    class_names = ["covid", "cap", "non_pneumonia"]
+    results: dict = {}
+    for set_name in set_names:
+        tables = {key: case_table(work / "predictions" / set_name / key / "summary.json", class_names)
+                  for key in keys if (work / "predictions" / set_name / key / "summary.json").exists()}
+        if not tables:
+            continue
+        reference = tables.get("default")
+        n = max(len(t) for t in tables.values())
+        print(f"\n{set_name} set ({SETS[set_name][0]}, {n} cases), %, 95 % intervals; differences paired to the default")
+        print("| model | lesion Dice | accuracy | macro AUC | Dice − default | accuracy − default | training |")
+        print("|---|---|---|---|---|---|---|")
+        for key, cases in tables.items():
+            row = figures(cases)
+            diff = paired(cases, reference) if reference is not None and key != "default" else {}
+            seconds = (records.get(key) or {}).get("training_s")
+            print(f"| {MODELS[key].label} | {_fmt(row.get('dice'))} | {_fmt(row.get('accuracy'))} | "
+                  f"{_fmt(row.get('macro_auc'))} | {_fmt_diff(diff.get('dice'))} | {_fmt_diff(diff.get('accuracy'))} | "
+                  f"{f'{seconds / 60:.1f} min' if seconds else '–'} |")
+            results.setdefault(set_name, {})[key] = {**row, "paired_to_default": diff, "training": records.get(key)}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", required=True, type=Path, help="working folder (data, models, predictions)")
+    parser.add_argument("--models", nargs="+", default=["default", "stage1", "plain"], choices=sorted(MODELS))
+    parser.add_argument("--sets", nargs="+", default=["dev", "test"], choices=sorted(SETS))
+    parser.add_argument("--dev-cases", type=int, default=200)
+    parser.add_argument("--test-cases", type=int, default=200)
+    parser.add_argument("--train-cases", type=int, default=60)
+    parser.add_argument("-np", "--processes", type=int, default=2, help="processes for data, prediction, evaluation")
+    parser.add_argument("--workers", type=int, default=1, help="training loader processes")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--report", action="store_true", help="only print the table of what is already done")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few minutes' check of the path: small cases, 1 epoch of 3 iterations per stage")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    work = args.work.resolve() / ("smoke" if args.smoke else "full")
+    roots = Roots(raw=work / "raw", preprocessed=work / "preprocessed", results=work / "results")
+    counts = {"dev": args.dev_cases, "test": args.test_cases}
+    records: dict[str, dict] = {}
+    if not args.report:
+        ensure_data(roots, {name: counts[name] for name in args.sets}, args.train_cases, args.processes,
+                    0.6 if args.smoke else 1.0)
+    for key in args.models:
+        model = MODELS[key]
+        record_file = model_folder(roots.results, TRAIN, model.trainer, CONFIGURATION) / "fold_0" / "bench_training.json"
+        if args.report:
+            if record_file.exists():
+                records[key] = json.loads(record_file.read_text(encoding="utf-8"))
+            continue
+        records[key] = ensure_model(roots, model, args.device, args.workers, args.smoke)
+        for set_name in args.sets:
+            ensure_predictions(roots, work, key, model, set_name, args.device, args.processes)
+    results = report(work, args.models, args.sets, records)
+    (work / "bench_accuracy.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
