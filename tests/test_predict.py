@@ -22,12 +22,13 @@ from dscovid import __version__
 from dscovid.cli.predict import main as predict_main
 from dscovid.errors import DscovidError
 from dscovid.inference.inputs import case_name_problems, discover_cases
-from dscovid.inference.model_loading import available_folds, find_model_folder, load_trained_model
+from dscovid.inference.model_loading import load_trained_model
 from dscovid.inference.predictor import predict_cases, run_networks
 from dscovid.inference.untrained_model import save_untrained_model
 from dscovid.io.dataset import CLASS_NAMES
 from dscovid.io.image_io import Geometry, read_image, write_image
 from dscovid.model.findings_head import FEATURE_NAMES
+from dscovid.results.model_folder import available_folds, find_model_folder
 
 TRAINER, CONFIGURATION = "DeepSCCOVIDTrainer", "3d_cpu"
 

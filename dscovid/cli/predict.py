@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from dscovid.errors import DscovidError
-    from dscovid.inference.model_loading import find_model_folder
     from dscovid.inference.predictor import predict_cases
+    from dscovid.results.model_folder import find_model_folder
 
     if args.model_dir is None:
         if args.dataset is None:

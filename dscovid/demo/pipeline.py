@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import load_dataset_json, write_json_atomic
-from dscovid.settings import Roots
+from dscovid.roots import Roots
 
 log = logging.getLogger("dscovid.demo")
 
@@ -189,7 +189,7 @@ def _training_overrides(paths: DemoPaths, epochs_scale: float, epochs: int | Non
 
 
 def _train(paths: DemoPaths, epochs: int | None, iterations: int | None, device: str, cases: int) -> str:
-    from dscovid.training.checkpoint import FINAL, LATEST
+    from dscovid.results.checkpoint import FINAL, LATEST
     from dscovid.training.run import run_training
     from dscovid.training.splits import DEFAULT_NUM_FOLDS
 
@@ -206,7 +206,7 @@ def _train(paths: DemoPaths, epochs: int | None, iterations: int | None, device:
 
 
 def _predictions_complete(paths: DemoPaths, test_cases: list[str]) -> bool:
-    from dscovid.training.checkpoint import FINAL
+    from dscovid.results.checkpoint import FINAL
 
     summary_path = paths.predictions / "predictions.json"
     if not summary_path.is_file():

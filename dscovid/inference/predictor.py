@@ -55,8 +55,8 @@ from dscovid.io.dataset import write_json_atomic
 from dscovid.io.image_io import Geometry, read_image, write_image
 from dscovid.model.findings_head import FEATURE_NAMES as FINDINGS_NAMES
 from dscovid.model.findings_head import lesion_findings
-from dscovid.planning.plans import Configuration
-from dscovid.training.checkpoint import FINAL
+from dscovid.plans.schema import Configuration
+from dscovid.results.checkpoint import FINAL
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The per-case lesion report and the ``predictions.json`` / ``predictions.csv`` files (docs/formats.md §5).
 
 The report is measured on the ORIGINAL grid (the written mask, the input's spacing), in physical units, with the
-functions of :mod:`dscovid.analysis.findings`; NaN (a measurement that needs a lesion when there is none) is
+functions of :mod:`dscovid.measurements.findings`; NaN (a measurement that needs a lesion when there is none) is
 written as ``null`` in JSON and as an empty cell in CSV.
 """
 
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dscovid.analysis.findings import (
+from dscovid.io.atomic import write_text_atomic
+from dscovid.io.image_io import Geometry
+from dscovid.measurements.findings import (
     lesion_count,
     lesion_hu_statistics,
     lesion_volume_ratio,
     lung_involvement,
     peripheral_lesion_ratio,
 )
-from dscovid.io.atomic import write_text_atomic
-from dscovid.io.image_io import Geometry
 
 #: Peripheral thickness σ (mm) of the reported peripheral lesion ratio (equation 1); the paper plots 0-35 mm.
 DEFAULT_PERIPHERAL_THICKNESS_MM = 10.0

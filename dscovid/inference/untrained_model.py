@@ -32,7 +32,7 @@ def save_untrained_model(
     The model folder (``<trainer>__<configuration>``), ready for :func:`dscovid.inference.predictor.predict_cases`.
     """
     from dscovid.model import build_network
-    from dscovid.training.checkpoint import FINAL, save_checkpoint
+    from dscovid.results.checkpoint import FINAL, save_checkpoint
     from dscovid.training.trainers import get_trainer
 
     plans = dict(plans)

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from dscovid.model.classification_subnet import ClassificationSubnet
-from dscovid.model.config import NetworkConfig
 from dscovid.model.cross_stitch import CrossStitch
 from dscovid.model.evidence import evidence_masks
 from dscovid.model.findings_head import FindingsHead
 from dscovid.model.geometry import BoxLike, ShapeLike, as_boxes, composite, paste_box, sample_box
 from dscovid.model.inception import make_stem
 from dscovid.model.lesion_subnet import LesionSubnet
+from dscovid.plans.model_config import NetworkConfig
 
 
 @dataclass

@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dscovid.errors import DscovidError
 from dscovid.model import build_loss, build_network
+from dscovid.results.checkpoint import BEST, FINAL, LATEST, load_checkpoint, save_checkpoint, to_cpu
 from dscovid.training.augmentation import AugmentationSettings
-from dscovid.training.checkpoint import BEST, FINAL, LATEST, load_checkpoint, save_checkpoint, to_cpu
 from dscovid.training.data import CacheCase
 from dscovid.training.distributed import DistributedContext, average_gradients, sum_over_ranks
 from dscovid.training.lesion_context import (

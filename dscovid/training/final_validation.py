@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dscovid.errors import DscovidError
-from dscovid.settings import Roots
+from dscovid.roots import Roots
 
 log = logging.getLogger("dscovid.training")
 
