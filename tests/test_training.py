@@ -296,7 +296,7 @@ def test_loader_centres_non_lesion_patches_on_mined_false_positives(tmp_path):
 
 
 def test_predicted_context_matches_the_predictors_map(tmp_path):
-    from dscovid.inference.predictor import segment_scan
+    from dscovid.inference.engine import segment_scan
     from dscovid.preprocessing.resampling import resample_to_grid
     from dscovid.training.lesion_context import predict_scan
 

@@ -222,7 +222,7 @@ def _predictions_complete(paths: DemoPaths, test_cases: list[str]) -> bool:
 
 
 def _predict(paths: DemoPaths, device: str, progress: bool) -> str:
-    from dscovid.inference.predictor import predict_cases
+    from dscovid.prediction.predict import predict_cases
 
     test_cases = sorted(load_dataset_json(paths.test_raw / "dataset.json")["cases"])
     if _predictions_complete(paths, test_cases):
@@ -250,7 +250,7 @@ def _evaluate(paths: DemoPaths, num_processes: int) -> str:
 
 
 def _montages(paths: DemoPaths, progress: bool) -> str:
-    from dscovid.inference.montage import montage_file_name, save_montages
+    from dscovid.prediction.montage import montage_file_name, save_montages
 
     predictions_path = paths.predictions / "predictions.json"
     summary = json.loads(predictions_path.read_text(encoding="utf-8"))
