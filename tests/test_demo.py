@@ -160,7 +160,7 @@ def _fake_evaluated_test_set(root: Path) -> tuple[Path, Path]:
 
 
 def test_report_shows_table_ii_metrics_and_links_only_existing_pngs(tmp_path):
-    from dscovid.demo.report import write_report
+    from dscovid.demo.html_report import write_report
     from dscovid.prediction.montage import save_montages
 
     raw, predictions = _fake_evaluated_test_set(tmp_path)

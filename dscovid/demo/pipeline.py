@@ -351,7 +351,7 @@ def run_demo(
     stage("evaluate", lambda: _evaluate(paths, num_processes))
     stage("montages", lambda: _montages(paths, progress))
 
-    from dscovid.demo.report import write_report
+    from dscovid.demo.html_report import write_report
 
     summary = json.loads((paths.evaluation / "summary.json").read_text(encoding="utf-8"))
     settings = {"training cases": cases, "test cases": test_cases, "case scale": scale, "configuration": CONFIGURATION,
