@@ -12,10 +12,11 @@ from test_training_cache import make_cache, make_plans
 from dscovid.cli.train import main as train_main
 from dscovid.errors import DscovidError
 from dscovid.model import build_network
+from dscovid.model.network import CLASSIFICATION_PART, SEGMENTATION_PART
 from dscovid.results.checkpoint import load_checkpoint
 from dscovid.roots import Roots
 from dscovid.training.augmentation import AugmentationSettings
-from dscovid.training.base_trainer import CLASSIFICATION_PART, SEGMENTATION_PART, TrainingSetup
+from dscovid.training.base_trainer import TrainingSetup
 from dscovid.training.data import list_cache_cases
 from dscovid.training.loader import build_loader, close_loader
 from dscovid.training.run import run_training
