@@ -144,6 +144,17 @@ def test_classification_loss_reaches_lesion_subnet_through_s_hat(tiny_net):
         assert float(grads[f"cross_stitch.{name}"].abs()) > 0, name
 
 
+def test_detached_lesion_map_stops_the_classification_gradient_at_s_hat():
+    # the plain cascade's switch: without the cross-stitch the only path from the classifier to the lesion subnet
+    # is Ŝ, so detaching it must leave the segmentation part without gradient, and only then
+    for detach, reaches in ((False, True), (True, False)):
+        torch.manual_seed(0)
+        net = build_network(_configuration({"cross_stitch": False, "detach_lesion_map": detach}))
+        grads = _grads(net, {"lambda_seg": 0.0, "lambda_cls": 1.0, "lambda_ta": 0.0})
+        assert (_norm(grads, "lesion_subnet.") > 0) is reaches and (_norm(grads, "stem_seg.") > 0) is reaches
+        assert _norm(grads, "classification_subnet.") > 0 and _norm(grads, "stem_cls.") > 0
+
+
 def test_segmentation_loss_reaches_classification_stem_via_cross_stitch(tiny_net):
     grads = _grads(tiny_net, {"lambda_seg": 1.0, "lambda_cls": 0.0, "lambda_ta": 0.0})
     assert _norm(grads, "stem_cls.") > 0

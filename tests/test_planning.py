@@ -18,7 +18,8 @@ from dscovid.planning.planner import (
     plan_experiment,
 )
 from dscovid.plans.presets import available_presets, load_preset
-from dscovid.plans.schema import Configuration, load_plans, validate_plans
+from dscovid.plans.schema import Configuration, load_plans, validate_configuration, validate_plans
+from dscovid.training.trainers import TRAINERS, DeepSCCOVIDTrainer_paperLiteral
 
 CLASSES = ["covid", "cap", "non_pneumonia"]
 
@@ -66,6 +67,27 @@ def test_paper_configuration_follows_the_paper(thin_and_thick):
     assert first["optimizer"]["betas"] == [0.9, 0.999] and first["schedule"] == second["schedule"] == "linear"
     assert paper["training"]["loss"]["lambda_ta"] == 10.0
     assert paper["training"]["class_weights"] == pytest.approx([20 / 30, 20 / 15, 20 / 15])
+
+
+def test_every_trainer_variant_gives_a_valid_configuration_of_every_preset(thin_and_thick):
+    # A variant's override of a misspelt or mistyped key would otherwise reach the network or the predictor unchecked.
+    for plans in thin_and_thick:
+        for name, configuration in plans["configurations"].items():
+            for trainer in TRAINERS.values():
+                validate_configuration(trainer.effective_configuration(configuration), f"{trainer.__name__}/{name}")
+
+
+def test_paper_literal_variant_changes_only_what_the_paper_does_differently(thin_and_thick):
+    paper = thin_and_thick[0]["configurations"]["3d_paper"]
+    literal = DeepSCCOVIDTrainer_paperLiteral.effective_configuration(paper)
+    assert literal["network"] == {**paper["network"], "tasks": "joint", "lesion_context": "ground_truth"}
+    assert literal["training"] == {**paper["training"], "hard_negative_fraction": 0.0}
+    assert literal["inference"] == {**paper["inference"], "step_fraction": 1.0, "weighting": "constant",
+                                    "batch_size": 1, "mirror_axes": []}
+    assert literal["preprocessing"] == paper["preprocessing"]  # the cache is shared: the margin stays
+    # the shipped preset departs from the paper in exactly these keys
+    assert (paper["network"]["lesion_context"], paper["training"]["hard_negative_fraction"],
+            paper["inference"]["step_fraction"], paper["inference"]["mirror_axes"]) == ("prediction", 0.5, 0.5, [2])
 
 
 def test_different_spacings_give_different_plans(thin_and_thick):

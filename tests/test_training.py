@@ -78,6 +78,10 @@ def test_two_stage_training_learns_and_writes_the_results_folder(tmp_path):
     log = (fold_dir / "training_log.txt").read_text(encoding="utf-8")
     assert "Stage 1/2 'pretrain'" in log and "loss separate" in log and "Stage 2/2 'finetune'" in log
     assert "epoch 5/5" in log
+    # the network at the end of pre-training is kept for the joint-stage ablation
+    stage1 = load_checkpoint(fold_dir / "checkpoint_stage1.pt")
+    assert stage1["epoch"] == 3 and stage1["stage"] == 0 and not (fold_dir / "checkpoint_stage2.pt").exists()
+    assert any(not torch.equal(stage1["network_weights"][k], v) for k, v in state["network_weights"].items())
     splits = json.loads((dataset_dir / "splits_final.json").read_text(encoding="utf-8"))
     assert len(splits) == 10 and state["plans"]["configurations"]["3d_cpu"]["network"]["tasks"] == "joint"
 

@@ -289,9 +289,8 @@ class DeepSCCOVID(nn.Module):
         seg_on_grid, seg_coverage = None, None
         if self.uses_cross_stitch:
             seg_on_grid, seg_coverage = paste_box(result.seg_features, out.patch_box, out.volume_shape, i_cls.shape[2:])
-        lesion_values, lesion_coverage = paste_box(
-            result.lesion_probability, out.patch_box, out.volume_shape, cls_image.shape[2:]
-        )
+        probability = result.lesion_probability.detach() if self.config.detach_lesion_map else result.lesion_probability
+        lesion_values, lesion_coverage = paste_box(probability, out.patch_box, out.volume_shape, cls_image.shape[2:])
         context = None if self.config.lesion_context == "none" else lesion_context
         if context is None and self.config.lesion_context != "none":
             raise ValueError(f"network.lesion_context={self.config.lesion_context!r} needs a lesion_context tensor")

@@ -80,6 +80,9 @@ class NetworkConfig:
     """What stands for Ŝ outside the training patch: ``ground_truth`` (cls_lesion), ``prediction``, ``none``."""
     seg_to_cls_fill: str = "classification"
     """What stands for the segmentation stem features outside the patch: ``classification`` or ``zeros``."""
+    detach_lesion_map: bool = False
+    """Ŝ enters the classifier without its gradient: the classification loss no longer trains the lesion subnet
+    (with ``cross_stitch`` off and ``lambda_ta`` 0 the two tasks are then a plain cascade trained side by side)."""
     findings_head: bool = False
     """Add the findings head (``dscovid.model.findings_head``): a linear term per class over the paper's lesion
     findings measured on Ŝ. Not in the paper; only the joint network has it (single-task networks ignore it)."""
@@ -104,7 +107,7 @@ class NetworkConfig:
         _check_choice(p, "norm", self.norm, NORMS)
         _check_choice(p, "lesion_context", self.lesion_context, LESION_CONTEXTS)
         _check_choice(p, "seg_to_cls_fill", self.seg_to_cls_fill, SEG_TO_CLS_FILLS)
-        for key in ("cross_stitch", "findings_head"):
+        for key in ("cross_stitch", "findings_head", "detach_lesion_map"):
             if not isinstance(getattr(self, key), bool):
                 raise DscovidError(f"{p}.{key} must be true or false; got {getattr(self, key)!r}")
         _check_int_list(p, "stem_channels", [self.stem_channels], 1, minimum=8)

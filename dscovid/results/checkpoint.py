@@ -20,6 +20,12 @@ from dscovid.io.atomic import write_bytes_atomic
 LATEST, BEST, FINAL = "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 
 
+def stage_checkpoint(stage_number: int) -> str:
+    """The checkpoint written when stage ``stage_number`` (1-based) ends and another follows (ablations: the
+    network after pre-training, before the joint stage)."""
+    return f"checkpoint_stage{stage_number}.pt"
+
+
 def save_checkpoint(state: dict, path: Path) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path)

@@ -28,7 +28,15 @@ from torch.nn.parallel import DistributedDataParallel
 from dscovid.errors import DscovidError
 from dscovid.model import build_loss, build_network
 from dscovid.model.network import MODULE_GROUPS
-from dscovid.results.checkpoint import BEST, FINAL, LATEST, load_checkpoint, save_checkpoint, to_cpu
+from dscovid.results.checkpoint import (
+    BEST,
+    FINAL,
+    LATEST,
+    load_checkpoint,
+    save_checkpoint,
+    stage_checkpoint,
+    to_cpu,
+)
 from dscovid.training.augmentation import AugmentationSettings
 from dscovid.training.data import CacheCase
 from dscovid.training.distributed import DistributedContext, average_gradients, sum_over_ranks
@@ -432,6 +440,8 @@ class Trainer:
             if improved:
                 self.best_ema = self.ema
             save_checkpoint(self.checkpoint_state(), self.output_dir / LATEST)
+            if self.epoch < self.total_epochs and stage_at(self.stages, self.epoch)[0] != self.stage_index:
+                save_checkpoint(self.checkpoint_state(), self.output_dir / stage_checkpoint(self.stage_index + 1))
             if improved:
                 save_checkpoint(self.checkpoint_state(), self.output_dir / BEST)
                 log.info("New best EMA score %.4f: %s written", self.ema, BEST)

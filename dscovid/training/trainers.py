@@ -17,6 +17,8 @@ trainer                                                paper
 ``DeepSCCOVIDTrainer_singleScaleTaskAware``            Table III: task-aware loss on one scale only
 ``DeepSCCOVIDTrainer_paperLiteral``                    the paper's literal settings (ground-truth lesion context,
                                                        no hard negatives, non-overlapping tiles, no mirroring)
+``PlainCascadeTrainer``                                none of the paper's parts: a plain 3D U-Net and a small
+                                                       classifier on the image and its predicted lesion map
 =====================================================  ===========================================================
 
 The single-task trainers run the same stages (and so the same number of iterations and learning rates) with their
@@ -110,6 +112,28 @@ class DeepSCCOVIDTrainer_paperLiteral(DeepSCCOVIDTrainer):  # noqa: N801
     }
 
 
+class PlainCascadeTrainer(DeepSCCOVIDTrainer):
+    """The baseline the paper's parts must beat: none of them, on the same data, schedule and predictor.
+
+    A plain 3D U-Net (convolutional stem, no deep supervision: only the full-resolution output) and a small
+    classifier (convolutional stem, the residual encoder, pooling, one linear layer) on the image and the U-Net's
+    lesion map, trained side by side: no cross-stitch, no task-aware loss, no findings head, and Ŝ enters the
+    classifier detached, so neither task's loss trains the other's part. In the second stage the classifier sees
+    the U-Net's own whole-scan prediction outside the patch, as it will at test time (a cascade trained on its
+    first stage's output).
+    """
+
+    overrides = {
+        "network.stem": "conv",
+        "network.cross_stitch": False,
+        "network.side_output_weights": [0.0, 0.0, 0.0, 1.0],
+        "network.findings_head": False,
+        "network.detach_lesion_map": True,
+        "network.lesion_context": "prediction",
+        "training.loss.lambda_ta": 0.0,
+    }
+
+
 TRAINERS: dict[str, type[Trainer]] = {
     cls.__name__: cls
     for cls in (
@@ -125,6 +149,7 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_findings,
         DeepSCCOVIDTrainer_noFindings,
         DeepSCCOVIDTrainer_paperLiteral,
+        PlainCascadeTrainer,
     )
 }
 DEFAULT_TRAINER = "DeepSCCOVIDTrainer"
