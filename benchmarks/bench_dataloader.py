@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dscovid.planning.presets import load_preset
+from dscovid.plans.presets import load_preset
 from dscovid.training.augmentation import AugmentationSettings
 from dscovid.training.base_trainer import TrainingSetup
 from dscovid.training.data import list_cache_cases

@@ -84,13 +84,14 @@ def _segment_flops(network, patch, device, i_cls, shape) -> float:
 
 def _run_configuration(args: dict, queue) -> None:
     from monai.inferers import sliding_window_inference
+    from untrained_model import save_untrained_model
 
-    from dscovid.inference.inputs import CaseInput
+    from dscovid.inference.engine import _autocast
     from dscovid.inference.model_loading import load_trained_model
-    from dscovid.inference.predictor import _autocast, load_case, predict_cases
     from dscovid.inference.sliding_window import plan_tiles, sliding_window_predict
-    from dscovid.inference.untrained_model import save_untrained_model
     from dscovid.planning.planner import plan_experiment
+    from dscovid.prediction.inputs import CaseInput, load_case
+    from dscovid.prediction.predict import predict_cases
     from dscovid.preprocessing.resampling import resample_image, shape_for_spacing
 
     torch.set_num_threads(args["threads"])

@@ -38,8 +38,8 @@ import torch
 from dscovid.cli.make_synthetic import main as make_synthetic
 from dscovid.cli.plan_and_preprocess import main as plan_and_preprocess
 from dscovid.evaluation.evaluate import evaluate_folder
-from dscovid.inference.predictor import predict_cases
-from dscovid.settings import Roots
+from dscovid.prediction.predict import predict_cases
+from dscovid.roots import Roots
 from dscovid.training.run import model_folder, run_training
 from dscovid.training.trainers import DEFAULT_TRAINER, TRAINERS
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dscovid.io.image_io import read_image, read_mask
-from dscovid.planning.plans import Configuration
+from dscovid.plans.schema import Configuration
 from dscovid.preprocessing.lung_mask import segment_lungs
 from dscovid.preprocessing.preprocessor import preprocess_image, restore_to_original
 

@@ -1,6 +1,6 @@
 """How closely the synthetic phantoms reproduce the paper's four lesion findings (section III-B, Fig. 1).
 
-The measurements are those of :mod:`dscovid.analysis.findings` applied to generated cases, the same functions the
+The measurements are those of :mod:`dscovid.measurements.findings` applied to generated cases, the same functions the
 project uses on real data; :data:`PAPER` holds the paper's numbers.
 """
 
@@ -11,7 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from dataset_conversion.synthetic import PLR_THICKNESS_MM, generate_case
-from dscovid.analysis import findings
+from dscovid.measurements import findings
 
 #: The paper's values (section III-B): lesion counts, lesion volume ratios, HU windows, peripheral lesion ratios.
 PAPER: dict[str, float] = {

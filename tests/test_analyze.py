@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from dscovid.analysis.analyze import analyze_dataset
-from dscovid.analysis.findings import case_findings
 from dscovid.cli.analyze import main as analyze_main
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import make_dataset_json, write_json_atomic
 from dscovid.io.image_io import Geometry, write_image
+from dscovid.measurements.findings import case_findings
 
 SHAPE = (10, 40, 48)
 GEOMETRY = Geometry(SHAPE, (2.5, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))

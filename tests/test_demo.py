@@ -1,4 +1,4 @@
-"""The demo (dscovid/demo), its report, the per-case montage (dscovid/inference/montage.py) and ``dscovid_predict --png``.
+"""The demo (dscovid/demo), its report, the per-case montage (dscovid/prediction/montage.py) and ``dscovid_predict --png``.
 
 Fast tests check each part on small hand-made or tiny synthetic inputs; the end-to-end run of ``run_demo`` on a few
 tiny cases (and its second, reusing run) is marked slow.
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from dscovid.errors import DscovidError
-from dscovid.inference.montage import montage_file_name, render_montage, select_slices
 from dscovid.io.dataset import make_dataset_json, write_json_atomic
 from dscovid.io.image_io import Geometry, write_image
+from dscovid.prediction.montage import montage_file_name, render_montage, select_slices
 
 CLASSES = ["covid", "cap", "non_pneumonia"]
 
@@ -54,7 +54,7 @@ def test_select_slices_covers_separate_lesion_groups_and_takes_the_largest_slice
 
 
 def test_montage_title_names_the_findings_heads_share_of_the_predicted_class():
-    from dscovid.inference.montage import _title
+    from dscovid.prediction.montage import _title
 
     report = {"lesion_count": 3, "lesion_volume_ml": 10.0,
               "findings_head": {"logit_term": {"covid": 0.83, "cap": -0.5, "non_pneumonia": -0.3}}}
@@ -107,8 +107,9 @@ def test_montage_without_lesion_or_evidence_still_draws_lung_slices(tmp_path):
 
 def test_predict_png_writes_one_montage_per_predicted_case(tmp_path):
     synthetic = pytest.importorskip("dataset_conversion.synthetic")
+    from untrained_model import save_untrained_model
+
     from dscovid.cli.predict import main as predict_main
-    from dscovid.inference.untrained_model import save_untrained_model
     from dscovid.planning.planner import plan_experiment
 
     fingerprint = {"pooled": {
@@ -159,8 +160,8 @@ def _fake_evaluated_test_set(root: Path) -> tuple[Path, Path]:
 
 
 def test_report_shows_table_ii_metrics_and_links_only_existing_pngs(tmp_path):
-    from dscovid.demo.report import write_report
-    from dscovid.inference.montage import save_montages
+    from dscovid.demo.html_report import write_report
+    from dscovid.prediction.montage import save_montages
 
     raw, predictions = _fake_evaluated_test_set(tmp_path)
     fold = tmp_path / "fold_0"

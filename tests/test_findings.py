@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dscovid.analysis import findings
 from dscovid.io.image_io import Geometry
+from dscovid.measurements import findings
 
 
 def _two_blobs() -> np.ndarray:

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from dscovid.errors import DscovidError
 from dscovid.io.image_io import Geometry, read_image, read_mask, read_sitk, strip_ending, write_image
-from dscovid.settings import Roots
+from dscovid.roots import Roots
 
 
 def _sitk_geometry_tuple(image: sitk.Image):

@@ -288,6 +288,24 @@ def test_ablation_switches():
     assert single.terms["ta"] != pytest.approx(multi.terms["ta"])
 
 
+
+def test_the_network_names_the_parts_of_its_parameters():
+    net = build_network(_configuration({"findings_head": True}))
+    parts = {name: net.task_of(name) for name, _ in net.named_parameters()}  # raises for a parameter of no part
+    assert parts["cross_stitch.w_seg1"] == parts["cross_stitch.w_cls2"] == "segmentation"
+    assert parts["cross_stitch.w_cls1"] == parts["cross_stitch.w_seg2"] == "classification"
+    assert {parts[n] for n in parts if n.startswith(("stem_seg.", "lesion_subnet."))} == {"segmentation"}
+    assert {parts[n] for n in parts if n.startswith(("stem_cls.", "classification_subnet.", "findings_head."))} == {
+        "classification"}
+    by_id = {id(p): n for n, p in net.named_parameters()}
+    segmentation = [by_id[id(p)] for p in net.parameters_of(["segmentation", "seg"])]  # lesion_subnet once
+    assert segmentation == [n for n in by_id.values() if n.startswith(("stem_seg.", "lesion_subnet."))]
+    assert net.parameters_of(["cls"]) == list(net.classification_subnet.parameters())
+    seg_only = build_network(_configuration({"tasks": "segmentation"}))
+    assert seg_only.parameters_of(["classification"]) == []  # modules the network lacks contribute nothing
+    with pytest.raises(KeyError):
+        net.parameters_of(["decoder"])
+
 def test_lesion_context_option():
     batch = _batch()
     net = build_network(_configuration({"lesion_context": "none"}))

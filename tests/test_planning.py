@@ -17,8 +17,8 @@ from dscovid.planning.planner import (
     plan_configuration,
     plan_experiment,
 )
-from dscovid.planning.plans import Configuration, load_plans, validate_configuration, validate_plans
-from dscovid.planning.presets import available_presets, load_preset
+from dscovid.plans.presets import available_presets, load_preset
+from dscovid.plans.schema import Configuration, load_plans, validate_configuration, validate_plans
 from dscovid.training.trainers import TRAINERS, DeepSCCOVIDTrainer_paperLiteral
 
 CLASSES = ["covid", "cap", "non_pneumonia"]

@@ -17,17 +17,19 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from untrained_model import save_untrained_model
 
 from dscovid import __version__
 from dscovid.cli.predict import main as predict_main
 from dscovid.errors import DscovidError
-from dscovid.inference.inputs import case_name_problems, discover_cases
-from dscovid.inference.model_loading import available_folds, find_model_folder, load_trained_model
-from dscovid.inference.predictor import predict_cases, run_networks
-from dscovid.inference.untrained_model import save_untrained_model
+from dscovid.inference.engine import run_networks
+from dscovid.inference.model_loading import load_trained_model
 from dscovid.io.dataset import CLASS_NAMES
 from dscovid.io.image_io import Geometry, read_image, write_image
 from dscovid.model.findings_head import FEATURE_NAMES
+from dscovid.prediction.inputs import case_name_problems, discover_cases
+from dscovid.prediction.predict import predict_cases
+from dscovid.results.model_folder import available_folds, find_model_folder
 
 TRAINER, CONFIGURATION = "DeepSCCOVIDTrainer", "3d_cpu"
 
@@ -343,7 +345,7 @@ def test_a_case_failing_during_export_leaves_no_file(model_dir, oblique_run, tmp
     def broken_report(*args, **kwargs):
         raise DscovidError("report exploded")
 
-    monkeypatch.setattr("dscovid.inference.predictor.lesion_report", broken_report)
+    monkeypatch.setattr("dscovid.prediction.export.lesion_report", broken_report)
     summary = predict_cases(model_dir, inputs, target, device="cpu", progress=False)
     assert summary["failed"] == [{"case": "oblique", "reason": "report exploded"}] and summary["cases"] == []
     assert sorted(p.name for p in target.iterdir()) == ["predictions.csv", "predictions.json"]

@@ -17,7 +17,7 @@ import torch
 
 from dscovid.io.dataset import load_raw_dataset, make_dataset_json, write_json_atomic
 from dscovid.io.image_io import Geometry, write_image
-from dscovid.planning.plans import Configuration
+from dscovid.plans.schema import Configuration
 from dscovid.preprocessing.orientation import (
     axis_codes,
     canonical_geometry,

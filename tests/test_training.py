@@ -12,10 +12,11 @@ from test_training_cache import make_cache, make_plans
 from dscovid.cli.train import main as train_main
 from dscovid.errors import DscovidError
 from dscovid.model import build_network
-from dscovid.settings import Roots
+from dscovid.model.network import CLASSIFICATION_PART, SEGMENTATION_PART
+from dscovid.results.checkpoint import load_checkpoint
+from dscovid.roots import Roots
 from dscovid.training.augmentation import AugmentationSettings
-from dscovid.training.base_trainer import CLASSIFICATION_PART, SEGMENTATION_PART, TrainingSetup
-from dscovid.training.checkpoint import load_checkpoint
+from dscovid.training.base_trainer import TrainingSetup
 from dscovid.training.data import list_cache_cases
 from dscovid.training.loader import build_loader, close_loader
 from dscovid.training.run import run_training
@@ -300,7 +301,7 @@ def test_loader_centres_non_lesion_patches_on_mined_false_positives(tmp_path):
 
 
 def test_predicted_context_matches_the_predictors_map(tmp_path):
-    from dscovid.inference.predictor import segment_scan
+    from dscovid.inference.engine import segment_scan
     from dscovid.preprocessing.resampling import resample_to_grid
     from dscovid.training.lesion_context import predict_scan
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_training_cache import make_cache, make_plans
 
-from dscovid.training.checkpoint import load_checkpoint
+from dscovid.results.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """The paper's four findings (section III-B) for any raw dataset: per-case measurements, per-class summaries, figures.
 
-For every case whose lesions are annotated, :func:`dscovid.analysis.findings.case_findings` measures lesion count
+For every case whose lesions are annotated, :func:`dscovid.measurements.findings.case_findings` measures lesion count
 and sizes, lesion volume ratio (LVR), lesion HU distribution, spread of the lesion centres and the peripheral lesion
 ratio (PLR) over a range of peripheral thicknesses. The lung mask comes from ``lungsTr/`` if present, else from
 ``lungsReference/`` (the synthetic generator's true lungs), else from the built-in lung segmentation.
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dscovid.analysis.findings import HU_BIN_EDGES, HU_WINDOWS, case_findings
 from dscovid.errors import DscovidError
 from dscovid.evaluation.evaluate import json_safe
 from dscovid.io.dataset import Case, RawDataset, load_raw_dataset, write_json_atomic
 from dscovid.io.image_io import read_image, read_mask
+from dscovid.measurements.findings import HU_BIN_EDGES, HU_WINDOWS, case_findings
 from dscovid.parallel import map_cases
 
 log = logging.getLogger(__name__)

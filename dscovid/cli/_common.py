@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from dscovid.errors import DscovidError
-from dscovid.settings import Roots
+from dscovid.roots import Roots
 
 log = logging.getLogger("dscovid")
 

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from dscovid.errors import DscovidError
-    from dscovid.inference.model_loading import find_model_folder
-    from dscovid.inference.predictor import predict_cases
+    from dscovid.prediction.predict import predict_cases
+    from dscovid.results.model_folder import find_model_folder
 
     if args.model_dir is None:
         if args.dataset is None:
@@ -76,8 +76,8 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if args.png:
-        from dscovid.inference.inputs import discover_cases
-        from dscovid.inference.montage import save_montages
+        from dscovid.prediction.inputs import discover_cases
+        from dscovid.prediction.montage import save_montages
 
         # Only this run's cases: the folder may keep earlier cases of the same model, whose inputs are elsewhere.
         inputs = {case.name: case.path for case in discover_cases(args.input)}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import load_dataset_json, write_json_atomic
-from dscovid.settings import Roots
+from dscovid.roots import Roots
 
 log = logging.getLogger("dscovid.demo")
 
@@ -189,7 +189,7 @@ def _training_overrides(paths: DemoPaths, epochs_scale: float, epochs: int | Non
 
 
 def _train(paths: DemoPaths, epochs: int | None, iterations: int | None, device: str, cases: int) -> str:
-    from dscovid.training.checkpoint import FINAL, LATEST
+    from dscovid.results.checkpoint import FINAL, LATEST
     from dscovid.training.run import run_training
     from dscovid.training.splits import DEFAULT_NUM_FOLDS
 
@@ -206,7 +206,7 @@ def _train(paths: DemoPaths, epochs: int | None, iterations: int | None, device:
 
 
 def _predictions_complete(paths: DemoPaths, test_cases: list[str]) -> bool:
-    from dscovid.training.checkpoint import FINAL
+    from dscovid.results.checkpoint import FINAL
 
     summary_path = paths.predictions / "predictions.json"
     if not summary_path.is_file():
@@ -222,7 +222,7 @@ def _predictions_complete(paths: DemoPaths, test_cases: list[str]) -> bool:
 
 
 def _predict(paths: DemoPaths, device: str, progress: bool) -> str:
-    from dscovid.inference.predictor import predict_cases
+    from dscovid.prediction.predict import predict_cases
 
     test_cases = sorted(load_dataset_json(paths.test_raw / "dataset.json")["cases"])
     if _predictions_complete(paths, test_cases):
@@ -250,7 +250,7 @@ def _evaluate(paths: DemoPaths, num_processes: int) -> str:
 
 
 def _montages(paths: DemoPaths, progress: bool) -> str:
-    from dscovid.inference.montage import montage_file_name, save_montages
+    from dscovid.prediction.montage import montage_file_name, save_montages
 
     predictions_path = paths.predictions / "predictions.json"
     summary = json.loads(predictions_path.read_text(encoding="utf-8"))
@@ -351,7 +351,7 @@ def run_demo(
     stage("evaluate", lambda: _evaluate(paths, num_processes))
     stage("montages", lambda: _montages(paths, progress))
 
-    from dscovid.demo.report import write_report
+    from dscovid.demo.html_report import write_report
 
     summary = json.loads((paths.evaluation / "summary.json").read_text(encoding="utf-8"))
     settings = {"training cases": cases, "test cases": test_cases, "case scale": scale, "configuration": CONFIGURATION,

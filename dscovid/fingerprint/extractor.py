@@ -2,7 +2,7 @@
 
 Per case: original and canonical spacing and shape, orientation (direction matrix and axis codes), the lung
 bounding box (voxels on the canonical grid and its size in mm), HU statistics inside the lung and inside the
-lesions, and the paper's four lesion findings from :func:`dscovid.analysis.findings.case_findings` (lesion count,
+lesions, and the paper's four lesion findings from :func:`dscovid.measurements.findings.case_findings` (lesion count,
 lesion volume ratio, lesion HU distribution, peripheral lesion ratio over erosion thicknesses in mm).
 Pooled: class counts, spacing and shape statistics, the median lung box, HU statistics over samples drawn from
 every case (at most ``HU_SAMPLES_PER_CASE`` per case, seeded), and the findings' mean and standard deviation
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dscovid.analysis.findings import DEFAULT_THICKNESSES_MM, case_findings
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import Case, RawDataset, write_json_atomic
 from dscovid.io.image_io import read_image, read_mask
+from dscovid.measurements.findings import DEFAULT_THICKNESSES_MM, case_findings
 from dscovid.preprocessing.lung_cache import LUNG_CACHE_FOLDER, segment_and_cache
 from dscovid.preprocessing.orientation import axis_codes, canonical_geometry, canonical_reorientation, to_canonical
 from dscovid.preprocessing.preprocessor import lung_bounding_box

@@ -1,4 +1,4 @@
-"""Find a trained model folder and load its folds for prediction (docs/formats.md §6).
+"""Load the folds of a trained model folder for prediction (docs/formats.md §6).
 
 A model folder is ``$DSCOVID_results/DatasetNNN_Name/<Trainer>__<configuration>/`` with one ``fold_K/`` per
 trained fold, each holding ``checkpoint_final.pt``. Checkpoints are read with ``weights_only=True`` (a checkpoint
@@ -8,7 +8,6 @@ preprocessed with, so prediction rebuilds exactly the trained network and repeat
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,9 +16,10 @@ from pathlib import Path
 import torch
 
 from dscovid.errors import DscovidError
-from dscovid.io.dataset import find_dataset
-from dscovid.planning.plans import Configuration
-from dscovid.training.checkpoint import FINAL, load_checkpoint
+from dscovid.model import build_network
+from dscovid.plans.schema import Configuration
+from dscovid.results.checkpoint import FINAL, load_checkpoint
+from dscovid.results.model_folder import available_folds, checkpoint_plans, trained_fold_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,59 +72,6 @@ class TrainedModel:
         }
 
 
-def model_folders(results_root: Path, dataset: str) -> list[Path]:
-    """The ``<Trainer>__<configuration>`` folders of a dataset in the results root."""
-    dataset_dir = find_dataset(dataset, results_root)
-    return sorted(p for p in dataset_dir.iterdir() if p.is_dir() and "__" in p.name)
-
-
-def find_model_folder(
-    results_root: Path, dataset: str, configuration: str | None = None, trainer: str | None = None
-) -> Path:
-    """The model folder of ``dataset`` for ``trainer`` and ``configuration``; either may be omitted when unambiguous."""
-    candidates = [
-        folder
-        for folder in model_folders(results_root, dataset)
-        if (trainer is None or folder.name.split("__", 1)[0] == trainer)
-        and (configuration is None or folder.name.split("__", 1)[1] == configuration)
-    ]
-    wanted = f"{trainer or '<any trainer>'}__{configuration or '<any configuration>'}"
-    if not candidates:
-        known = ", ".join(p.name for p in model_folders(results_root, dataset)) or "none"
-        raise DscovidError(f"{results_root}/{dataset}: no trained model {wanted} (trained: {known})")
-    if len(candidates) > 1:
-        raise DscovidError(
-            f"{results_root}/{dataset}: several trained models match {wanted} "
-            f"({', '.join(p.name for p in candidates)}); pass -c and -tr"
-        )
-    return candidates[0]
-
-
-def available_folds(model_dir: Path, checkpoint_name: str = FINAL) -> list[str]:
-    """Names of the folds of ``model_dir`` that have ``checkpoint_name``, numeric folds first."""
-    folds = [p.name.removeprefix("fold_") for p in model_dir.glob("fold_*") if (p / checkpoint_name).is_file()]
-    return sorted(folds, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
-
-
-def _fold_dir(model_dir: Path, fold: str | int, checkpoint_name: str) -> Path:
-    folder = model_dir / f"fold_{fold}"
-    if not (folder / checkpoint_name).is_file():
-        trained = ", ".join(available_folds(model_dir, checkpoint_name)) or "none"
-        raise DscovidError(f"{model_dir}: fold {fold} has no {checkpoint_name} (trained folds: {trained})")
-    return folder
-
-
-def _plans_of(state: dict, fold_dir: Path) -> dict:
-    plans = state.get("plans")
-    if isinstance(plans, dict):
-        return plans
-    path = fold_dir / "plans.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise DscovidError(f"{fold_dir}: the checkpoint holds no plans and plans.json is unreadable ({error})") from None
-
-
 def load_trained_model(
     model_dir: str | Path,
     folds: Sequence[str | int] | None = None,
@@ -139,8 +86,6 @@ def load_trained_model(
         For a missing folder or fold, an unreadable checkpoint, or folds that disagree on the configuration or
         the preprocessing (they could not be averaged).
     """
-    from dscovid.model import build_network  # imported late: the network code is only needed here
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise DscovidError(f"{model_dir}: model folder not found")
@@ -151,13 +96,13 @@ def load_trained_model(
     networks, versions = [], []
     reference: dict | None = None
     for fold in chosen:
-        fold_dir = _fold_dir(model_dir, fold, checkpoint_name)
+        fold_dir = trained_fold_dir(model_dir, fold, checkpoint_name)
         path = fold_dir / checkpoint_name
         state = load_checkpoint(path)
         for key in ("network_weights", "configuration", "configuration_name"):
             if key not in state:
                 raise DscovidError(f"{path}: not a dscovid checkpoint (no {key!r})")
-        plans = _plans_of(state, fold_dir)
+        plans = checkpoint_plans(state, fold_dir)
         name = state["configuration_name"]
         preprocessing = Configuration.from_plans(plans, name)
         if reference is None:

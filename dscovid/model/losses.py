@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dscovid.model.config import LossConfig, NetworkConfig
 from dscovid.model.evidence import select_class
 from dscovid.model.geometry import sample_box
 from dscovid.model.network import DeepSCOutput
+from dscovid.plans.model_config import LossConfig, NetworkConfig
 
 
 def dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:

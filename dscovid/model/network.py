@@ -14,19 +14,40 @@ Where the two branches meet, features are moved with the true geometric mapping 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dscovid.model.classification_subnet import ClassificationSubnet
-from dscovid.model.config import NetworkConfig
 from dscovid.model.cross_stitch import CrossStitch
 from dscovid.model.evidence import evidence_masks
 from dscovid.model.findings_head import FindingsHead
 from dscovid.model.geometry import BoxLike, ShapeLike, as_boxes, composite, paste_box, sample_box
 from dscovid.model.inception import make_stem
 from dscovid.model.lesion_subnet import LesionSubnet
+from dscovid.plans.model_config import NetworkConfig
+
+#: Names a plans file's ``training.stages[].trainable`` may use, and the top-level modules each stands for.
+MODULE_GROUPS: dict[str, tuple[str, ...]] = {
+    "stem_seg": ("stem_seg",),
+    "lesion_subnet": ("lesion_subnet",),
+    "stem_cls": ("stem_cls",),
+    "classification_subnet": ("classification_subnet",),
+    "cross_stitch": ("cross_stitch",),
+    "seg": ("lesion_subnet",),
+    "findings_head": ("findings_head",),
+    "cls": ("classification_subnet",),
+    "segmentation": ("stem_seg", "lesion_subnet"),
+    "classification": ("stem_cls", "classification_subnet", "findings_head"),
+}
+
+#: The two parts pre-trained separately in stage 1 (paper §V-A): each task's stem and subnet, plus the row of the
+#: cross-stitch (equation 2) that produces that task's features. Parameter-name prefixes.
+SEGMENTATION_PART = ("stem_seg.", "lesion_subnet.", "cross_stitch.w_seg1", "cross_stitch.w_cls2")
+CLASSIFICATION_PART = ("stem_cls.", "classification_subnet.", "findings_head.", "cross_stitch.w_seg2",
+                       "cross_stitch.w_cls1")
 
 
 @dataclass
@@ -109,6 +130,31 @@ class DeepSCCOVID(nn.Module):
         self.uses_cross_stitch = config.tasks == "joint" and config.cross_stitch
         if self.uses_cross_stitch:
             self.cross_stitch = CrossStitch(*config.cross_stitch_init)
+
+    # Which parameters belong to which part --------------------------------------------------------------------------
+
+    def parameters_of(self, names: Sequence[str]) -> list[nn.Parameter]:
+        """Parameters of the modules named by ``names`` (keys of :data:`MODULE_GROUPS`), each module once.
+
+        A module this network does not have (a single-task network's missing branch) contributes nothing.
+
+        Raises
+        ------
+        KeyError
+            For a name that is not in :data:`MODULE_GROUPS`.
+        """
+        wanted = [module for name in names for module in MODULE_GROUPS[name]]
+        modules = dict(self.named_children())
+        return [p for name in dict.fromkeys(wanted) if name in modules for p in modules[name].parameters()]
+
+    @staticmethod
+    def task_of(parameter_name: str) -> str:
+        """``"segmentation"`` or ``"classification"``: the stage-1 part a parameter (by its name) belongs to."""
+        if parameter_name.startswith(SEGMENTATION_PART):
+            return "segmentation"
+        if parameter_name.startswith(CLASSIFICATION_PART):
+            return "classification"
+        raise ValueError(f"parameter {parameter_name!r} belongs to neither task part (update SEGMENTATION_PART)")
 
     # Inference-friendly pieces -------------------------------------------------------------------------------------
 

@@ -1,3 +1,2 @@
-"""Planning (DESIGN.md §4, docs/preprocessing.md §2): ``presets`` (the shipped ``plans/*.json``), ``budget`` (memory
-and compute model), ``planner`` (fingerprint → plans), ``plans`` (validation and the ``Configuration`` accessor),
-``plan_and_preprocess`` (the whole first stage)."""
+"""Planning (docs/preprocessing.md §2): ``budget`` (memory and compute model), ``planner`` (fingerprint → plans),
+``plan_and_preprocess`` (the whole first stage). The plans format itself is :mod:`dscovid.plans`."""

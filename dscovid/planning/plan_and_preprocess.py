@@ -19,7 +19,7 @@ from dscovid.errors import DscovidError
 from dscovid.fingerprint.extractor import FINGERPRINT_FILE, extract_fingerprint
 from dscovid.io.dataset import RawDataset, load_raw_dataset, write_json_atomic
 from dscovid.planning.planner import DEFAULT_PRESETS, plan_experiment
-from dscovid.planning.plans import load_plans, validate_plans
+from dscovid.plans.schema import load_plans, validate_plans
 from dscovid.preprocessing.preprocessor import case_sources, preprocess_dataset
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def plan_and_preprocess(
                                f"(edit dataset_name if you mean to reuse them)")
     else:
         chosen = list(presets or DEFAULT_PRESETS)
-        from dscovid.planning.presets import available_presets
+        from dscovid.plans.presets import available_presets
 
         chosen += [name for name in configurations or () if name in available_presets() and name not in chosen]
         plans = plan_experiment(fingerprint, dataset.name, dataset.class_names, chosen, override_spacing)

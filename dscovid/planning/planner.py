@@ -8,7 +8,7 @@ Per preset it decides
   box plus its crop margins holds at most ``budget.max_case_voxels`` voxels;
 - the **segmentation patch** and **classification grid**: the preset's sizes, clipped to the median lung box at the
   target spacing, rounded up to a multiple of ``budget.patch_divisor`` (8) / ``budget.grid_divisor`` (16), the
-  factors by which the network downsamples each input (``dscovid.model.build``);
+  factors by which the network downsamples each input (``dscovid.plans.model_config``);
 - the **batch size and training length** from the budget model (:mod:`.budget`): the largest batch that fits
   ``memory_target_gb`` (the patch shrinks first if even batch 1 does not fit); for ``cpu_time`` presets the number
   of iterations that fit ``time_budget_s`` at ``cpu_gflops``;
@@ -26,8 +26,8 @@ import numpy as np
 from dscovid import __version__
 from dscovid.errors import DscovidError
 from dscovid.planning.budget import estimate
-from dscovid.planning.plans import validate_plans
-from dscovid.planning.presets import load_preset
+from dscovid.plans.presets import load_preset
+from dscovid.plans.schema import validate_plans
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import Case, RawDataset, write_json_atomic
 from dscovid.io.image_io import Geometry, read_image, read_mask
-from dscovid.planning.plans import Configuration
+from dscovid.plans.schema import Configuration
 from dscovid.preprocessing.lung_cache import LUNG_CACHE_FOLDER, file_stamp, save_npz_atomic, segment_and_cache
 from dscovid.preprocessing.orientation import (
     Reorientation,

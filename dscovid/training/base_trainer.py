@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dscovid.errors import DscovidError
 from dscovid.model import build_loss, build_network
-from dscovid.training.augmentation import AugmentationSettings
-from dscovid.training.checkpoint import (
+from dscovid.model.network import MODULE_GROUPS
+from dscovid.results.checkpoint import (
     BEST,
     FINAL,
     LATEST,
@@ -37,6 +37,7 @@ from dscovid.training.checkpoint import (
     stage_checkpoint,
     to_cpu,
 )
+from dscovid.training.augmentation import AugmentationSettings
 from dscovid.training.data import CacheCase
 from dscovid.training.distributed import DistributedContext, average_gradients, sum_over_ranks
 from dscovid.training.lesion_context import (
@@ -53,27 +54,6 @@ from dscovid.training.schedule import Stage, learning_rate, make_optimizer, stag
 from dscovid.training.schedule import total_epochs as count_epochs
 
 log = logging.getLogger("dscovid.training")
-
-#: Top-level modules of the joint network (dscovid.model.network.DeepSCCOVID), and names a plans file may use.
-MODULE_ALIASES: dict[str, tuple[str, ...]] = {
-    "stem_seg": ("stem_seg",),
-    "lesion_subnet": ("lesion_subnet",),
-    "stem_cls": ("stem_cls",),
-    "classification_subnet": ("classification_subnet",),
-    "cross_stitch": ("cross_stitch",),
-    "seg": ("lesion_subnet",),
-    "findings_head": ("findings_head",),
-    "cls": ("classification_subnet",),
-    "segmentation": ("stem_seg", "lesion_subnet"),
-    "classification": ("stem_cls", "classification_subnet", "findings_head"),
-}
-
-#: The two parts pre-trained separately in stage 1 (paper §V-A): each task's stem and subnet, plus the row of the
-#: cross-stitch (equation 2) that produces that task's features. Parameter-name prefixes.
-SEGMENTATION_PART = ("stem_seg.", "lesion_subnet.", "cross_stitch.w_seg1", "cross_stitch.w_cls2")
-CLASSIFICATION_PART = ("stem_cls.", "classification_subnet.", "findings_head.", "cross_stitch.w_seg2",
-                       "cross_stitch.w_cls1")
-
 
 @dataclass
 class TrainingSetup:
@@ -234,15 +214,12 @@ class Trainer:
         """Parameters of the modules a stage trains (``trainable``: ``all`` or module names / aliases)."""
         if "all" in stage.trainable:
             return list(self.network.parameters())
-        names: list[str] = []
         for entry in stage.trainable:
-            if entry not in MODULE_ALIASES:
-                known = ", ".join(["all", *MODULE_ALIASES])
+            if entry not in MODULE_GROUPS:
+                known = ", ".join(["all", *MODULE_GROUPS])
                 raise DscovidError(f"training.stages ({stage.name}).trainable: unknown module {entry!r} "
                                    f"(known: {known})")
-            names.extend(MODULE_ALIASES[entry])
-        modules = dict(self.network.named_children())
-        return [p for name in dict.fromkeys(names) if name in modules for p in modules[name].parameters()]
+        return self.network.parameters_of(stage.trainable)
 
     def on_stage_start(self, index: int) -> None:
         """Freeze what the stage does not train, make its optimiser, and (re)wrap the network for DDP."""
@@ -363,17 +340,11 @@ class Trainer:
         return terms
 
     def _parts(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-        seg, cls = [], []
+        parts: dict[str, list[torch.nn.Parameter]] = {"segmentation": [], "classification": []}
         for name, param in self.network.named_parameters():
-            if not param.requires_grad:
-                continue
-            if name.startswith(SEGMENTATION_PART):
-                seg.append(param)
-            elif name.startswith(CLASSIFICATION_PART):
-                cls.append(param)
-            else:
-                raise DscovidError(f"parameter {name!r} belongs to neither task part (update SEGMENTATION_PART)")
-        return seg, cls
+            if param.requires_grad:
+                parts[self.network.task_of(name)].append(param)
+        return parts["segmentation"], parts["classification"]
 
     @torch.no_grad()
     def validation_step(self, batch: dict) -> dict[str, float]:

@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 from dscovid.errors import DscovidError
-from dscovid.settings import Roots
+from dscovid.evaluation.evaluate import evaluate_folder
+from dscovid.io.dataset import load_raw_dataset
+from dscovid.prediction.predict import predict_cases
+from dscovid.roots import Roots
 
 log = logging.getLogger("dscovid.training")
 
@@ -32,10 +35,6 @@ def validate_fold(
         log.warning("Final validation skipped: the raw dataset %s is not available (set --raw or DSCOVID_raw)",
                     dataset_dir.name)
         return None
-    from dscovid.evaluation.evaluate import evaluate_folder
-    from dscovid.inference.predictor import predict_cases
-    from dscovid.io.dataset import load_raw_dataset
-
     raw_dir = roots.raw / dataset_dir.name
     raw = load_raw_dataset(raw_dir)
     images = [raw.image_path(case) for case in val_cases]

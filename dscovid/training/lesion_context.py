@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dscovid.inference.engine import segment_scan
 from dscovid.io.atomic import write_bytes_atomic
+from dscovid.preprocessing.resampling import resample_to_grid
 from dscovid.training.data import CacheCase
 from dscovid.training.distributed import DistributedContext
 
@@ -90,9 +92,6 @@ def false_positive_locations(probability: np.ndarray, target: np.ndarray, case_n
 def predict_scan(network: torch.nn.Module, case: CacheCase, configuration: Mapping, device: torch.device,
                  batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Ŝ on the classification grid (N, H, W) and on the preprocessed grid (Z, Y, X), both float32."""
-    from dscovid.inference.predictor import segment_scan  # imported here: the predictor imports the trainer's files
-    from dscovid.preprocessing.resampling import resample_to_grid
-
     arrays = case.load(("image", "region", "cls_image"))
     image = torch.from_numpy(np.ascontiguousarray(arrays["image"], dtype=np.float32))[None]
     cls_image = torch.from_numpy(np.ascontiguousarray(arrays["cls_image"], dtype=np.float32))[None, None]

@@ -21,9 +21,11 @@ import torch
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import find_dataset, write_json_atomic
-from dscovid.settings import Roots
+from dscovid.plans.schema import load_plans
+from dscovid.results.checkpoint import FINAL, LATEST
+from dscovid.results.model_folder import model_folder
+from dscovid.roots import Roots
 from dscovid.training.base_trainer import Trainer, TrainingSetup
-from dscovid.training.checkpoint import FINAL, LATEST
 from dscovid.training.data import list_cache_cases
 from dscovid.training.distributed import init_distributed, shutdown_distributed
 from dscovid.training.final_validation import validate_fold
@@ -58,8 +60,6 @@ def find_preprocessed_dataset(root: Path, dataset: str | None) -> Path:
 
 def read_plans(path: Path) -> dict:
     """The validated plans dictionary of a preprocessed dataset (errors name the file and the key)."""
-    from dscovid.planning.plans import load_plans
-
     if not Path(path).exists():
         raise DscovidError(f"{path}: plans file not found (run dscovid_plan_and_preprocess first)")
     return load_plans(path)
@@ -97,10 +97,6 @@ def resolve_device(device: str | None) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise DscovidError(f"device must be cpu or cuda, got {device!r}")
     return torch.device(device)
-
-
-def model_folder(results_root: Path, dataset_name: str, trainer_name: str, configuration_name: str) -> Path:
-    return Path(results_root) / dataset_name / f"{trainer_name}__{configuration_name}"
 
 
 def run_training(

@@ -35,7 +35,7 @@ REFERENCE_COLOUR = "#30ff60"
 
 def montage_file_name(case: str) -> str:
     """The montage's file name beside a case's predictions (``<case>_montage.png``)."""
-    return f"{case}_montage.png"  # also in dscovid.inference.predictor.output_files, which removes it
+    return f"{case}_montage.png"  # also in dscovid.prediction.output_folder.output_files, which removes it
 
 
 def select_slices(weight_zyx: np.ndarray, count: int) -> list[int]:

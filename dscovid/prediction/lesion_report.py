@@ -1,30 +1,21 @@
-"""The per-case lesion report and the ``predictions.json`` / ``predictions.csv`` files (docs/formats.md §5).
+"""The per-case lesion report of ``predictions.json`` / ``predictions.csv`` (docs/formats.md §5).
 
 The report is measured on the ORIGINAL grid (the written mask, the input's spacing), in physical units, with the
-functions of :mod:`dscovid.analysis.findings`; NaN (a measurement that needs a lesion when there is none) is
-written as ``null`` in JSON and as an empty cell in CSV.
+functions of :mod:`dscovid.measurements.findings`; a measurement that needs a lesion is NaN when there is none.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import math
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-
 import numpy as np
 
-from dscovid.analysis.findings import (
+from dscovid.io.image_io import Geometry
+from dscovid.measurements.findings import (
     lesion_count,
     lesion_hu_statistics,
     lesion_volume_ratio,
     lung_involvement,
     peripheral_lesion_ratio,
 )
-from dscovid.io.atomic import write_text_atomic
-from dscovid.io.image_io import Geometry
 
 #: Peripheral thickness σ (mm) of the reported peripheral lesion ratio (equation 1); the paper plots 0-35 mm.
 DEFAULT_PERIPHERAL_THICKNESS_MM = 10.0
@@ -81,50 +72,3 @@ def lesion_report(
         "left_lung_involvement": involvement["left"]["ratio"],
         "right_lung_involvement": involvement["right"]["ratio"],
     }
-
-
-def json_safe(value: object) -> object:
-    """``value`` with NaN/inf floats replaced by None and numpy scalars by Python numbers (strict JSON)."""
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def csv_rows(cases: Sequence[Mapping], class_names: Sequence[str]) -> list[dict]:
-    """One row per case: ``case, predicted_class, p_<class>..., <report columns>``."""
-    rows = []
-    for entry in cases:
-        row = {"case": entry["case"], "predicted_class": entry.get("predicted_class")}
-        probabilities = entry.get("probabilities") or {}
-        for name in class_names:
-            row[f"p_{name}"] = probabilities.get(name)
-        for key in REPORT_KEYS:
-            row[key] = entry.get(key)
-        rows.append(row)
-    return rows
-
-
-def write_csv_atomic(rows: Sequence[Mapping], columns: Sequence[str], path: str | os.PathLike) -> Path:
-    """Write ``rows`` as CSV (None and NaN as empty cells) through a temporary file and a rename."""
-    path = Path(path)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: _cell(row.get(key)) for key in columns})
-    write_text_atomic(buffer.getvalue(), path)
-    return path
-
-
-def _cell(value: object) -> object:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value

@@ -1,6 +1,7 @@
-"""A randomly initialised model folder in the layout of a trained one (docs/formats.md §6).
+"""A randomly initialised model folder in the layout of a trained one (docs/formats.md §6): a benchmark fixture.
 
-For checking an installation, timing the predictor and testing it without training: the folds are built with
+For timing the predictor (``bench_predict.py``) and testing it without training (``tests/test_predict.py`` and
+``tests/test_demo.py`` import it: pyproject.toml puts benchmarks/ on pytest's path): the folds are built with
 ``build_network`` from a plans configuration with the trainer's overrides applied, and saved exactly as the trainer
 saves ``checkpoint_final.pt`` (so they load with ``weights_only=True`` through the same code path as real folds).
 Their predictions are meaningless.
@@ -15,6 +16,9 @@ import torch
 
 from dscovid import __version__
 from dscovid.io.dataset import write_json_atomic
+from dscovid.model import build_network
+from dscovid.results.checkpoint import FINAL, save_checkpoint
+from dscovid.training.trainers import get_trainer
 
 
 def save_untrained_model(
@@ -29,12 +33,8 @@ def save_untrained_model(
 
     Returns
     -------
-    The model folder (``<trainer>__<configuration>``), ready for :func:`dscovid.inference.predictor.predict_cases`.
+    The model folder (``<trainer>__<configuration>``), ready for :func:`dscovid.prediction.predict.predict_cases`.
     """
-    from dscovid.model import build_network
-    from dscovid.training.checkpoint import FINAL, save_checkpoint
-    from dscovid.training.trainers import get_trainer
-
     plans = dict(plans)
     configuration = get_trainer(trainer_name).effective_configuration(plans["configurations"][configuration_name])
     model_dir = Path(results_root) / plans["dataset_name"] / f"{trainer_name}__{configuration_name}"

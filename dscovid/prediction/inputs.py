@@ -1,4 +1,4 @@
-"""Which scans a prediction run reads: a folder of volumes, of DICOM series, or single files.
+"""Which scans a prediction run reads (a folder of volumes, of DICOM series, or single files), and reading one.
 
 A case is one 3D CT, named for the output files:
 
@@ -8,6 +8,8 @@ A case is one 3D CT, named for the output files:
 - a sub-folder holding DICOM files (one series; the longest if several) → the folder's name;
 - a folder given directly that holds DICOM files and no volumes → one case named for that folder;
 - a loose ``.dcm`` file next to volumes → its name without ``.dcm`` (a single DICOM slice is refused later as 2D).
+
+:func:`load_case` reads one case and preprocesses it exactly as the training data was.
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import CHANNEL_SUFFIX, is_safe_case_name
-from dscovid.io.image_io import VOLUME_ENDINGS, strip_ending
+from dscovid.io.image_io import VOLUME_ENDINGS, Geometry, read_image, strip_ending
+from dscovid.plans.schema import Configuration
+from dscovid.preprocessing.lung_mask import segment_lungs
+from dscovid.preprocessing.preprocessor import preprocess_image
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +132,49 @@ def case_name_problems(cases: Sequence[CaseInput]) -> list[str | None]:
             problems.append(None)
             seen[case.name] = case.path
     return problems
+
+
+@dataclass
+class LoadedCase:
+    """A case read and preprocessed: the original scan and lung, and the arrays the networks need."""
+
+    name: str
+    path: Path
+    image_hu: np.ndarray  # (Z, Y, X) original grid
+    geometry: Geometry
+    lung: np.ndarray  # (Z, Y, X) uint8, original grid
+    image: np.ndarray  # (Z', Y', X') float32 preprocessed
+    lung_preprocessed: np.ndarray  # (Z', Y', X') uint8
+    region_preprocessed: np.ndarray  # (Z', Y', X') uint8, where the network looks: the lung plus its margin
+    cls_image: np.ndarray  # (N, H, W) float32
+    properties: dict
+    timing_s: dict = field(default_factory=dict)
+
+
+def load_case(case: CaseInput, preprocessing: Configuration) -> LoadedCase:
+    """Read one scan and preprocess it exactly as the training data was (runs in a background worker).
+
+    Raises
+    ------
+    DscovidError
+        Unreadable file, 2D image, NaN, not Hounsfield units, no lung found.
+    """
+    start = time.perf_counter()
+    image_hu, geometry = read_image(case.path)
+    read_s = time.perf_counter() - start
+    start = time.perf_counter()
+    lung = np.asarray(segment_lungs(image_hu, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
+    arrays, properties = preprocess_image(image_hu, geometry, preprocessing, lung=lung, case_name=case.name)
+    return LoadedCase(
+        name=case.name,
+        path=case.path,
+        image_hu=image_hu,
+        geometry=geometry,
+        lung=lung,
+        image=arrays["image"],
+        lung_preprocessed=arrays["lung"],
+        region_preprocessed=arrays["region"],
+        cls_image=arrays["cls_image"],
+        properties=properties,
+        timing_s={"read": read_s, "preprocess": time.perf_counter() - start},
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import read_json
+from dscovid.plans.model_config import LossConfig, NetworkConfig, network_config
 
 _SAFE_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -152,9 +153,9 @@ _SIZE3 = _List(_POSITIVE_INT, length=3, what="positive integers")
 _SPACING3 = _List(_POSITIVE, length=3, what="positive numbers (mm)")
 
 class _ModelBlock(_Spec):
-    """``network`` or ``training.loss``: validated by the model's own dataclasses (one source of truth).
+    """``network`` or ``training.loss``: validated by the dataclasses the network is built from (one source of truth).
 
-    :class:`dscovid.model.config.NetworkConfig` / ``LossConfig`` name keys as ``network.<key>`` or
+    :class:`dscovid.plans.model_config.NetworkConfig` / ``LossConfig`` name keys as ``network.<key>`` or
     ``training.loss.<key>``; the configuration's path is put in front.
     """
 
@@ -162,8 +163,6 @@ class _ModelBlock(_Spec):
         self.which = which
 
     def check(self, value: object, path: str) -> None:
-        from dscovid.model.config import LossConfig, NetworkConfig  # the model package owns these keys
-
         if not isinstance(value, dict):
             raise _fail(path, f"must be an object, got {type(value).__name__}")
         prefix = path[: -len(self.which)]  # "configurations.3d_cpu." in front of "network"
@@ -257,12 +256,10 @@ PLANS_SPEC = _Object(
 def validate_configuration(configuration: dict, path: str = "configuration") -> None:
     """Check one configuration dictionary; raise a DscovidError naming the first wrong key under ``path``.
 
-    Beyond the schema, the sizes must suit the network (``dscovid.model.network_config``: the patch divisible by
-    8, the classification grid by 16) and there must be one class weight per network class.
+    Beyond the schema, the sizes must suit the network (:func:`dscovid.plans.model_config.network_config`: the
+    patch divisible by 8, the classification grid by 16) and there must be one class weight per network class.
     """
     CONFIGURATION_SPEC.check(configuration, path)
-    from dscovid.model.build import network_config
-
     try:
         network = network_config(configuration)
     except DscovidError as error:

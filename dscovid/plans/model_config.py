@@ -2,6 +2,8 @@
 
 Every key has the paper's value as its default; ``from_dict`` refuses unknown keys and bad values with a
 :class:`~dscovid.errors.DscovidError` that names the key (``network.<key>`` or ``training.loss.<key>``).
+:func:`network_config` also checks the sizes the network must work with (``PATCH_DIVISOR``, ``GRID_DIVISOR``).
+The network (:mod:`dscovid.model`) is built from these; the plans validator checks them.
 """
 
 from __future__ import annotations
@@ -219,3 +221,31 @@ class LossConfig:
         excluded = self.task_aware_exclude_classes
         if not isinstance(excluded, (list, tuple)) or any(not isinstance(c, int) or c < 0 for c in excluded):
             raise DscovidError(f"{p}.task_aware_exclude_classes must be a list of class indices; got {excluded!r}")
+
+
+PATCH_DIVISOR = 8  # stem stride 2 and two U-Net poolings
+GRID_DIVISOR = 16  # stem stride 2 and three strided encoder units
+
+
+def _sizes(configuration: Mapping[str, Any], section: str, key: str, divisor: int) -> list[int]:
+    try:
+        value = configuration[section][key]
+    except (KeyError, TypeError):
+        raise DscovidError(f"configuration has no {section}.{key}") from None
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 3
+        or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % divisor for v in value)
+    ):
+        raise DscovidError(f"{section}.{key} must be three positive integers divisible by {divisor}; got {value!r}")
+    return [int(v) for v in value]
+
+
+def network_config(configuration: Mapping[str, Any]) -> NetworkConfig:
+    """Validated ``configuration["network"]`` (with the sizes it must work with checked too)."""
+    config = NetworkConfig.from_dict(configuration.get("network"))
+    if config.tasks != "classification":
+        _sizes(configuration, "segmentation", "patch_size_zyx", PATCH_DIVISOR)
+    if config.tasks != "segmentation":
+        _sizes(configuration, "classification", "grid_zyx", GRID_DIVISOR)
+    return config

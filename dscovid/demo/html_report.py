@@ -136,7 +136,7 @@ def write_report(
     -------
     The path of ``report.html``.
     """
-    from dscovid.inference.montage import montage_file_name
+    from dscovid.prediction.montage import montage_file_name
 
     report_dir, summary_path, fold_dir = Path(report_dir), Path(summary_path), Path(fold_dir)
     montage_dir = Path(montage_dir)

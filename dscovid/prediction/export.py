@@ -1,0 +1,94 @@
+"""Write one predicted case on its original grid and make its ``predictions.json`` entry (docs/formats.md §5).
+
+The fold-averaged outputs of :func:`dscovid.inference.engine.run_networks` are mapped back onto the input's grid
+(:func:`dscovid.preprocessing.preprocessor.restore_to_original`); the lesion probability is thresholded at
+:data:`LESION_THRESHOLD` inside the lung there, and ``<case>.nii.gz``, ``<case>_evidence.nii.gz`` (and with
+``save_probabilities`` the lesion probability and the lung mask) are written with the input's exact geometry,
+each atomically. The entry holds the class probabilities, the findings head's term and the lesion report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from dscovid.inference.engine import NetworkOutput
+from dscovid.io.image_io import write_image
+from dscovid.prediction.inputs import LoadedCase
+from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM, lesion_report
+from dscovid.prediction.output_folder import output_files, remove_case_files
+from dscovid.preprocessing.preprocessor import restore_to_original
+
+#: Lesion probability at or above which a voxel (inside the lung) is called lesion.
+LESION_THRESHOLD = 0.5
+
+
+def export_case(
+    loaded: LoadedCase,
+    output: NetworkOutput,
+    output_dir: Path,
+    class_names: Sequence[str],
+    save_probabilities: bool = False,
+    peripheral_thickness_mm: float = DEFAULT_PERIPHERAL_THICKNESS_MM,
+) -> dict:
+    """Write one case's files on its original grid and return its ``predictions.json`` entry (without timings).
+
+    The lesion probability is resampled to the original grid first and thresholded there (inside the original
+    lung mask), so the mask has the input's resolution, not the preprocessed one. The evidence map, the file writes
+    (gzip) and the lesion report run in parallel threads: each spends its time in code that releases the GIL
+    (torch resampling, ITK's writer, NumPy and SciPy). If any part fails, every file of the case is removed.
+    """
+    name, geometry = loaded.name, loaded.geometry
+    names = output_files(name)
+    files = {"mask": names["mask"]}
+
+    def write_evidence() -> None:
+        evidence = restore_to_original(output.evidence, loaded.properties, is_mask=False)
+        write_image(evidence.astype(np.float32, copy=False), geometry, output_dir / names["evidence"])
+
+    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix=f"dscovid-export-{name}")
+    futures: list[Future] = []
+    try:
+        if output.evidence is not None:
+            files["evidence"] = names["evidence"]
+            futures.append(pool.submit(write_evidence))
+        probability = restore_to_original(output.lesion_probability, loaded.properties, is_mask=False)
+        allowed = loaded.lung != 0
+        if float(loaded.properties.get("lung_margin_mm") or 0.0) > 0:
+            # The network also looked just outside the lung mask (a consolidation the classical mask left out);
+            # what it found there counts, and the reported lung is the lung mask plus that lesion.
+            allowed |= restore_to_original(loaded.region_preprocessed, loaded.properties, is_mask=True) != 0
+        lesion = ((probability >= LESION_THRESHOLD) & allowed).astype(np.uint8)
+        del allowed
+        lung = np.maximum(loaded.lung.astype(np.uint8, copy=False), lesion)
+        futures.append(pool.submit(write_image, lesion, geometry, output_dir / names["mask"]))
+        if save_probabilities:
+            files["lesion_probability"] = names["lesion_probability"]
+            files["lung"] = names["lung"]
+            futures.append(pool.submit(write_image, probability.astype(np.float32, copy=False), geometry,
+                                       output_dir / names["lesion_probability"]))
+            futures.append(pool.submit(write_image, lung, geometry, output_dir / names["lung"]))
+        del probability
+        entry: dict = {"case": name, "predicted_class": None, "probabilities": None}
+        if output.class_probabilities is not None:
+            probabilities = output.class_probabilities
+            entry["predicted_class"] = class_names[int(np.argmax(probabilities))]
+            entry["probabilities"] = {c: float(p) for c, p in zip(class_names, probabilities)}
+        if output.findings_term is not None:
+            entry["findings_head"] = {"logit_term": {c: float(v) for c, v in zip(class_names, output.findings_term)},
+                                      "measurements": output.findings}
+        entry.update(lesion_report(loaded.image_hu, lesion, lung, geometry, peripheral_thickness_mm))
+        for future in futures:
+            future.result()
+        entry["files"] = files
+        entry["tiles"] = {"run": output.tiles_run, "total": output.tiles_total}
+        return entry
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # no writer may finish after the clean-up
+        remove_case_files(output_dir, name)
+        raise
+    finally:
+        pool.shutdown(wait=True)
