@@ -41,9 +41,9 @@ from dscovid.cli.plan_and_preprocess import main as plan_and_preprocess
 from dscovid.evaluation.evaluate import evaluate_folder
 from dscovid.evaluation.intervals import bootstrap_interval, paired_bootstrap, wilson_interval
 from dscovid.evaluation.metrics import roc_auc
-from dscovid.inference.predictor import predict_cases
-from dscovid.settings import Roots
-from dscovid.training.checkpoint import FINAL, stage_checkpoint
+from dscovid.prediction.predict import predict_cases
+from dscovid.results.checkpoint import FINAL, stage_checkpoint
+from dscovid.roots import Roots
 from dscovid.training.run import model_folder, run_training
 
 TRAIN = "Dataset980_AccuracyTrain"
