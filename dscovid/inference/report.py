@@ -23,6 +23,7 @@ from dscovid.analysis.findings import (
     lung_involvement,
     peripheral_lesion_ratio,
 )
+from dscovid.analysis.severity import ZONES, severity_score
 from dscovid.io.atomic import write_text_atomic
 from dscovid.io.image_io import Geometry
 
@@ -40,6 +41,9 @@ REPORT_KEYS = (
     "lesion_hu_std",
     "left_lung_involvement",
     "right_lung_involvement",
+    "severity_score",
+    "mosmed_category",
+    *(f"{zone}_zone_score" for zone in ZONES),
 )
 
 
@@ -61,8 +65,10 @@ def lesion_report(
 
     Returns
     -------
-    dict with the :data:`REPORT_KEYS`: volumes in ml (lung volume of lung ∪ lesion), ratios in [0, 1], HU mean and
-    standard deviation of the lesion voxels; NaN where a measurement needs a lesion and there is none.
+    dict with the :data:`REPORT_KEYS` but the zone scores: volumes in ml (lung volume of lung ∪ lesion), ratios in
+    [0, 1], HU mean and standard deviation of the lesion voxels; NaN where a measurement needs a lesion and there is
+    none; the six-zone ``severity_score`` (0-24), the ``mosmed_category`` (``CT-0`` ... ``CT-4``) and the zones in
+    ``severity_zones`` (:func:`dscovid.analysis.severity.severity_score`).
     """
     lesion = np.asarray(lesion) != 0
     lung = np.asarray(lung) != 0
@@ -80,6 +86,7 @@ def lesion_report(
         "lesion_hu_std": hu["std"],
         "left_lung_involvement": involvement["left"]["ratio"],
         "right_lung_involvement": involvement["right"]["ratio"],
+        **severity_score(lesion, lung, geometry),
     }
 
 
@@ -104,8 +111,11 @@ def csv_rows(cases: Sequence[Mapping], class_names: Sequence[str]) -> list[dict]
         probabilities = entry.get("probabilities") or {}
         for name in class_names:
             row[f"p_{name}"] = probabilities.get(name)
+        zones = entry.get("severity_zones") or {}
         for key in REPORT_KEYS:
             row[key] = entry.get(key)
+        for zone in ZONES:
+            row[f"{zone}_zone_score"] = (zones.get(zone) or {}).get("score")
         rows.append(row)
     return rows
 
