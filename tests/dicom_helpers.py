@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,14 @@ ACCEPTED_WARNINGS = (
     "Warning - Unrecognized defined term <99DSCOVID> for value 1 of attribute <Coding Scheme Designator>",
     "Warning - Missing attribute or value that would be needed to build DICOMDIR",
 )
+
+
+def copy_series(source: Path, target: Path, slices: slice) -> Path:
+    """Part of a real series copied file by file, as it is (its identity included)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in dicom_series_files(source)[slices]:
+        shutil.copy(path, target / path.name)
+    return target
 
 
 def series_folder(test_data: Path, name: str) -> Path:
@@ -61,6 +70,13 @@ def rewrite_series(source: Path, target: Path, turn: np.ndarray | None = None, s
     slice's plane rigidly about the series' centre (orientation and positions); ``slices`` keeps part of the volume
     (in its slice order). Files are named in reverse slice order, so that the folder order is not the volume order.
     """
+    with warnings.catch_warnings():  # pydicom warns when it parses the UUIDs some anonymisers put in UID fields
+        warnings.simplefilter("ignore", UserWarning)
+        _rewrite(source, target, turn, slices, salt)
+    return target
+
+
+def _rewrite(source: Path, target: Path, turn: np.ndarray | None, slices: slice | None, salt: str) -> None:
     target.mkdir(parents=True, exist_ok=True)
     files = dicom_series_files(source)[slices or slice(None)]
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
@@ -84,7 +100,6 @@ def rewrite_series(source: Path, target: Path, turn: np.ndarray | None = None, s
                 if keyword in dataset:
                     delattr(dataset, keyword)  # would describe the old plane or point to instances not copied
         dataset.save_as(target / f"{len(files) - index:04d}.dcm", enforce_file_format=True)
-    return target
 
 
 # ----------------------------------------------------------------------------------------------- dciodvfy
@@ -98,8 +113,8 @@ def dciodvfy_findings(path: Path) -> tuple[list[str], list[str]]:
     result = subprocess.run([program, str(path)], capture_output=True, text=True, timeout=300)
     lines = (result.stdout + result.stderr).splitlines()
     errors = [line for line in lines if line.startswith("Error")]
-    warnings = [line for line in lines if line.startswith("Warning") and not line.startswith(ACCEPTED_WARNINGS)]
-    return errors, warnings
+    unexpected = [line for line in lines if line.startswith("Warning") and not line.startswith(ACCEPTED_WARNINGS)]
+    return errors, unexpected
 
 
 # ----------------------------------------------------------------------------------------------- the SR read back

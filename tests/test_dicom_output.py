@@ -182,3 +182,31 @@ def test_sr_holds_every_measurement_referencing_the_seg_segments(test_data, tmp_
                 "plans=dscovidPlans", "dataset=Dataset999_Fake", "peripheral_thickness_mm=10"} <= set(parameters)
     errors, warnings = dciodvfy_findings(path)
     assert errors == [] and warnings == []
+
+
+def test_a_case_without_lesion_gets_an_empty_lesion_segment_and_a_report_without_lesion_statistics(test_data, tmp_path):
+    """A non-pneumonia case: the lesion segment has no frame, the SR still references it and leaves out what needs a
+    lesion (peripheral ratio, HU statistics)."""
+    folder = rewrite_series(series_folder(test_data, "normal001"), tmp_path / "series", slices=MIDDLE)
+    image, geometry = read_image(folder)
+    source = read_source_series(folder, geometry)
+    _, lung = structured_masks(image)
+    lesion = np.zeros_like(lung)
+    seg_path = write_segmentation(build_segmentation(source, lesion, lung, MODEL), tmp_path / "seg.dcm")
+    seg = hd.seg.segread(seg_path)
+    pixels = seg.get_pixels_by_source_instance(source.sop_instance_uids, segment_numbers=[1, 2],
+                                               assert_missing_frames_are_empty=True)
+    assert not pixels[..., 0].any() and np.array_equal(pixels[..., 1], lung)
+    entry = json_safe({"case": "normal001", "predicted_class": "non_pneumonia",
+                       "probabilities": {"covid": 0.1, "cap": 0.1, "non_pneumonia": 0.8},
+                       **lesion_report(image, lesion, lung, geometry)})
+    path = write_report(build_report(source, pydicom.dcmread(seg_path), entry, MODEL, CLASSES, 10.0), tmp_path / "sr.dcm")
+    groups = measurement_groups(pydicom.dcmread(path))
+    assert set(groups[1]["measurements"]) == {("SCT", "118565006", None), ("99DSCOVID", "LESCOUNT", None),
+                                              ("99DSCOVID", "LVR", None)}
+    assert groups[1]["measurements"][("99DSCOVID", "LESCOUNT", None)][0] == 0
+    assert groups[2]["evaluations"] == {("DCM", "121071"): "NONPNEUMONIA", ("99DSCOVID", "MOSMEDCAT"): "CT-0"}
+    assert groups[2]["measurements"][("99DSCOVID", "SEVSCORE", None)][0] == 0
+    for file in (seg_path, path):
+        errors, warnings = dciodvfy_findings(file)
+        assert errors == [] and warnings == [], file

@@ -114,3 +114,11 @@ def test_the_report_and_its_csv_carry_the_severity():
     assert set(REPORT_KEYS) <= set(row)
     assert row["right_upper_zone_score"] == 4 and row["left_middle_zone_score"] == 1
     assert row["severity_score"] == 8 and row["mosmed_category"] == "CT-2"
+
+
+def test_the_montage_title_gives_the_severity():
+    from dscovid.inference.montage import _title
+
+    _, details = _title("c", "covid", {"covid": 0.9}, None, {"lesion_count": 2, "severity_score": 8,
+                                                              "mosmed_category": "CT-2"})
+    assert "severity 8/24 (CT-2)" in details

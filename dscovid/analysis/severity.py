@@ -34,7 +34,6 @@ lung voxel (a lung missing from the field of view) has no share (NaN) and scores
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -167,7 +166,3 @@ def severity_score(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry) -> 
         "severity_zones": {name: zones[name] for name in ZONES},
     }
 
-
-def zone_scores(severity_zones: dict) -> Sequence[int]:
-    """The six zone scores in the order of :data:`ZONES` (for tables and titles)."""
-    return [int(severity_zones[name]["score"]) for name in ZONES]

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from dscovid import __version__
 from dscovid.errors import DscovidError
+from dscovid.inference.dicom_export import DicomExport, is_dicom_series, refuse_non_dicom
 from dscovid.inference.inputs import CaseInput, case_name_problems, discover_cases
 from dscovid.inference.model_loading import TrainedModel, load_trained_model
 from dscovid.inference.report import (
@@ -343,6 +344,8 @@ def output_files(name: str) -> dict[str, str]:
         "lesion_probability": f"{name}_lesion_prob.nii.gz",
         "lung": f"{name}_lung.nii.gz",
         "montage": f"{name}_montage.png",  # dscovid_predict --png (dscovid.inference.montage)
+        "dicom_seg": f"{name}_seg.dcm",  # DICOM series input (dscovid.inference.dicom_export)
+        "dicom_sr": f"{name}_sr.dcm",
     }
 
 
@@ -359,8 +362,11 @@ def export_case(
     class_names: Sequence[str],
     save_probabilities: bool = False,
     peripheral_thickness_mm: float = DEFAULT_PERIPHERAL_THICKNESS_MM,
+    dicom: DicomExport | None = None,
 ) -> dict:
     """Write one case's files on its original grid and return its ``predictions.json`` entry (without timings).
+
+    With ``dicom``, a case read from a DICOM series also gets its DICOM-SEG and SR (:mod:`dscovid.inference.dicom_export`).
 
     The lesion probability is resampled to the original grid first and thresholded there (inside the original
     lung mask), so the mask has the input's resolution, not the preprocessed one. The evidence map, the file writes
@@ -393,6 +399,10 @@ def export_case(
         del allowed
         lung = np.maximum(loaded.lung.astype(np.uint8, copy=False), lesion)
         futures.append(pool.submit(write_image, lesion, geometry, output_dir / names["mask"]))
+        seg_future = None
+        if dicom is not None and is_dicom_series(loaded.path):
+            seg_future = pool.submit(dicom.write_segmentation, loaded.path, geometry, lesion, lung,
+                                     output_dir / names["dicom_seg"])
         if save_probabilities:
             files["lesion_probability"] = names["lesion_probability"]
             files["lung"] = names["lung"]
@@ -411,6 +421,10 @@ def export_case(
         entry.update(lesion_report(loaded.image_hu, lesion, lung, geometry, peripheral_thickness_mm))
         for future in futures:
             future.result()
+        if seg_future is not None:
+            dicom_outputs = dicom.write_report(seg_future.result(), entry, output_dir / names["dicom_sr"])
+            files.update(dicom_outputs.pop("files", {}))
+            entry.update(dicom_outputs)
         entry["files"] = files
         entry["tiles"] = {"run": output.tiles_run, "total": output.tiles_total}
         return entry
@@ -506,6 +520,7 @@ def predict_cases(
     checkpoint_name: str = FINAL,
     progress: bool = True,
     on_case: Callable[[dict], None] | None = None,
+    dicom: bool | None = None,
 ) -> dict:
     """Predict every case of ``inputs`` into ``output_dir`` (the function behind ``dscovid_predict``).
 
@@ -525,6 +540,9 @@ def predict_cases(
     peripheral_thickness_mm : σ of the reported peripheral lesion ratio.
     progress : show a progress bar over the cases.
     on_case : called with each finished case's entry (for logging or tests).
+    dicom : DICOM-SEG and SR per case (docs/prediction.md): None writes them for DICOM series input (a series that
+        cannot be referenced is skipped with a warning); True requires DICOM series input (anything else is refused
+        before the run) and fails a case whose series cannot be referenced; False writes none.
 
     Returns
     -------
@@ -545,6 +563,8 @@ def predict_cases(
     if step_fraction is not None and not 0.0 < float(step_fraction) <= 1.0:
         raise DscovidError(f"the sliding-window step must be in (0, 1], got {step_fraction}")
     cases = discover_cases(inputs)
+    if dicom:
+        refuse_non_dicom([case.path for case in cases])
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = model.inference
@@ -559,6 +579,7 @@ def predict_cases(
     entries: dict[str, dict] = {}
     failed: list[dict] = []
     class_names = model.class_names or [f"class_{k}" for k in range(3)]
+    dicom_export = None if dicom is False else DicomExport.of(model, class_names, peripheral_thickness_mm, bool(dicom))
 
     def fail(name: str, reason: str, remove_files: bool = True) -> None:
         log.error("%s: failed: %s", name, reason)
@@ -633,7 +654,8 @@ def predict_cases(
             loaded.image = loaded.cls_image = loaded.lung_preprocessed = None  # the region is kept for the export
             collect_exports(wait=True)  # at most one case waits for export: bounded memory
             pending_exports.append((name, writer.submit(_timed_export, loaded, output, output_dir, class_names,
-                                                        save_probabilities, peripheral_thickness_mm, timing), timing))
+                                                        save_probabilities, peripheral_thickness_mm, timing,
+                                                        dicom_export), timing))
             bar.update()
         collect_exports(wait=True)
     finally:
@@ -665,8 +687,9 @@ def predict_cases(
 
 
 def _timed_export(loaded: LoadedCase, output: NetworkOutput, output_dir: Path, class_names: Sequence[str],
-                  save_probabilities: bool, peripheral_thickness_mm: float, timing: dict) -> dict:
+                  save_probabilities: bool, peripheral_thickness_mm: float, timing: dict,
+                  dicom: DicomExport | None = None) -> dict:
     start = time.perf_counter()
-    entry = export_case(loaded, output, output_dir, class_names, save_probabilities, peripheral_thickness_mm)
+    entry = export_case(loaded, output, output_dir, class_names, save_probabilities, peripheral_thickness_mm, dicom)
     timing["export"] = time.perf_counter() - start  # the caller's dict: read once the future is done
     return entry

@@ -86,7 +86,17 @@ def _tracking(segmentation: Dataset, segment_number: int, label: str) -> hd.sr.T
     return hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label)
 
 
-def _lesion_group(entry: Mapping, segmentation: Dataset, algorithm) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+def _segment(segmentation: Dataset, segment_number: int, source: SourceSeries) -> hd.sr.ReferencedSegment:
+    """A reference to a SEG segment and its source series (not per source image: an empty segment has no frames)."""
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(segmentation.SOPClassUID), sop_instance_uid=str(segmentation.SOPInstanceUID),
+        segment_number=segment_number,
+        source_series=hd.sr.SourceSeriesForSegmentation(source.series_instance_uid),
+    )
+
+
+def _lesion_group(entry: Mapping, segmentation: Dataset, source: SourceSeries,
+                  algorithm) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     measurements = []
     for key, name, unit, scale in (
         ("lesion_volume_ml", VOLUME, UNIT_ML, 1.0),
@@ -100,7 +110,7 @@ def _lesion_group(entry: Mapping, segmentation: Dataset, algorithm) -> hd.sr.Vol
             measurements.append(_measurement(name, float(entry[key]) * scale, unit, algorithm))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(segmentation, LESION_SEGMENT, "dscovid lesion"),
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(segmentation, LESION_SEGMENT),
+        referenced_segment=_segment(segmentation, LESION_SEGMENT, source),
         finding_type=LESION_TYPE,
         finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)],
         algorithm_id=algorithm,
@@ -108,7 +118,7 @@ def _lesion_group(entry: Mapping, segmentation: Dataset, algorithm) -> hd.sr.Vol
     )
 
 
-def _lung_group(entry: Mapping, segmentation: Dataset, algorithm,
+def _lung_group(entry: Mapping, segmentation: Dataset, source: SourceSeries, algorithm,
                 class_names: Sequence[str]) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     measurements = []
     if _defined(entry.get("lung_volume_ml")):
@@ -139,7 +149,7 @@ def _lung_group(entry: Mapping, segmentation: Dataset, algorithm,
         evaluations.append(hd.sr.QualitativeEvaluation(MOSMED_CATEGORY, mosmed_code(str(entry["mosmed_category"]))))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(segmentation, LUNG_SEGMENT, "dscovid lung"),
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(segmentation, LUNG_SEGMENT),
+        referenced_segment=_segment(segmentation, LUNG_SEGMENT, source),
         finding_type=LUNG_TYPE,
         algorithm_id=algorithm,
         measurements=measurements,
@@ -175,8 +185,8 @@ def build_report(source: SourceSeries, segmentation: Dataset, entry: Mapping, mo
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=PROCEDURE_CT_CHEST,
-        imaging_measurements=[_lesion_group(entry, segmentation, algorithm),
-                              _lung_group(entry, segmentation, algorithm, class_names)],
+        imaging_measurements=[_lesion_group(entry, segmentation, source, algorithm),
+                              _lung_group(entry, segmentation, source, algorithm, class_names)],
         title=codes.DCM.ImagingMeasurementReport,
     )
     document = hd.sr.Comprehensive3DSR(
