@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=300, help="slices of the series (512×512 each)")
     parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--index", type=int, default=1, help="case of the synthetic dataset (1: COVID-19, lesions)")
     parser.add_argument("--repeats", type=int, default=3, help="part 1: best of this many runs of each step")
     parser.add_argument("--no-predictor", action="store_true", help="skip part 2 (the predictor runs)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch in part 2")
