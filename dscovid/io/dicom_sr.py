@@ -73,9 +73,9 @@ def _defined(value: object) -> bool:
     return value is not None and not (isinstance(value, float) and not math.isfinite(value))
 
 
-def _measurement(name, value, unit, algorithm: hd.sr.AlgorithmIdentification,
-                 sites: Sequence[hd.sr.FindingSite] | None = None) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm, finding_sites=sites)
+def _measurement(name, value, unit, sites: Sequence[hd.sr.FindingSite] | None = None) -> hd.sr.Measurement:
+    # The algorithm is identified once per group (TID 1411), which applies to each of its measurements.
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, finding_sites=sites)
 
 
 def _tracking(segmentation: Dataset, segment_number: int, label: str) -> hd.sr.TrackingIdentifier:
@@ -107,7 +107,7 @@ def _lesion_group(entry: Mapping, segmentation: Dataset, source: SourceSeries,
         ("lesion_hu_std", STANDARD_DEVIATION, UNIT_HU, 1.0),
     ):
         if _defined(entry.get(key)):
-            measurements.append(_measurement(name, float(entry[key]) * scale, unit, algorithm))
+            measurements.append(_measurement(name, float(entry[key]) * scale, unit))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(segmentation, LESION_SEGMENT, "dscovid lesion"),
         referenced_segment=_segment(segmentation, LESION_SEGMENT, source),
@@ -122,26 +122,25 @@ def _lung_group(entry: Mapping, segmentation: Dataset, source: SourceSeries, alg
                 class_names: Sequence[str]) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     measurements = []
     if _defined(entry.get("lung_volume_ml")):
-        measurements.append(_measurement(VOLUME, entry["lung_volume_ml"], UNIT_ML, algorithm))
+        measurements.append(_measurement(VOLUME, entry["lung_volume_ml"], UNIT_ML))
     for name in class_names:
         probability = (entry.get("probabilities") or {}).get(name)
         if _defined(probability):
-            measurements.append(_measurement(probability_code(name), 100.0 * float(probability), UNIT_PERCENT,
-                                             algorithm))
+            measurements.append(_measurement(probability_code(name), 100.0 * float(probability), UNIT_PERCENT))
     for side, laterality in SIDES.items():
         share = entry.get(f"{side}_lung_involvement")
         if _defined(share):
             site = [hd.sr.FindingSite(codes.SCT.Lung, laterality=laterality)]
-            measurements.append(_measurement(LUNG_INVOLVEMENT, 100.0 * float(share), UNIT_PERCENT, algorithm, site))
+            measurements.append(_measurement(LUNG_INVOLVEMENT, 100.0 * float(share), UNIT_PERCENT, site))
     for zone, values in (entry.get("severity_zones") or {}).items():
         side, part = zone.split("_")
         site = [hd.sr.FindingSite(ZONE_SITES[part], laterality=SIDES[side])]
         if _defined(values.get("involvement")):
             measurements.append(_measurement(ZONE_INVOLVEMENT, 100.0 * float(values["involvement"]), UNIT_PERCENT,
-                                             algorithm, site))
-        measurements.append(_measurement(ZONE_SCORE, values["score"], UNIT_SCORE, algorithm, site))
+                                             site))
+        measurements.append(_measurement(ZONE_SCORE, values["score"], UNIT_SCORE, site))
     if _defined(entry.get("severity_score")):
-        measurements.append(_measurement(SEVERITY_SCORE, entry["severity_score"], UNIT_SCORE, algorithm))
+        measurements.append(_measurement(SEVERITY_SCORE, entry["severity_score"], UNIT_SCORE))
     evaluations = []
     if entry.get("predicted_class"):
         evaluations.append(hd.sr.QualitativeEvaluation(FINDING, class_code(str(entry["predicted_class"]))))
