@@ -45,6 +45,8 @@ setup(
         "pandas>=2.0",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        # DICOM-SEG and TID 1500 structured reports of DICOM input (brings pydicom); tested with 0.28.
+        "highdicom>=0.28",
     ],
     extras_require={
         # Reference implementations the tests compare against, and the linter.

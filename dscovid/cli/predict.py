@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="peripheral thickness of the reported peripheral lesion ratio, in mm (default 10)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace predictions of another model already in OUT instead of refusing")
+    parser.add_argument("--dicom", action=argparse.BooleanOptionalAction, default=None,
+                        help="write <case>_seg.dcm (DICOM-SEG: lesion and lung) and <case>_sr.dcm (DICOM structured "
+                        "report, TID 1500) referencing the source series; default: on for DICOM series input. --dicom "
+                        "refuses other input, --no-dicom writes none")
     parser.add_argument("--png", action="store_true",
                         help="also draw <case>_montage.png: axial slices through the lesions with the predicted outline "
                         "and the evidence map, the class and the probabilities")
@@ -74,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         peripheral_thickness_mm=args.peripheral_thickness,
         checkpoint_name=args.checkpoint,
         progress=not args.quiet,
+        dicom=args.dicom,
     )
     if args.png:
         from dscovid.prediction.inputs import discover_cases

@@ -133,7 +133,13 @@ def strip_ending(path: Path | str) -> str:
     return name
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of the DICOM series dscovid reads from ``folder``, in the order of the volume's slices.
+
+    The series with most files is chosen when the folder holds several (with a warning). GDCM sorts the files along
+    the slice normal, so file ``k`` is slice ``k`` (array index ``[k]``) of the volume :func:`read_image` returns.
+    """
+    folder = Path(folder)
     reader = sitk.ImageSeriesReader()
     try:
         series_ids = reader.GetGDCMSeriesIDs(str(folder))
@@ -148,7 +154,12 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
             "%s: %d DICOM series found; using %s with %d slices (the one with most slices)",
             folder, len(series_ids), chosen, len(files_per_series[chosen]),
         )
-    reader.SetFileNames(files_per_series[chosen])
+    return [Path(name) for name in files_per_series[chosen]]
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(name) for name in dicom_series_files(folder)])
     try:
         return reader.Execute()
     except RuntimeError as error:

@@ -303,15 +303,11 @@ def lung_involvement(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry | 
     lesion = np.asarray(lesion) != 0
     lung = np.asarray(lung) != 0
     _check_same_shape(lesion, lung)
-    axis, toward_left = _left_right_axis(geometry)
+    axis, left = lung_sides(lesion, lung, geometry)
     whole = lesion | lung
-    split = _split_position(lung if lung.any() else whole, axis)
     other_axes = tuple(a for a in range(3) if a != axis)
     lesion_profile = np.count_nonzero(lesion, axis=other_axes)
     whole_profile = np.count_nonzero(whole, axis=other_axes)
-    positions = np.arange(lung.shape[axis])
-    beyond = positions > split
-    left = beyond if toward_left > 0 else ~beyond
     result = {}
     for side, selected in (("right", ~left), ("left", left)):
         lesion_voxels = int(lesion_profile[selected].sum())
@@ -322,6 +318,28 @@ def lung_involvement(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry | 
             "ratio": lesion_voxels / lung_voxels if lung_voxels else float("nan"),
         }
     return result
+
+
+def lung_sides(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry | None = None) -> tuple[int, np.ndarray]:
+    """Which voxels belong to the patient's left lung, as :func:`lung_involvement` splits them.
+
+    Parameters
+    ----------
+    lesion, lung : (Z, Y, X) masks on the same grid (the split is placed on the lung, or on lung ∪ lesion when the
+        lung mask is empty).
+    geometry : the grid's geometry, for its direction (see :func:`_left_right_axis`).
+
+    Returns
+    -------
+    axis : the array axis (0 z, 1 y, 2 x) across the patient's left-right direction.
+    left : (shape[axis],) bool, True at the positions along ``axis`` on the patient's left of the split plane.
+    """
+    lesion = np.asarray(lesion) != 0
+    lung = np.asarray(lung) != 0
+    axis, toward_left = _left_right_axis(geometry)
+    split = _split_position(lung if lung.any() else lesion | lung, axis)
+    beyond = np.arange(lung.shape[axis]) > split
+    return axis, (beyond if toward_left > 0 else ~beyond)
 
 
 def _split_position(mask: np.ndarray, axis: int) -> float:
@@ -335,9 +353,14 @@ def _split_position(mask: np.ndarray, axis: int) -> float:
         sizes = np.bincount(labels.ravel())[1:]
         first, second = np.argsort(sizes)[::-1][:2]
         if sizes[second] >= 0.1 * sizes[first]:
-            centres = ndimage.center_of_mass(np.ones_like(labels), labels, [first + 1, second + 1])
-            return offset + (centres[0][axis] + centres[1][axis]) / 2.0
-    return offset + float(ndimage.center_of_mass(mask[box])[axis])
+            return offset + (_centre_along(labels == first + 1, axis) + _centre_along(labels == second + 1, axis)) / 2.0
+    return offset + _centre_along(mask[box], axis)
+
+
+def _centre_along(mask: np.ndarray, axis: int) -> float:
+    """The centre of mass of a non-empty mask along one axis, from its profile (no index grids: fast on a full CT)."""
+    profile = np.count_nonzero(mask, axis=tuple(a for a in range(mask.ndim) if a != axis))
+    return float(np.dot(np.arange(profile.size), profile) / profile.sum())
 
 
 def case_findings(

@@ -17,6 +17,7 @@ import numpy as np
 
 from dscovid.inference.engine import NetworkOutput
 from dscovid.io.image_io import write_image
+from dscovid.prediction.dicom_export import DicomExport, is_dicom_series
 from dscovid.prediction.inputs import LoadedCase
 from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM, lesion_report
 from dscovid.prediction.output_folder import output_files, remove_case_files
@@ -33,8 +34,11 @@ def export_case(
     class_names: Sequence[str],
     save_probabilities: bool = False,
     peripheral_thickness_mm: float = DEFAULT_PERIPHERAL_THICKNESS_MM,
+    dicom: DicomExport | None = None,
 ) -> dict:
     """Write one case's files on its original grid and return its ``predictions.json`` entry (without timings).
+
+    With ``dicom``, a case read from a DICOM series also gets its DICOM-SEG and SR (:mod:`dscovid.prediction.dicom_export`).
 
     The lesion probability is resampled to the original grid first and thresholded there (inside the original
     lung mask), so the mask has the input's resolution, not the preprocessed one. The evidence map, the file writes
@@ -65,6 +69,10 @@ def export_case(
         del allowed
         lung = np.maximum(loaded.lung.astype(np.uint8, copy=False), lesion)
         futures.append(pool.submit(write_image, lesion, geometry, output_dir / names["mask"]))
+        seg_future = None
+        if dicom is not None and is_dicom_series(loaded.path):
+            seg_future = pool.submit(dicom.write_segmentation, loaded.path, geometry, lesion, lung,
+                                     output_dir / names["dicom_seg"])
         if save_probabilities:
             files["lesion_probability"] = names["lesion_probability"]
             files["lung"] = names["lung"]
@@ -83,6 +91,10 @@ def export_case(
         entry.update(lesion_report(loaded.image_hu, lesion, lung, geometry, peripheral_thickness_mm))
         for future in futures:
             future.result()
+        if seg_future is not None:
+            dicom_outputs = dicom.write_report(seg_future.result(), entry, output_dir / names["dicom_sr"])
+            files.update(dicom_outputs.pop("files", {}))
+            entry.update(dicom_outputs)
         entry["files"] = files
         entry["tiles"] = {"run": output.tiles_run, "total": output.tiles_total}
         return entry

@@ -16,6 +16,7 @@ from dscovid.measurements.findings import (
     lung_involvement,
     peripheral_lesion_ratio,
 )
+from dscovid.measurements.severity import ZONES, severity_score
 
 #: Peripheral thickness σ (mm) of the reported peripheral lesion ratio (equation 1); the paper plots 0-35 mm.
 DEFAULT_PERIPHERAL_THICKNESS_MM = 10.0
@@ -31,6 +32,9 @@ REPORT_KEYS = (
     "lesion_hu_std",
     "left_lung_involvement",
     "right_lung_involvement",
+    "severity_score",
+    "mosmed_category",
+    *(f"{zone}_zone_score" for zone in ZONES),
 )
 
 
@@ -52,8 +56,10 @@ def lesion_report(
 
     Returns
     -------
-    dict with the :data:`REPORT_KEYS`: volumes in ml (lung volume of lung ∪ lesion), ratios in [0, 1], HU mean and
-    standard deviation of the lesion voxels; NaN where a measurement needs a lesion and there is none.
+    dict with the :data:`REPORT_KEYS` but the zone scores: volumes in ml (lung volume of lung ∪ lesion), ratios in
+    [0, 1], HU mean and standard deviation of the lesion voxels; NaN where a measurement needs a lesion and there is
+    none; the six-zone ``severity_score`` (0-24), the ``mosmed_category`` (``CT-0`` ... ``CT-4``) and the zones in
+    ``severity_zones`` (:func:`dscovid.measurements.severity.severity_score`).
     """
     lesion = np.asarray(lesion) != 0
     lung = np.asarray(lung) != 0
@@ -71,4 +77,5 @@ def lesion_report(
         "lesion_hu_std": hu["std"],
         "left_lung_involvement": involvement["left"]["ratio"],
         "right_lung_involvement": involvement["right"]["ratio"],
+        **severity_score(lesion, lung, geometry),
     }

@@ -3,8 +3,9 @@
 Top row: the CT (lung window) with the predicted lesion outline (red) and, when known, the reference outline
 (green, dashed). Bottom row: the same slices with the evidence map of the predicted class (equation 5, arbitrary
 units, scaled to the case's 99.5th percentile) as a heat overlay and the predicted outline. The title gives the
-predicted class, the true class when known, and the class probabilities. Slices are drawn in the radiological
-convention (patient's right on the left of the picture, anterior at the top) whatever the stored orientation.
+predicted class, the true class when known, the class probabilities, the lesion count and volume, and the six-zone
+severity score with the MosMedData category. Slices are drawn in the radiological convention (patient's right on the
+left of the picture, anterior at the top) whatever the stored orientation.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def _title(case: str, predicted_class: str | None, probabilities: Mapping[str, f
             details.append(f"{report['lesion_count']} predicted lesion(s)")
         if report.get("lesion_volume_ml") is not None:
             details.append(f"{float(report['lesion_volume_ml']):.1f} ml")
+        if report.get("severity_score") is not None:
+            details.append(f"severity {int(report['severity_score'])}/24 ({report.get('mosmed_category')})")
         head = report.get("findings_head")
         if isinstance(head, Mapping) and predicted_class in (head.get("logit_term") or {}):
             details.append(f"findings head {float(head['logit_term'][predicted_class]):+.2f} to its logit")

@@ -25,6 +25,7 @@ from dscovid.errors import DscovidError
 from dscovid.inference.model_loading import TrainedModel
 from dscovid.io.atomic import write_text_atomic
 from dscovid.io.dataset import write_json_atomic
+from dscovid.measurements.severity import ZONES
 from dscovid.prediction.lesion_report import REPORT_KEYS
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def output_files(name: str) -> dict[str, str]:
         "lesion_probability": f"{name}_lesion_prob.nii.gz",
         "lung": f"{name}_lung.nii.gz",
         "montage": f"{name}_montage.png",  # dscovid_predict --png (dscovid.prediction.montage)
+        "dicom_seg": f"{name}_seg.dcm",  # DICOM series input (dscovid.prediction.dicom_export)
+        "dicom_sr": f"{name}_sr.dcm",
     }
 
 
@@ -121,8 +124,11 @@ def csv_rows(cases: Sequence[Mapping], class_names: Sequence[str]) -> list[dict]
         probabilities = entry.get("probabilities") or {}
         for name in class_names:
             row[f"p_{name}"] = probabilities.get(name)
+        zones = entry.get("severity_zones") or {}
         for key in REPORT_KEYS:
             row[key] = entry.get(key)
+        for zone in ZONES:
+            row[f"{zone}_zone_score"] = (zones.get(zone) or {}).get("score")
         rows.append(row)
     return rows
 

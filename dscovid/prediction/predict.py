@@ -34,6 +34,7 @@ from dscovid import __version__
 from dscovid.errors import DscovidError
 from dscovid.inference.engine import NetworkOutput, run_networks
 from dscovid.inference.model_loading import TrainedModel, load_trained_model
+from dscovid.prediction.dicom_export import DicomExport, refuse_non_dicom
 from dscovid.prediction.export import LESION_THRESHOLD, export_case
 from dscovid.prediction.inputs import CaseInput, LoadedCase, case_name_problems, discover_cases, load_case
 from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM
@@ -89,6 +90,7 @@ def predict_cases(
     checkpoint_name: str = FINAL,
     progress: bool = True,
     on_case: Callable[[dict], None] | None = None,
+    dicom: bool | None = None,
 ) -> dict:
     """Predict every case of ``inputs`` into ``output_dir`` (the function behind ``dscovid_predict``).
 
@@ -108,6 +110,9 @@ def predict_cases(
     peripheral_thickness_mm : σ of the reported peripheral lesion ratio.
     progress : show a progress bar over the cases.
     on_case : called with each finished case's entry (for logging or tests).
+    dicom : DICOM-SEG and SR per case (docs/prediction.md): None writes them for DICOM series input (a series that
+        cannot be referenced is skipped with a warning); True requires DICOM series input (anything else is refused
+        before the run) and fails a case whose series cannot be referenced; False writes none.
 
     Returns
     -------
@@ -128,6 +133,8 @@ def predict_cases(
     if step_fraction is not None and not 0.0 < float(step_fraction) <= 1.0:
         raise DscovidError(f"the sliding-window step must be in (0, 1], got {step_fraction}")
     cases = discover_cases(inputs)
+    if dicom:
+        refuse_non_dicom([case.path for case in cases])
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = model.inference
@@ -140,6 +147,7 @@ def predict_cases(
     entries: dict[str, dict] = {}
     failed: list[dict] = []
     class_names = model.class_names or [f"class_{k}" for k in range(3)]
+    dicom_export = None if dicom is False else DicomExport.of(model, class_names, peripheral_thickness_mm, bool(dicom))
 
     def fail(name: str, reason: str, remove_files: bool = True) -> None:
         log.error("%s: failed: %s", name, reason)
@@ -214,7 +222,8 @@ def predict_cases(
             loaded.image = loaded.cls_image = loaded.lung_preprocessed = None  # the region is kept for the export
             collect_exports(wait=True)  # at most one case waits for export: bounded memory
             pending_exports.append((name, writer.submit(_timed_export, loaded, output, output_dir, class_names,
-                                                        save_probabilities, peripheral_thickness_mm, timing), timing))
+                                                        save_probabilities, peripheral_thickness_mm, timing,
+                                                        dicom_export), timing))
             bar.update()
         collect_exports(wait=True)
     finally:
@@ -243,8 +252,9 @@ def predict_cases(
 
 
 def _timed_export(loaded: LoadedCase, output: NetworkOutput, output_dir: Path, class_names: Sequence[str],
-                  save_probabilities: bool, peripheral_thickness_mm: float, timing: dict) -> dict:
+                  save_probabilities: bool, peripheral_thickness_mm: float, timing: dict,
+                  dicom: DicomExport | None = None) -> dict:
     start = time.perf_counter()
-    entry = export_case(loaded, output, output_dir, class_names, save_probabilities, peripheral_thickness_mm)
+    entry = export_case(loaded, output, output_dir, class_names, save_probabilities, peripheral_thickness_mm, dicom)
     timing["export"] = time.perf_counter() - start  # the caller's dict: read once the future is done
     return entry
