@@ -13,6 +13,10 @@ with its 95 % bootstrap interval over the cases (``dscovid.evaluation.intervals`
 difference to the default. Everything is cached in ``--work`` (data, models, predictions), so a second run only
 does what is missing, and models can be added one at a time.
 
+``--configuration NAME`` trains and predicts the models with another configuration of the training set's plans;
+``--preset FILE`` plans it first from a preset file (a copy of ``plans/3d_cpu.json`` with another ``name`` and the
+setting under test). Its rows are named ``model@NAME`` and paired to the default model of ``3d_cpu``.
+
 Models (``--models``): ``default`` (``DeepSCCOVIDTrainer``), ``stage1`` (the same training's network at the end of
 pre-training, before the joint stage), ``plain`` (``PlainCascadeTrainer``, none of the paper's parts),
 ``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``segOnly`` / ``clsOnly`` (the paper's
@@ -51,6 +55,11 @@ SETS = {"dev": ("Dataset981_AccuracyDev", 1, 1030), "test": ("Dataset982_Accurac
 CONFIGURATION = "3d_cpu"
 
 
+def run_id(key: str, configuration: str) -> str:
+    """The name of a model trained with a configuration: ``key`` for 3d_cpu, ``key@configuration`` otherwise."""
+    return key if configuration == CONFIGURATION else f"{key}@{configuration}"
+
+
 @dataclass(frozen=True)
 class Model:
     label: str
@@ -71,7 +80,8 @@ MODELS = {
 }
 
 
-def ensure_data(roots: Roots, sets: dict[str, int], train_cases: int, processes: int, scale: float = 1.0) -> None:
+def ensure_data(roots: Roots, sets: dict[str, int], train_cases: int, processes: int, scale: float = 1.0,
+                configuration: str = CONFIGURATION, preset: Path | None = None) -> None:
     """Generate the training set and the asked evaluation sets, and preprocess the training set."""
     wanted = [(TRAIN, train_cases, 0, 0)] + [(SETS[name][0], count, SETS[name][1], SETS[name][2])
                                               for name, count in sets.items()]
@@ -86,39 +96,48 @@ def ensure_data(roots: Roots, sets: dict[str, int], train_cases: int, processes:
     if not (roots.preprocessed / TRAIN / CONFIGURATION).is_dir():
         plan_and_preprocess(["-d", TRAIN, "-c", CONFIGURATION, "-np", str(processes), "--raw", str(roots.raw),
                              "--preprocessed", str(roots.preprocessed), "-q"])
+    plans_file = roots.preprocessed / TRAIN / "plans.json"
+    if configuration not in json.loads(plans_file.read_text(encoding="utf-8"))["configurations"]:
+        if preset is None:
+            raise SystemExit(f"{plans_file}: no configuration {configuration!r}; pass --preset FILE to plan it")
+        presets = ["3d_paper", "3d_cpu", str(preset)]
+        plan_and_preprocess(["-d", TRAIN, "-c", configuration, "--presets", *presets, "-np", str(processes),
+                             "--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed), "-q"])
 
 
-def ensure_model(roots: Roots, model: Model, device: str, workers: int, smoke: bool = False) -> dict:
+def ensure_model(roots: Roots, model: Model, configuration: str, device: str, workers: int,
+                 smoke: bool = False) -> dict:
     """Train the model's trainer on fold 0 unless its checkpoint exists; returns its training record."""
-    fold_dir = model_folder(roots.results, TRAIN, model.trainer, CONFIGURATION) / "fold_0"
+    fold_dir = model_folder(roots.results, TRAIN, model.trainer, configuration) / "fold_0"
     record_path = fold_dir / "bench_training.json"
     if (fold_dir / FINAL).exists() and record_path.exists():
         return json.loads(record_path.read_text(encoding="utf-8"))
     started = time.perf_counter()
     logging.getLogger("dscovid").setLevel(logging.INFO)
-    run_training(roots, TRAIN, CONFIGURATION, 0, model.trainer,
+    run_training(roots, TRAIN, configuration, 0, model.trainer,
                  continue_training=(fold_dir / "checkpoint_latest.pt").exists(), device=device, num_workers=workers,
                  run_final_validation=False, epochs=1 if smoke else None, iterations_per_epoch=3 if smoke else None)
     logging.getLogger("dscovid").setLevel(logging.WARNING)
-    record = {"trainer": model.trainer, "training_s": time.perf_counter() - started, "threads": torch.get_num_threads()}
+    record = {"trainer": model.trainer, "configuration": configuration, "training_s": time.perf_counter() - started,
+              "threads": torch.get_num_threads()}
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 
 
-def ensure_predictions(roots: Roots, work: Path, key: str, model: Model, set_name: str, device: str,
-                       processes: int) -> Path:
+def ensure_predictions(roots: Roots, work: Path, key: str, model: Model, configuration: str, set_name: str,
+                       device: str, processes: int) -> Path:
     """Predict and evaluate one model on one set unless its summary exists; returns the summary file."""
     dataset = SETS[set_name][0]
-    out_dir = work / "predictions" / set_name / key
+    out_dir = work / "predictions" / set_name / run_id(key, configuration)
     summary_file = out_dir / "summary.json"
     if summary_file.exists():
         return summary_file
     started = time.perf_counter()
-    predict_cases(model_dir=model_folder(roots.results, TRAIN, model.trainer, CONFIGURATION),
+    predict_cases(model_dir=model_folder(roots.results, TRAIN, model.trainer, configuration),
                   inputs=roots.raw / dataset / "imagesTr", output_dir=out_dir, folds=["0"], device=device,
                   checkpoint_name=model.checkpoint, num_workers=processes, progress=False, overwrite=True)
     evaluate_folder(out_dir, roots.raw / dataset, summary_file, plots=False, num_processes=processes)
-    print(f"[predict] {key} on {set_name}: {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"[predict] {run_id(key, configuration)} on {set_name}: {time.perf_counter() - started:.0f} s", flush=True)
     return summary_file
 
 
@@ -183,12 +202,12 @@ def _fmt_diff(value: tuple | None) -> str:
     return f"{100 * value[0]:+.1f} ({100 * value[1]:+.1f} to {100 * value[2]:+.1f})"
 
 
-def report(work: Path, keys: list[str], set_names: list[str], records: dict[str, dict]) -> dict:
+def report(work: Path, runs: list[str], set_names: list[str], records: dict[str, dict]) -> dict:
     class_names = ["covid", "cap", "non_pneumonia"]
     results: dict = {}
     for set_name in set_names:
-        tables = {key: case_table(work / "predictions" / set_name / key / "summary.json", class_names)
-                  for key in keys if (work / "predictions" / set_name / key / "summary.json").exists()}
+        tables = {run: case_table(work / "predictions" / set_name / run / "summary.json", class_names)
+                  for run in runs if (work / "predictions" / set_name / run / "summary.json").exists()}
         if not tables:
             continue
         reference = tables.get("default")
@@ -196,14 +215,16 @@ def report(work: Path, keys: list[str], set_names: list[str], records: dict[str,
         print(f"\n{set_name} set ({SETS[set_name][0]}, {n} cases), %, 95 % intervals; differences paired to the default")
         print("| model | lesion Dice | accuracy | macro AUC | Dice − default | accuracy − default | training |")
         print("|---|---|---|---|---|---|---|")
-        for key, cases in tables.items():
+        for run, cases in tables.items():
             row = figures(cases)
-            diff = paired(cases, reference) if reference is not None and key != "default" else {}
-            seconds = (records.get(key) or {}).get("training_s")
-            print(f"| {MODELS[key].label} | {_fmt(row.get('dice'))} | {_fmt(row.get('accuracy'))} | "
+            diff = paired(cases, reference) if reference is not None and run != "default" else {}
+            seconds = (records.get(run) or {}).get("training_s")
+            key, _, configuration = run.partition("@")
+            label = MODELS[key].label + (f", {configuration}" if configuration else "")
+            print(f"| {label} | {_fmt(row.get('dice'))} | {_fmt(row.get('accuracy'))} | "
                   f"{_fmt(row.get('macro_auc'))} | {_fmt_diff(diff.get('dice'))} | {_fmt_diff(diff.get('accuracy'))} | "
                   f"{f'{seconds / 60:.1f} min' if seconds else '–'} |")
-            results.setdefault(set_name, {})[key] = {**row, "paired_to_default": diff, "training": records.get(key)}
+            results.setdefault(set_name, {})[run] = {**row, "paired_to_default": diff, "training": records.get(run)}
     return results
 
 
@@ -219,6 +240,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="training loader processes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--configuration", default=CONFIGURATION, help="configuration of the training set's plans")
+    parser.add_argument("--preset", type=Path, default=None, help="preset file that plans --configuration")
     parser.add_argument("--report", action="store_true", help="only print the table of what is already done")
     parser.add_argument("--smoke", action="store_true",
                         help="a few minutes' check of the path: small cases, 1 epoch of 3 iterations per stage")
@@ -231,18 +254,21 @@ def main() -> None:
     records: dict[str, dict] = {}
     if not args.report:
         ensure_data(roots, {name: counts[name] for name in args.sets}, args.train_cases, args.processes,
-                    0.6 if args.smoke else 1.0)
+                    0.6 if args.smoke else 1.0, args.configuration, args.preset)
+    runs = [run_id(key, args.configuration) for key in args.models]
     for key in args.models:
-        model = MODELS[key]
-        record_file = model_folder(roots.results, TRAIN, model.trainer, CONFIGURATION) / "fold_0" / "bench_training.json"
+        model, run = MODELS[key], run_id(key, args.configuration)
+        record_file = model_folder(roots.results, TRAIN, model.trainer, args.configuration) / "fold_0" / "bench_training.json"
         if args.report:
             if record_file.exists():
-                records[key] = json.loads(record_file.read_text(encoding="utf-8"))
+                records[run] = json.loads(record_file.read_text(encoding="utf-8"))
             continue
-        records[key] = ensure_model(roots, model, args.device, args.workers, args.smoke)
+        records[run] = ensure_model(roots, model, args.configuration, args.device, args.workers, args.smoke)
         for set_name in args.sets:
-            ensure_predictions(roots, work, key, model, set_name, args.device, args.processes)
-    results = report(work, args.models, args.sets, records)
+            ensure_predictions(roots, work, key, model, args.configuration, set_name, args.device, args.processes)
+    if "default" not in runs:
+        runs.insert(0, "default")  # the reference every row is paired to
+    results = report(work, runs, args.sets, records)
     (work / "bench_accuracy.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 

@@ -13,8 +13,9 @@ reference lungs (``lungsReference/``, as ``dscovid_make_synthetic`` writes them)
 measured on files. The mask of :func:`dscovid.preprocessing.lung_mask.segment_lungs` is compared with the
 reference lung (which includes the lesions): Dice mean (min) and, per class, the fraction of lesion voxels inside
 the mask (pooled over the cases of that class), and inside the mask grown by each ``--margins`` mm (what the
-preprocessor's ``region`` keeps with ``lung_margin_mm``). ``--chest-wall-gaps`` adds a row for the mask with the
-opt-in chest wall gaps (``LungMaskSettings(chest_wall_gaps=True)``).
+preprocessor's ``region`` keeps with ``lung_margin_mm``), with the grown region's volume against the reference
+lung's. ``--chest-wall-gaps`` adds a row for the mask with the opt-in chest wall gaps
+(``LungMaskSettings(chest_wall_gaps=True)``).
 
 The peer in the same run is the textbook classical recipe without any lesion filling (threshold at -320 HU inside
 the body, the two largest air components, a 2-voxel closing and holes filled per slice): how much of the lesions
@@ -98,11 +99,15 @@ def threshold_lungs(image_hu: np.ndarray, spacing_zyx_mm, direction=None) -> np.
     return ndimage.binary_fill_holes(lungs, in_plane).astype(np.uint8)
 
 
-def score(cases, methods: dict, margins: list[float], per_case: bool = False) -> dict:
-    """Per method: Dice per case, pooled lesion fraction inside per class (and grown by each margin), seconds."""
-    from dscovid.preprocessing.preprocessor import grow_mask
+def score(cases, methods: dict, margins: list[float], per_case: bool = False, crop_margin_mm: float | None = None) -> dict:
+    """Per method: Dice per case, pooled lesion fraction inside per class (and grown by each margin), seconds.
 
-    results = {name: {"dices": [], "inside": {}, "total": {}, "seconds": []} for name in methods}
+    With ``crop_margin_mm`` the grown masks are cut to the lung's bounding box plus that margin, as the preprocessor
+    crops before it grows the region (a margin wider than the crop's adds nothing there).
+    """
+    from dscovid.preprocessing.preprocessor import grow_mask, lung_bounding_box
+
+    results = {name: {"dices": [], "inside": {}, "total": {}, "seconds": [], "volume": {}} for name in methods}
     for case_name, (image, lesion, lung, spacing, direction, class_name) in cases:
         reference, lesion = lung > 0, lesion > 0
         for name, method in methods.items():
@@ -113,9 +118,16 @@ def score(cases, methods: dict, margins: list[float], per_case: bool = False) ->
             dice = 2.0 * float((mask & reference).sum()) / float(mask.sum() + reference.sum())
             result["dices"].append(dice)
             count = int(lesion.sum())
+            crop = None
+            if crop_margin_mm is not None and mask.any():
+                crop = np.zeros(mask.shape, dtype=bool)
+                crop[tuple(slice(a, b) for a, b in lung_bounding_box(mask, spacing, crop_margin_mm))] = True
             for margin in [0.0, *margins]:
                 grown = mask if margin == 0 else grow_mask(mask.astype(np.uint8), spacing, margin) > 0
+                if crop is not None and margin > 0:
+                    grown &= crop
                 hit = int(grown[lesion].sum())
+                result["volume"].setdefault(margin, []).append(float(grown.sum()) / max(float(reference.sum()), 1.0))
                 for key in ((class_name, margin), ("all", margin)):
                     result["inside"][key] = result["inside"].get(key, 0) + hit
                     result["total"][key] = result["total"].get(key, 0) + count
@@ -141,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chest-wall-gaps", action="store_true", help="also score the mask with the chest wall gaps")
     parser.add_argument("--no-baseline", action="store_true", help="skip the threshold peer")
     parser.add_argument("--per-case", action="store_true")
+    parser.add_argument("--crop-margin", type=float, default=None, metavar="MM",
+                        help="cut the grown masks to the lung box plus this margin, as the preprocessor's crop does")
     args = parser.parse_args(argv)
 
     from dscovid.preprocessing.lung_mask import LungMaskSettings, segment_lungs
@@ -159,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'source':<22} {'method':<9} {'Dice mean':>9} {'min':>6} {'covid':>6} {'cap':>6} {'all':>6}"
           f"{margin_columns} {'s/case':>6}")
     for label, cases in sources:
-        results = score(cases, methods, args.margins, args.per_case)
+        results = score(cases, methods, args.margins, args.per_case, args.crop_margin)
         for name, result in results.items():
             coverage = result["coverage"]
             grown = "".join(f" {coverage.get(('all', m), float('nan')):10.3f}" for m in args.margins)
@@ -167,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{coverage.get(('covid', 0.0), float('nan')):6.3f} {coverage.get(('cap', 0.0), float('nan')):6.3f} "
                   f"{coverage.get(('all', 0.0), float('nan')):6.3f}{grown} {np.mean(result['seconds']):6.1f}",
                   flush=True)
+        if args.margins:
+            print(f"{label:<22} {'margin':>10} {'covid':>7} {'cap':>7} {'all':>7} {'region / reference lung volume':>31}")
+            coverage = results["dscovid"]["coverage"]
+            for margin in [0.0, *args.margins]:
+                volumes = np.asarray(results["dscovid"]["volume"][margin])
+                print(f"{label:<22} {format(margin, 'g') + ' mm':>10} "
+                      f"{coverage.get(('covid', margin), float('nan')):7.4f} {coverage.get(('cap', margin), float('nan')):7.4f} "
+                      f"{coverage.get(('all', margin), float('nan')):7.4f} "
+                      f"{f'mean {volumes.mean():.3f}, max {volumes.max():.3f}':>31}", flush=True)
         if "threshold" in results:
             ours, peer = results["dscovid"]["coverage"], results["threshold"]["coverage"]
             missed_ours, missed_peer = 1 - ours.get(("all", 0.0), 1.0), 1 - peer.get(("all", 0.0), 1.0)
