@@ -95,8 +95,8 @@ def measure_parts(series: Path, lesion: np.ndarray, lung: np.ndarray, work: Path
     from dscovid.io.dicom_series import read_source_series
     from dscovid.io.dicom_sr import build_report, write_report
     from dscovid.io.image_io import read_image, write_image
+    from dscovid.io.strict_json import json_safe
     from dscovid.prediction.lesion_report import lesion_report
-    from dscovid.prediction.output_folder import json_safe
 
     image, geometry = read_image(series)
     lung = np.maximum(lung, lesion)

@@ -89,8 +89,9 @@ def _run_configuration(args: dict, queue) -> None:
     from dscovid.inference.engine import _autocast
     from dscovid.inference.model_loading import load_trained_model
     from dscovid.inference.sliding_window import plan_tiles, sliding_window_predict
+    from dscovid.io.scans import Scan
     from dscovid.planning.planner import plan_experiment
-    from dscovid.prediction.inputs import CaseInput, load_case
+    from dscovid.prediction.inputs import load_case
     from dscovid.prediction.predict import predict_cases
     from dscovid.preprocessing.resampling import resample_image, shape_for_spacing
 
@@ -121,7 +122,7 @@ def _run_configuration(args: dict, queue) -> None:
     entry = summary["cases"][0]
 
     # The lesion branch alone: ours over the lung tiles, MONAI over the lung box and over the whole scan.
-    loaded = load_case(CaseInput("bench", Path(args["scan"])), model.preprocessing)
+    loaded = load_case(Scan("bench", Path(args["scan"])), model.preprocessing)
     network = model.networks[0]
     patch = model.patch_size_zyx
     settings = model.inference

@@ -14,8 +14,6 @@ is the same.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -39,6 +37,7 @@ from dscovid.io.dataset import (
     write_json_atomic,
 )
 from dscovid.io.image_io import Geometry, read_sitk, write_image
+from dscovid.io.stamps import digest, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -231,29 +230,16 @@ def relative_to(path: Path | str, root: Path) -> str:
         return str(path)
 
 
-def _file_stamps(path: Path) -> list:
-    """Name, size and modification time of a file, or of every file in a folder (a DICOM series)."""
-    if path.is_dir():
-        return sorted(
-            (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()
-        )
-    if path.exists():
-        stat = path.stat()
-        return [stat.st_size, stat.st_mtime_ns]
-    return ["missing"]
-
-
 def job_stamp(job: CaseJob) -> str:
     """A short hash of what a case's output depends on: its source files, the options and the format version."""
     payload = {
-        "sources": {role: _file_stamps(Path(path)) for role, path in sorted(job.sources.items())},
+        "sources": {role: file_stamp(path) for role, path in sorted(job.sources.items())},
         "options": job.options,
         "class": job.class_name,
         "metadata": job.metadata,
         "format": FORMAT_VERSION,
     }
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+    return digest(payload)
 
 
 def check_output_dir(out_dir: Path, converter: str) -> dict | None:

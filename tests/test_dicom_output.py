@@ -29,8 +29,8 @@ from dscovid.io.dicom_seg import build_segmentation, write_segmentation
 from dscovid.io.dicom_series import read_source_series
 from dscovid.io.dicom_sr import build_report, write_report
 from dscovid.io.image_io import read_image
+from dscovid.io.strict_json import json_safe
 from dscovid.prediction.lesion_report import lesion_report
-from dscovid.prediction.output_folder import json_safe
 
 pytestmark = pytest.mark.realdata
 

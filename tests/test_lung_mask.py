@@ -10,15 +10,16 @@ import pytest
 from dscovid.cli.lung_mask import main as lung_mask_main
 from dscovid.errors import DscovidError
 from dscovid.io.image_io import Geometry, read_image, read_mask, write_image
+from dscovid.io.scans import Scan
 from dscovid.preprocessing.lung_mask import (
     LEFT_LUNG,
     RIGHT_LUNG,
     LungMaskSettings,
-    find_scans,
     lung_volumes_ml,
     segment_lung_sides,
     segment_lungs,
 )
+from dscovid.preprocessing.orientation import reorientation_of
 
 SPACING_ZYX_MM = (4.0, 3.0, 3.0)
 REAL_CASES = ("P002", "cap002", "normal001")
@@ -99,6 +100,12 @@ def test_orientation_is_read_from_the_direction(phantom):
     swap = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
     sides = segment_lung_sides(transposed, SPACING_ZYX_MM[::-1], swap)
     assert _dice(np.transpose(sides, (2, 1, 0)) == LEFT_LUNG, reference == LEFT_LUNG) > 0.99
+    # The same array 45 degrees off the swap: a nearest world axis per column picks world y twice (x and y index
+    # axes), the best permutation of the three (the preprocessor's) is still the swap, and the mask follows it.
+    oblique = (0.075, -0.036, 0.997, -0.704, 0.706, 0.079, 0.706, 0.707, -0.028)
+    columns = np.abs(np.reshape(oblique, (3, 3))).argmax(axis=0)
+    assert len(set(columns.tolist())) < 3 and reorientation_of(oblique) == reorientation_of(swap)
+    assert np.array_equal(segment_lung_sides(transposed, SPACING_ZYX_MM[::-1], oblique), sides)
 
 
 def test_touching_lungs_are_split_into_right_and_left(phantom):
@@ -219,7 +226,7 @@ def test_cli_chest_wall_gaps_flag_reaches_the_settings(tmp_path, monkeypatch):
     import dscovid.cli.lung_mask as cli
 
     seen = []
-    monkeypatch.setattr(cli, "find_scans", lambda path: [("case", tmp_path / "case.nii.gz")])
+    monkeypatch.setattr(cli, "find_scans", lambda path: [Scan("case", tmp_path / "case.nii.gz")])
     monkeypatch.setattr(cli, "write_lung_masks", lambda scans, out, settings, progress: seen.append(settings) or [])
     for argv, expected in (([], False), (["--chest-wall-gaps"], True)):
         assert cli.main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "-q", *argv]) == 0
@@ -305,10 +312,3 @@ def test_command_writes_masks_and_reports_failures(tmp_path, capsys):
 def test_command_refuses_a_missing_input(tmp_path, capsys):
     assert lung_mask_main(["-i", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")]) == 1
     assert "no such file or folder" in capsys.readouterr().err
-
-
-@pytest.mark.realdata
-def test_find_scans_names_dicom_series_by_folder(test_data):
-    assert find_scans(test_data / "lungmask_testdata") == [("lungmask_testdata", test_data / "lungmask_testdata")]
-    cases = [case for case, _ in find_scans(test_data / "covid_ct_md")]
-    assert cases == sorted(REAL_CASES)

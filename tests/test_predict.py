@@ -27,7 +27,6 @@ from dscovid.inference.model_loading import load_trained_model
 from dscovid.io.dataset import CLASS_NAMES
 from dscovid.io.image_io import Geometry, read_image, write_image
 from dscovid.model.findings_head import FEATURE_NAMES
-from dscovid.prediction.inputs import case_name_problems, discover_cases
 from dscovid.prediction.predict import predict_cases
 from dscovid.results.model_folder import available_folds, find_model_folder
 
@@ -314,27 +313,6 @@ def test_model_folder_and_fold_lookup(model_dir):
         load_trained_model(model_dir, folds=[5])
     with pytest.raises(DscovidError, match="not '3d_paper'"):
         predict_cases(model_dir, model_dir, model_dir, configuration="3d_paper", device="cpu")
-
-
-def test_input_discovery(tmp_path):
-    geometry = Geometry((4, 5, 6), (1.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    volume = np.zeros((4, 5, 6), np.int16)
-    write_image(volume, geometry, tmp_path / "a_0000.nii.gz")
-    write_image(volume, geometry, tmp_path / "a_0001.nii.gz")  # a second channel: not CT, skipped
-    write_image(volume, geometry, tmp_path / "scan.mha")
-    series = tmp_path / "patient7"
-    series.mkdir()
-    (series / "1.dcm").write_bytes(b"\0" * 128 + b"DICM")
-    (tmp_path / "notes.txt").write_text("not an image")
-    cases = discover_cases(tmp_path)
-    assert [(c.name, c.path.name) for c in cases] == [("a", "a_0000.nii.gz"), ("patient7", "patient7"),
-                                                      ("scan", "scan.mha")]
-    assert [c.name for c in discover_cases(series)] == ["patient7"]
-    assert [c.name for c in discover_cases(tmp_path / "scan.mha")] == ["scan"]
-    twice = discover_cases([tmp_path / "scan.mha", tmp_path / "scan.mha"])
-    assert case_name_problems(twice)[0] is None and "already used" in case_name_problems(twice)[1]
-    with pytest.raises(DscovidError, match="no such file"):
-        discover_cases(tmp_path / "missing")
 
 
 def test_a_case_failing_during_export_leaves_no_file(model_dir, oblique_run, tmp_path, monkeypatch):

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from dscovid.errors import DscovidError
-from dscovid.evaluation.evaluate import json_safe
 from dscovid.io.dataset import Case, RawDataset, load_raw_dataset, write_json_atomic
 from dscovid.io.image_io import read_image, read_mask
+from dscovid.io.strict_json import json_safe
 from dscovid.measurements.findings import HU_BIN_EDGES, HU_WINDOWS, case_findings
 from dscovid.parallel import map_cases
 

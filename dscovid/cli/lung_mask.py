@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from dscovid.cli._common import run_command
-from dscovid.preprocessing.lung_mask import LungMaskSettings, find_scans, write_lung_masks
+from dscovid.io.scans import find_scans
+from dscovid.preprocessing.lung_mask import LungMaskSettings, write_lung_masks
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -81,11 +81,11 @@ def _run(args: argparse.Namespace) -> int:
         dicom=args.dicom,
     )
     if args.png:
-        from dscovid.prediction.inputs import discover_cases
+        from dscovid.io.scans import find_scans
         from dscovid.prediction.montage import save_montages
 
         # Only this run's cases: the folder may keep earlier cases of the same model, whose inputs are elsewhere.
-        inputs = {case.name: case.path for case in discover_cases(args.input)}
+        inputs = {case.name: case.path for case in find_scans(args.input)}
         save_montages(args.output, [e for e in summary["cases"] if e["case"] in inputs], inputs,
                       progress=not args.quiet)
     if summary["failed"]:

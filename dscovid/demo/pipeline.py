@@ -28,6 +28,7 @@ from pathlib import Path
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import load_dataset_json, write_json_atomic
+from dscovid.io.stamps import file_stamp, is_older
 from dscovid.roots import Roots
 
 log = logging.getLogger("dscovid.demo")
@@ -134,8 +135,7 @@ def _synthetic_is_complete(folder: Path, n_cases: int, seed: int, first_index: i
     if differences:
         return f"generated with other settings ({', '.join(differences)})"
     marker = folder / VERIFIED_MARKER
-    stamp = {"dataset_json_mtime_ns": meta_path.stat().st_mtime_ns}
-    if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")) != stamp:
+    if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")) != file_stamp(meta_path):
         return "not verified yet"
     return None
 
@@ -151,8 +151,7 @@ def _generate(folder: Path, n_cases: int, seed: int, first_index: int, scale: fl
         log.info("%s: %s; generating %d cases", folder.name, reason, n_cases)
         generate_dataset(folder, n_cases, seed, first_index=first_index, num_processes=num_processes, scale=scale)
     require_valid_dataset(folder, num_processes=num_processes)
-    stamp = {"dataset_json_mtime_ns": (folder / "dataset.json").stat().st_mtime_ns}
-    write_json_atomic(stamp, folder / VERIFIED_MARKER)
+    write_json_atomic(file_stamp(folder / "dataset.json"), folder / VERIFIED_MARKER)
     meta = load_dataset_json(folder / "dataset.json")
     counts: dict[str, int] = {}
     for entry in meta["cases"].values():
@@ -209,10 +208,8 @@ def _predictions_complete(paths: DemoPaths, test_cases: list[str]) -> bool:
     from dscovid.results.checkpoint import FINAL
 
     summary_path = paths.predictions / "predictions.json"
-    if not summary_path.is_file():
-        return False
-    if summary_path.stat().st_mtime_ns < (paths.fold_dir / FINAL).stat().st_mtime_ns:
-        return False  # predicted by an older model
+    if is_older(summary_path, paths.fold_dir / FINAL):
+        return False  # not predicted yet, or predicted by an older model
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     entries = {entry["case"]: entry for entry in summary.get("cases", [])}
     if summary.get("failed") or set(entries) != set(test_cases):
@@ -241,7 +238,7 @@ def _evaluate(paths: DemoPaths, num_processes: int) -> str:
 
     summary_path = paths.evaluation / "summary.json"
     predictions = paths.predictions / "predictions.json"
-    if summary_path.is_file() and summary_path.stat().st_mtime_ns >= predictions.stat().st_mtime_ns:
+    if not is_older(summary_path, predictions):
         return ""
     summary = evaluate_folder(paths.predictions, paths.test_raw, summary_path, num_processes=num_processes)
     dice = summary["segmentation"]["lesion_cases"]["mean"]["dsc"]
@@ -256,9 +253,7 @@ def _montages(paths: DemoPaths, progress: bool) -> str:
     summary = json.loads(predictions_path.read_text(encoding="utf-8"))
     meta = load_dataset_json(paths.test_raw / "dataset.json")
     folder = paths.report / "montages"
-    stale = [entry for entry in summary["cases"]
-             if not (folder / montage_file_name(entry["case"])).is_file()
-             or (folder / montage_file_name(entry["case"])).stat().st_mtime_ns < predictions_path.stat().st_mtime_ns]
+    stale = [entry for entry in summary["cases"] if is_older(folder / montage_file_name(entry["case"]), predictions_path)]
     if not stale:
         return ""
     images = {case: paths.test_raw / "imagesTr" / f"{case}_0000.nii.gz" for case in meta["cases"]}

@@ -22,7 +22,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from dscovid.evaluation.slice_level import SLICE_LABELS_FOLDER, evaluate_slice_l
 from dscovid.io.atomic import write_text_atomic
 from dscovid.io.dataset import CLASS_NAMES, load_dataset_json, write_json_atomic
 from dscovid.io.image_io import VOLUME_ENDINGS, is_volume_file, read_mask, strip_ending
+from dscovid.io.strict_json import json_safe
 from dscovid.parallel import map_cases
 
 log = logging.getLogger(__name__)
@@ -55,19 +55,6 @@ class CaseJob:
     prediction: Path
     lung: Path | None
     nsd_tolerance_mm: float
-
-
-def json_safe(value: object) -> object:
-    """``value`` with NaN and infinities replaced by None and numpy scalars by Python ones (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def evaluate_case(job: CaseJob) -> dict:

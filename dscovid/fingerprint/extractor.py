@@ -27,6 +27,7 @@ from tqdm import tqdm
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import Case, RawDataset, write_json_atomic
 from dscovid.io.image_io import read_image, read_mask
+from dscovid.io.strict_json import json_safe
 from dscovid.measurements.findings import DEFAULT_THICKNESSES_MM, case_findings
 from dscovid.preprocessing.lung_cache import LUNG_CACHE_FOLDER, segment_and_cache
 from dscovid.preprocessing.orientation import axis_codes, canonical_geometry, canonical_reorientation, to_canonical
@@ -188,16 +189,5 @@ def extract_fingerprint(dataset: RawDataset, output_dir: Path, num_processes: in
         "pooled": pool_fingerprint(entries, [s for _, s in results], dataset.class_names),
         "cases": {entry["case"]: entry for entry in entries},
     }
-    write_json_atomic(_finite(fingerprint), output_dir / FINGERPRINT_FILE)
+    write_json_atomic(json_safe(fingerprint), output_dir / FINGERPRINT_FILE)
     return fingerprint
-
-
-def _finite(value):
-    """NaN → None so the file is strict JSON (readers treat null as 'not defined')."""
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

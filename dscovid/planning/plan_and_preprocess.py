@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from dscovid.errors import DscovidError
 from dscovid.fingerprint.extractor import FINGERPRINT_FILE, extract_fingerprint
 from dscovid.io.dataset import RawDataset, load_raw_dataset, write_json_atomic
+from dscovid.io.stamps import digest
 from dscovid.planning.planner import DEFAULT_PRESETS, plan_experiment
 from dscovid.plans.schema import load_plans, validate_plans
 from dscovid.preprocessing.preprocessor import case_sources, preprocess_dataset
@@ -30,7 +30,7 @@ PLANS_FILE = "plans.json"
 def sources_digest(dataset: RawDataset) -> str:
     """A hash of every case's class and source files (size, modification time): a changed dataset changes it."""
     listing = [(case.name, case.class_name, case.lesion_annotated, case_sources(case)) for case in dataset.cases()]
-    return f"{zlib.crc32(json.dumps(listing, sort_keys=True).encode('utf-8')):08x}"
+    return digest(listing)
 
 
 def fingerprint_dataset(dataset: RawDataset, output_dir: Path, num_processes: int = 1, reuse: bool = True,

@@ -19,12 +19,11 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from dscovid.errors import DscovidError
 from dscovid.inference.model_loading import TrainedModel
 from dscovid.io.atomic import write_text_atomic
 from dscovid.io.dataset import write_json_atomic
+from dscovid.io.strict_json import json_safe
 from dscovid.measurements.severity import ZONES
 from dscovid.prediction.lesion_report import REPORT_KEYS
 
@@ -101,19 +100,6 @@ def write_predictions(output_dir: Path, summary: dict, class_names: Sequence[str
     columns = ["case", "predicted_class", *[f"p_{c}" for c in class_names], *REPORT_KEYS]
     write_csv_atomic(csv_rows(summary["cases"], class_names), columns, output_dir / "predictions.csv")
     return summary
-
-
-def json_safe(value: object) -> object:
-    """``value`` with NaN/inf floats replaced by None and numpy scalars by Python numbers (strict JSON)."""
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def csv_rows(cases: Sequence[Mapping], class_names: Sequence[str]) -> list[dict]:

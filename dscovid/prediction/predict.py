@@ -34,9 +34,10 @@ from dscovid import __version__
 from dscovid.errors import DscovidError
 from dscovid.inference.engine import NetworkOutput, run_networks
 from dscovid.inference.model_loading import TrainedModel, load_trained_model
+from dscovid.io.scans import Scan, case_name_problems, find_scans
 from dscovid.prediction.dicom_export import DicomExport, refuse_non_dicom
 from dscovid.prediction.export import LESION_THRESHOLD, export_case
-from dscovid.prediction.inputs import CaseInput, LoadedCase, case_name_problems, discover_cases, load_case
+from dscovid.prediction.inputs import LoadedCase, load_case
 from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM
 from dscovid.prediction.output_folder import (
     previous_entries,
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Job:
-    case: CaseInput
+    case: Scan
     future: Future | None
     problem: str | None
 
@@ -132,7 +133,7 @@ def predict_cases(
         raise DscovidError(f"{model.model_dir}: holds configuration {model.configuration_name!r}, not {configuration!r}")
     if step_fraction is not None and not 0.0 < float(step_fraction) <= 1.0:
         raise DscovidError(f"the sliding-window step must be in (0, 1], got {step_fraction}")
-    cases = discover_cases(inputs)
+    cases = find_scans(inputs)
     if dicom:
         refuse_non_dicom([case.path for case in cases])
     output_dir = Path(output_dir)

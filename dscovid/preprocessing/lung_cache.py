@@ -2,7 +2,7 @@
 
 A lung mask comes from the dataset's ``lungsTr`` when present (read, never cached), otherwise from
 :func:`dscovid.preprocessing.lung_mask.segment_lungs`, whose result is kept on the original grid in
-``<preprocessed dataset>/lung_masks/<case>.npz`` (bit-packed, with the image file's size and modification time
+``<preprocessed dataset>/lung_masks/<case>.npz`` (bit-packed, with the image file's :func:`~dscovid.io.stamps.file_stamp`
 so that a changed image is segmented again).
 """
 
@@ -18,21 +18,11 @@ from dscovid.errors import DscovidError
 from dscovid.io.atomic import atomic_path
 from dscovid.io.dataset import Case
 from dscovid.io.image_io import Geometry, read_mask
+from dscovid.io.stamps import file_stamp
 
 log = logging.getLogger(__name__)
 
 LUNG_CACHE_FOLDER = "lung_masks"
-
-
-def file_stamp(path: Path) -> dict:
-    """Size and modification time of a file (for a DICOM folder: of its newest file and the total size)."""
-    path = Path(path)
-    if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file()]
-        return {"name": path.name, "size": int(sum(p.stat().st_size for p in files)),
-                "mtime_ns": int(max((p.stat().st_mtime_ns for p in files), default=0))}
-    stat = path.stat()
-    return {"name": path.name, "size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
 
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> Path:

@@ -36,8 +36,8 @@ No trained weights: thresholds, connected components and morphology, most of it 
 Measured quality, speed and limits: ``docs/lung_mask.md``.
 
 The result is a uint8 0/1 mask (:func:`segment_lungs`) or right/left labels 1/2 (:func:`segment_lung_sides`,
-lungmask's R231 convention: 1 = right lung, 2 = left lung). :func:`find_scans` and :func:`write_lung_masks` serve
-the command ``dscovid_lung_mask``.
+lungmask's R231 convention: 1 = right lung, 2 = left lung). :func:`write_lung_masks` serves the command
+``dscovid_lung_mask``.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dscovid.errors import DscovidError
-from dscovid.io.dataset import CHANNEL_SUFFIX
-from dscovid.io.image_io import is_volume_file, read_image, strip_ending, write_image
+from dscovid.io.image_io import read_image, write_image
+from dscovid.io.scans import Scan, case_name_problems
+from dscovid.preprocessing.orientation import from_canonical, reorientation_of, to_canonical
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,9 @@ def segment_lung_sides(
     if image_hu.ndim != 3:
         raise DscovidError(f"lung segmentation needs a 3D volume, got an array of shape {image_hu.shape}")
     spacing = np.asarray(spacing_zyx_mm, dtype=float)
-    axes, flips = _canonical_axes(direction)
-    canonical = _to_canonical(image_hu, axes, flips)
-    canonical_spacing = spacing[list(axes)]
+    reorientation = reorientation_of(direction)
+    canonical = to_canonical(image_hu, reorientation)
+    canonical_spacing = spacing[list(reorientation.transpose_zyx)]
 
     factors = tuple(max(1, int(round(settings.working_spacing_mm / s))) for s in canonical_spacing)
     if canonical.shape[0] // factors[0] < 16:  # a thin slab: keep every slice, 3D steps need some depth
@@ -217,7 +218,7 @@ def segment_lung_sides(
     if settings.chest_wall_gaps:
         filled = _fill_chest_wall_gaps(filled, coarse, body & ~fat, coarse_spacing, settings)
     labels = _refine(canonical, sides, filled, factors, settings.air_threshold_hu)
-    return _from_canonical(labels, axes, flips)
+    return np.ascontiguousarray(from_canonical(labels, reorientation))
 
 
 def lung_volumes_ml(labels: np.ndarray, spacing_zyx_mm: Sequence[float]) -> dict[str, float]:
@@ -225,42 +226,6 @@ def lung_volumes_ml(labels: np.ndarray, spacing_zyx_mm: Sequence[float]) -> dict
     voxel_ml = float(np.prod(spacing_zyx_mm)) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=3)
     return {"right": float(counts[RIGHT_LUNG]) * voxel_ml, "left": float(counts[LEFT_LUNG]) * voxel_ml}
-
-
-# ----------------------------------------------------------------------------------------- orientation
-
-
-def _canonical_axes(direction: Sequence[float] | None) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
-    """Which array axis becomes each canonical axis (S, P, L in LPS world terms), and which of them to flip.
-
-    The direction matrix's column c is the world direction of index axis c in (x, y, z) order; array axis k
-    (in z, y, x order) is index axis 2 - k. Canonical axis 0 follows world z (superior), 1 world y
-    (posterior), 2 world x (patient left).
-    """
-    if direction is None:
-        return (0, 1, 2), (False, False, False)
-    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
-    axes = [0, 0, 0]
-    flips = [False, False, False]
-    for array_axis in range(3):
-        column = matrix[:, 2 - array_axis]
-        world = int(np.argmax(np.abs(column)))
-        axes[2 - world] = array_axis
-        flips[2 - world] = bool(column[world] < 0)
-    if sorted(axes) != [0, 1, 2]:
-        log.warning("oblique direction matrix %s; assuming the array is axial (z, y, x)", tuple(direction))
-        return (0, 1, 2), (False, False, False)
-    return tuple(axes), tuple(flips)
-
-
-def _to_canonical(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
-    view = np.transpose(array, axes)
-    return view[tuple(slice(None, None, -1) if flip else slice(None) for flip in flips)]
-
-
-def _from_canonical(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
-    unflipped = array[tuple(slice(None, None, -1) if flip else slice(None) for flip in flips)]
-    return np.ascontiguousarray(np.transpose(unflipped, np.argsort(axes)))
 
 
 # ------------------------------------------------------------------------------------------ working grid
@@ -785,67 +750,16 @@ def _refine(
 # ------------------------------------------------------------------------------------------------- files
 
 
-def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with path.open("rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def _holds_dicom(folder: Path) -> bool:
-    return any(entry.is_file() and _is_dicom_file(entry) for entry in folder.iterdir())
-
-
-def case_name_of(path: Path) -> str:
-    """The case name of an input scan: a volume's file name without ending and ``_0000``, or a DICOM folder's name."""
-    name = path.name if path.is_dir() else strip_ending(path)
-    return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
-
-
-def find_scans(path: str | os.PathLike) -> list[tuple[str, Path]]:
-    """The CT scans under ``path`` as ``(case, path)`` pairs, sorted by case.
-
-    ``path`` is a volume file, a folder holding one DICOM series, or a folder of volume files and of folders
-    holding DICOM series (searched at any depth).
-
-    Raises
-    ------
-    DscovidError
-        When ``path`` does not exist, holds no scan, or two scans would get the same case name.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DscovidError(f"{path}: no such file or folder")
-    if path.is_file():
-        scans = [path]
-    elif _holds_dicom(path):
-        scans = [path]
-    else:
-        scans = sorted(entry for entry in path.iterdir() if is_volume_file(entry))
-        scans += sorted(Path(root) for root, _, _ in os.walk(path) if Path(root) != path and _holds_dicom(Path(root)))
-    if not scans:
-        raise DscovidError(f"{path}: no CT volume (.nii.gz, .nii, .mha, .nrrd) or DICOM series found")
-    cases: dict[str, Path] = {}
-    for scan in scans:
-        case = case_name_of(scan)
-        if case in cases:
-            raise DscovidError(f"{path}: two scans would both be written as case {case!r}: {cases[case]} and {scan}")
-        cases[case] = scan
-    return sorted(cases.items())
-
-
 def write_lung_masks(
-    scans: Sequence[tuple[str, Path]],
+    scans: Sequence[Scan],
     output_dir: str | os.PathLike,
     settings: LungMaskSettings | None = None,
     progress: bool = True,
 ) -> list[tuple[str, str]]:
-    """Segment each scan and write ``<output_dir>/<case>.nii.gz`` (uint8 0/1) on the scan's own grid.
+    """Segment each scan (:func:`dscovid.io.scans.find_scans`) and write ``<output_dir>/<case>.nii.gz`` (uint8 0/1)
+    on the scan's own grid.
 
-    A case that fails (unreadable, no lung) is skipped and reported; the others still run.
+    A case that fails (a name already taken, unreadable, no lung) is skipped and reported; the others still run.
 
     Returns
     -------
@@ -854,9 +768,14 @@ def write_lung_masks(
     output_dir = Path(output_dir)
     failures = []
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-        for case, scan in tqdm(scans, desc="lung masks", unit="scan", disable=not progress):
+        for scan, problem in tqdm(list(zip(scans, case_name_problems(scans))), desc="lung masks", unit="scan",
+                                  disable=not progress):
+            case = scan.name
+            if problem is not None:
+                failures.append((case, problem))
+                continue
             try:
-                image, geometry = read_image(scan)
+                image, geometry = read_image(scan.path)
                 started = time.perf_counter()
                 sides = segment_lung_sides(image, geometry.spacing_zyx_mm, geometry.direction, settings)
                 seconds = time.perf_counter() - started

@@ -11,6 +11,7 @@ recorded (``residual_direction``) so that the canonical array still has an exact
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +69,15 @@ def _best_permutation(matrix: np.ndarray) -> tuple[int, int, int]:
 
 def canonical_reorientation(geometry: Geometry) -> Reorientation:
     """The permutation and flips bringing an array with ``geometry`` nearest to the identity direction."""
-    matrix = geometry.direction_matrix
+    return reorientation_of(geometry.direction)
+
+
+def reorientation_of(direction: Sequence[float] | np.ndarray | None) -> Reorientation:
+    """The permutation and flips bringing an array with this direction (SimpleITK's 9 numbers, ``None`` for the
+    identity) nearest to the identity direction."""
+    if direction is None:
+        return Reorientation((0, 1, 2), (False, False, False))
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
     perm = _best_permutation(matrix)
     # Canonical array axis c (z, y, x) is world axis w = 2 - c; its source index axis k (x, y, z) is
     # array axis 2 - k.

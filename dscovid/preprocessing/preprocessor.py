@@ -40,8 +40,9 @@ from tqdm import tqdm
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import Case, RawDataset, write_json_atomic
 from dscovid.io.image_io import Geometry, read_image, read_mask
+from dscovid.io.stamps import digest, file_stamp
 from dscovid.plans.schema import Configuration
-from dscovid.preprocessing.lung_cache import LUNG_CACHE_FOLDER, file_stamp, save_npz_atomic, segment_and_cache
+from dscovid.preprocessing.lung_cache import LUNG_CACHE_FOLDER, save_npz_atomic, segment_and_cache
 from dscovid.preprocessing.orientation import (
     Reorientation,
     axis_codes,
@@ -277,12 +278,11 @@ def restore_to_original(array_preprocessed: np.ndarray, properties: Mapping, is_
 
 def configuration_digest(configuration: Configuration) -> str:
     """A short hash of everything in the configuration that shapes the preprocessed arrays."""
-    text = json.dumps({"format": CACHE_FORMAT_VERSION, **configuration.preprocessing_key()}, sort_keys=True)
-    return f"{zlib.crc32(text.encode('utf-8')):08x}"
+    return digest({"format": CACHE_FORMAT_VERSION, **configuration.preprocessing_key()})
 
 
 def case_sources(case: Case) -> dict:
-    """Size and modification time of the files a case is made from (the staleness key)."""
+    """The :func:`~dscovid.io.stamps.file_stamp` of each file a case is made from (the staleness key)."""
     sources = {"image": file_stamp(case.image)}
     if case.label is not None:
         sources["label"] = file_stamp(case.label)
