@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dscovid.plans.presets import load_preset
+from dscovid import __version__
+from dscovid.plans.configuration import Configuration, Plans
+from dscovid.plans.presets import preset_configuration
 from dscovid.training.augmentation import AugmentationSettings
 from dscovid.training.base_trainer import TrainingSetup
 from dscovid.training.data import list_cache_cases
@@ -42,30 +44,17 @@ DEFAULT_SHAPES = {"3d_cpu": (72, 64, 92), "3d_paper": (160, 320, 400)}
 DEFAULT_SPACING = {"3d_cpu": (4.3, 3.2, 3.2), "3d_paper": (1.5, 0.8, 0.8)}
 
 
-def configuration_from_preset(name: str, spacing_zyx_mm) -> dict:
-    """A plans configuration from a shipped preset, at a given target spacing (what the planner would fill in)."""
-    preset = load_preset(name)
-    preprocessing = {k: v for k, v in preset["preprocessing"].items() if k != "spacing_rule"}
-    preprocessing["target_spacing_zyx_mm"] = [float(s) for s in spacing_zyx_mm]
-    grid = [preset["classification"]["num_slices"], *preset["classification"]["in_plane_yx"]]
-    training = dict(preset["training"])
-    training.setdefault("class_weights", [1.0, 1.0, 1.0])
-    return {"data_identifier": name, "preprocessing": preprocessing, "segmentation": preset["segmentation"],
-            "classification": {"grid_zyx": grid}, "network": preset["network"], "training": training,
-            "inference": preset["inference"]}
-
-
-def write_synthetic_cache(folder: Path, configuration: dict, n_cases: int, shape_zyx, seed: int = 0) -> Path:
+def write_synthetic_cache(folder: Path, configuration: Configuration, n_cases: int, shape_zyx, seed: int = 0) -> Path:
     """``n_cases`` phantom cases (two lungs, lesion blobs) in the cache format, at ``shape_zyx``."""
     rng = np.random.default_rng(seed)
-    data_dir = folder / configuration["data_identifier"]
+    data_dir = folder / configuration.data_identifier
     data_dir.mkdir(parents=True, exist_ok=True)
     z, y, x = shape_zyx
     zz, yy, xx = np.ogrid[:z, :y, :x]
     lungs = np.zeros(shape_zyx, dtype=bool)
     for cx in (0.3, 0.7):
         lungs |= ((zz - z / 2) / (0.45 * z)) ** 2 + ((yy - y / 2) / (0.4 * y)) ** 2 + ((xx - cx * x) / (0.2 * x)) ** 2 <= 1
-    grid = configuration["classification"]["grid_zyx"]
+    grid = configuration.classification.grid_zyx
     for index in range(n_cases):
         class_index = index % 3
         image = np.where(lungs, rng.uniform(0.15, 0.3, shape_zyx).astype(np.float32), 0).astype(np.float32)
@@ -90,12 +79,12 @@ def write_synthetic_cache(folder: Path, configuration: dict, n_cases: int, shape
     return data_dir
 
 
-def loader_rate(cases, configuration: dict, workers: int, batches: int) -> float:
+def loader_rate(cases, configuration: Configuration, workers: int, batches: int) -> float:
     """Batches per second of the augmented training loader with ``workers`` background processes."""
-    training = configuration["training"]
-    loader = build_loader(cases, int(training["batch_size"]), configuration["segmentation"]["patch_size_zyx"],
-                          configuration["preprocessing"]["target_spacing_zyx_mm"],
-                          float(training.get("oversample_foreground", 0.33)), AugmentationSettings(), 0, workers)
+    training = configuration.training
+    loader = build_loader(cases, training.batch_size, configuration.segmentation.patch_size_zyx,
+                          configuration.preprocessing.target_spacing_zyx_mm, training.oversample_foreground,
+                          AugmentationSettings(), 0, workers)
     try:
         for _ in range(max(2, workers)):  # warm-up: start the workers, fill their queues once
             next(loader)
@@ -107,13 +96,14 @@ def loader_rate(cases, configuration: dict, workers: int, batches: int) -> float
         close_loader(loader)
 
 
-def step_time(cases, configuration: dict, device: torch.device, steps: int) -> dict[str, float]:
+def step_time(cases, configuration: Configuration, device: torch.device, steps: int) -> dict[str, float]:
     """Seconds per training step of the real trainer, per stage mode (batches prepared beforehand)."""
-    setup = TrainingSetup({"configurations": {}}, "bench", configuration, list(cases), [], Path(tempfile.mkdtemp()),
+    plans = Plans("bench", "bench", __version__, ("covid", "cap", "non_pneumonia"), {configuration.name: configuration})
+    setup = TrainingSetup(plans, configuration.name, configuration, list(cases), [], Path(tempfile.mkdtemp()),
                           device=device, num_workers=0)
     trainer = DeepSCCOVIDTrainer(setup)
-    loader = build_loader(cases, trainer.batch_size, configuration["segmentation"]["patch_size_zyx"],
-                          configuration["preprocessing"]["target_spacing_zyx_mm"], 0.33, AugmentationSettings(), 1, 0)
+    loader = build_loader(cases, trainer.batch_size, configuration.segmentation.patch_size_zyx,
+                          configuration.preprocessing.target_spacing_zyx_mm, 0.33, AugmentationSettings(), 1, 0)
     batches = [next(loader) for _ in range(steps + 1)]
     result = {}
     for index in range(len(trainer.stages)):
@@ -155,20 +145,20 @@ def main() -> None:
             from dscovid.training.run import read_plans
 
             dataset_dir = find_dataset(args.dataset, Path(args.preprocessed))
-            configuration = read_plans(dataset_dir / "plans.json")["configurations"][args.configuration]
-            cases = list(list_cache_cases(dataset_dir / configuration["data_identifier"]).values())
+            configuration = read_plans(dataset_dir / "plans.json").configuration(args.configuration)
+            cases = list(list_cache_cases(dataset_dir / configuration.data_identifier).values())
             source = f"{dataset_dir.name} / {args.configuration} ({len(cases)} cases)"
         else:
-            configuration = configuration_from_preset(args.preset, DEFAULT_SPACING.get(args.preset, (2, 1, 1)))
+            configuration = preset_configuration(args.preset, DEFAULT_SPACING.get(args.preset, (2, 1, 1)))
             shape = tuple(args.volume_shape or DEFAULT_SHAPES.get(args.preset, (64, 128, 128)))
             started = time.perf_counter()
             data_dir = write_synthetic_cache(Path(scratch), configuration, args.cases, shape)
             cases = list(list_cache_cases(data_dir).values())
             source = (f"synthetic cache, preset {args.preset}, {args.cases} cases of {shape} voxels "
                       f"(written in {time.perf_counter() - started:.1f} s)")
-        batch_size = int(configuration["training"]["batch_size"])
-        print(f"data: {source}; patch {configuration['segmentation']['patch_size_zyx']}, grid "
-              f"{configuration['classification']['grid_zyx']}, batch {batch_size}; {os.cpu_count()} CPUs; "
+        batch_size = configuration.training.batch_size
+        print(f"data: {source}; patch {list(configuration.segmentation.patch_size_zyx)}, grid "
+              f"{list(configuration.classification.grid_zyx)}, batch {batch_size}; {os.cpu_count()} CPUs; "
               f"torch threads {torch.get_num_threads()}")
         steps = step_time(cases, configuration, torch.device(args.device), args.steps)
         need = 1.0 / min(v for k, v in steps.items() if k != "peak_memory_gb")

@@ -5,7 +5,7 @@ seconds per patch, FLOPs per patch (``torch.utils.flop_counter.FlopCounterMode``
 grid sampling and elementwise work are not counted), the achieved GFLOP/s, and the GFLOP/s of a float32 2048×2048
 matrix product measured in the same run, with the ratio.
 
-    python benchmarks/bench_model.py                       # both example configurations on the CPU
+    python benchmarks/bench_model.py                       # both shipped presets on the CPU
     python benchmarks/bench_model.py --device cuda --amp   # on a GPU, with bfloat16 autocast
 """
 
@@ -18,7 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dscovid.model import build_loss, build_network
-from dscovid.model.examples import example_configuration
+from dscovid.plans.configuration import Configuration
+from dscovid.plans.presets import preset_configuration
 
 
 def _sync(device: torch.device) -> None:
@@ -39,9 +40,9 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def make_batch(configuration: dict, batch: int, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    patch = configuration["segmentation"]["patch_size_zyx"]
-    grid = configuration["classification"]["grid_zyx"]
+def make_batch(configuration: Configuration, batch: int, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    patch = list(configuration.segmentation.patch_size_zyx)
+    grid = list(configuration.classification.grid_zyx)
     volume = [max(3 * p, g) for p, g in zip(patch, grid)]
     inputs = {
         "seg_patch": torch.rand(batch, 1, *patch, device=device),
@@ -56,7 +57,7 @@ def make_batch(configuration: dict, batch: int, device: torch.device) -> tuple[d
 
 
 def measure(name: str, batch: int, device: torch.device, repeats: int, amp: bool, forward_only: bool = False) -> dict:
-    configuration = example_configuration(name)
+    configuration = preset_configuration(name, (1.0, 1.0, 1.0))  # the preset's own patch and grid
     net = build_network(configuration).to(device)
     loss_fn = build_loss(configuration)
     inputs, target, labels = make_batch(configuration, batch, device)
@@ -126,7 +127,7 @@ def main() -> None:
     print(f"device: {name}; amp: {args.amp}; float32 matmul 2048x2048: {reference:.1f} GFLOP/s")
     print(header)
     for config in args.configs:
-        batch_size = example_configuration(config)["training"]["batch_size"]
+        batch_size = preset_configuration(config, (1.0, 1.0, 1.0)).training.batch_size
         repeats = 1 if (config == "3d_paper" and device.type == "cpu") else args.repeats
         for batch in sorted({1, batch_size}):
             r = measure(config, batch, device, repeats, args.amp, args.forward_only)

@@ -126,8 +126,8 @@ def _run_configuration(args: dict, queue) -> None:
     network = model.networks[0]
     patch = model.patch_size_zyx
     settings = model.inference
-    step = args["step"] or settings["step_fraction"]
-    batch = int(settings["batch_size"])
+    step = args["step"] or settings.step_fraction
+    batch = settings.batch_size
     cls_t = torch.from_numpy(loaded.cls_image)[None, None].to(device)
     with torch.no_grad(), _autocast(device):
         i_cls = network.encode_classification(cls_t)
@@ -158,7 +158,7 @@ def _run_configuration(args: dict, queue) -> None:
 
     out_device = device if device.type == "cuda" else torch.device("cpu")
     lung = loaded.region_preprocessed != 0
-    placement = settings.get("tile_placement", "grid")
+    placement = settings.tile_placement
     ours_s, ours_gpu = timed(
         lambda: sliding_window_predict(
             ours_fn, volume, patch, step, "constant", batch, region=lung, device=device, output_device=out_device,
@@ -179,11 +179,11 @@ def _run_configuration(args: dict, queue) -> None:
         )
     )
     # The whole scan at the target spacing (no lung crop), windowed as in preprocessing.
-    configuration = model.preprocessing
-    low, high = configuration.hu_window
+    preprocessing = model.preprocessing.preprocessing
+    low, high = preprocessing.hu_window
     whole = (np.clip(loaded.image_hu.astype(np.float32), low, high) - low) / (high - low)
     canonical_spacing = loaded.properties["canonical_geometry"]["spacing_zyx_mm"]
-    whole = resample_image(whole, shape_for_spacing(whole.shape, canonical_spacing, configuration.target_spacing_zyx_mm))
+    whole = resample_image(whole, shape_for_spacing(whole.shape, canonical_spacing, preprocessing.target_spacing_zyx_mm))
     whole_t = torch.from_numpy(whole)[None].to(device)
     whole_s, whole_gpu = timed(
         lambda: sliding_window_inference(

@@ -36,7 +36,7 @@ import torch
 torch.set_num_threads(1)
 from dscovid.io.dataset import load_raw_dataset
 from dscovid.io.image_io import read_image, read_mask
-from dscovid.plans.schema import Configuration
+from dscovid.plans.configuration import Configuration
 from dscovid.preprocessing.lung_cache import save_npz_atomic, segment_and_cache
 from dscovid.preprocessing.preprocessor import preprocess_image
 def rss_mb():

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dscovid.io.image_io import read_image, read_mask
-from dscovid.plans.schema import Configuration
+from dscovid.plans.configuration import Configuration, load_plans
 from dscovid.preprocessing.lung_mask import segment_lungs
 from dscovid.preprocessing.preprocessor import preprocess_image, restore_to_original
 
@@ -73,9 +73,8 @@ def main() -> None:
     parser.add_argument("--max-cases", type=int, default=None)
     args = parser.parse_args()
 
-    plans = json.loads(args.plans.read_text(encoding="utf-8"))
-    base = plans["configurations"][args.configuration]
-    spacings = [list(base["preprocessing"]["target_spacing_zyx_mm"])]
+    base = load_plans(args.plans).configuration(args.configuration)
+    spacings = [list(base.preprocessing.target_spacing_zyx_mm)]
     spacings += [[float(v) for v in text.split(",")] for text in args.spacings]
     images = sorted((args.dataset / "imagesTr").glob("*_0000.nii.gz"))[: args.max_cases]
     dataset = json.loads((args.dataset / "dataset.json").read_text(encoding="utf-8"))
@@ -85,10 +84,7 @@ def main() -> None:
     print(f"{'target spacing (mm)':>22} {'lesion cases':>12} {'mean Dice':>10} {'95 % CI':>15} {'min':>6} "
           f"{'lesion voxels outside the region':>34}")
     for spacing in spacings:
-        configuration = Configuration.from_plans(
-            {**plans, "configurations": {args.configuration: {
-                **base, "preprocessing": {**base["preprocessing"], "target_spacing_zyx_mm": spacing}}}},
-            args.configuration)
+        configuration = base.with_overrides({"preprocessing.target_spacing_zyx_mm": spacing})
         dices, outside, total = [], 0, 0
         for image_path in images:
             name = image_path.name[: -len("_0000.nii.gz")]

@@ -17,13 +17,14 @@ import torch
 from dscovid import __version__
 from dscovid.io.dataset import write_json_atomic
 from dscovid.model import build_network
+from dscovid.plans.configuration import Plans
 from dscovid.results.checkpoint import FINAL, save_checkpoint
 from dscovid.training.trainers import get_trainer
 
 
 def save_untrained_model(
     results_root: str | Path,
-    plans: Mapping,
+    plans: Plans | Mapping,
     configuration_name: str,
     trainer_name: str = "DeepSCCOVIDTrainer",
     folds: Sequence[int | str] = (0,),
@@ -35,9 +36,10 @@ def save_untrained_model(
     -------
     The model folder (``<trainer>__<configuration>``), ready for :func:`dscovid.prediction.predict.predict_cases`.
     """
-    plans = dict(plans)
-    configuration = get_trainer(trainer_name).effective_configuration(plans["configurations"][configuration_name])
-    model_dir = Path(results_root) / plans["dataset_name"] / f"{trainer_name}__{configuration_name}"
+    plans = plans if isinstance(plans, Plans) else Plans.from_dict(plans)
+    configuration = get_trainer(trainer_name).effective_configuration(plans.configuration(configuration_name))
+    plans = plans.with_configuration(configuration)
+    model_dir = Path(results_root) / plans.dataset_name / f"{trainer_name}__{configuration_name}"
     for index, fold in enumerate(folds):
         torch.manual_seed(seed + index)
         network = build_network(configuration)
@@ -49,13 +51,13 @@ def save_untrained_model(
             "stage": 0,
             "trainer": trainer_name,
             "configuration_name": configuration_name,
-            "configuration": configuration,
-            "plans": plans,
+            "configuration": configuration.to_dict(),
+            "plans": plans.to_dict(),
             "history": {},
             "ema": None,
             "best_ema": None,
             "dscovid_version": __version__,
         }
         save_checkpoint(state, model_dir / f"fold_{fold}" / FINAL)
-        write_json_atomic(plans, model_dir / f"fold_{fold}" / "plans.json")
+        write_json_atomic(plans.to_dict(), model_dir / f"fold_{fold}" / "plans.json")
     return model_dir

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import GRID, PATCH, _batch, _configuration
+from conftest import TINY_GRID, TINY_PATCH, model_batch, tiny_configuration
 
 from dscovid.errors import DscovidError
 from dscovid.model import build_loss, build_network
@@ -86,16 +86,16 @@ def test_running_standardisation_updates_in_training_only_and_is_saved():
 
 def test_joint_network_adds_the_head_and_its_loss_trains_only_the_head():
     torch.manual_seed(0)
-    configuration = _configuration({"findings_head": True})
+    configuration = tiny_configuration({"findings_head": True})
     net = build_network(configuration)
-    batch = _batch()
+    batch = model_batch()
     out = net(**batch)
     assert out.findings_logits is not None and out.findings_logits.shape == (2, 3)
     # Zero-initialised: the logits start as the paper's, the sum of the evidence masks.
     torch.testing.assert_close(out.class_logits, sum(v.mean(dim=(2, 3, 4)) for v in out.evidence), atol=1e-5,
                                rtol=1e-5)
     loss = build_loss(configuration)
-    terms = loss(out, torch.zeros(2, 1, *PATCH), torch.tensor([0, 1]), None)
+    terms = loss(out, torch.zeros(2, 1, *TINY_PATCH), torch.tensor([0, 1]), None)
     assert "findings" in terms.terms
     # The findings cross-entropy alone: gradient in the head, none in either subnet (Ŝ enters detached).
     net.zero_grad()
@@ -115,19 +115,19 @@ def test_joint_network_adds_the_head_and_its_loss_trains_only_the_head():
         seg = net.segment_patches(batch["seg_patch"], batch["patch_box"], batch["volume_shape"], i_cls)
         seg_on_grid, coverage = paste_box(seg.seg_features, batch["patch_box"], batch["volume_shape"], i_cls.shape[2:])
         logits, _ = net.classify(i_cls, out.lesion_on_grid, seg_on_grid, coverage, batch["cls_image"])
-    assert out.lesion_on_grid.shape[2:] == GRID
+    assert out.lesion_on_grid.shape[2:] == TINY_GRID
     torch.testing.assert_close(logits, out.class_logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="classification image"):
         net.classify(i_cls, out.lesion_on_grid)
 
 
 def test_single_task_networks_and_the_paper_default_have_no_head():
-    assert build_network(_configuration()).findings_head is None
+    assert build_network(tiny_configuration()).findings_head is None
     for tasks in ("segmentation", "classification"):
-        assert build_network(_configuration({"findings_head": True, "tasks": tasks})).findings_head is None
+        assert build_network(tiny_configuration({"findings_head": True, "tasks": tasks})).findings_head is None
     with pytest.raises(DscovidError, match="network.findings_head"):
-        build_network(_configuration({"findings_head": "yes"}))
+        build_network(tiny_configuration({"findings_head": "yes"}))
     with pytest.raises(DscovidError, match="training.loss.lambda_findings"):
-        build_loss(_configuration(loss={"lambda_findings": -1}))
+        build_loss(tiny_configuration(loss={"lambda_findings": -1}))
     assert get_trainer("DeepSCCOVIDTrainer_findings").overrides["network.findings_head"] is True
     assert get_trainer("DeepSCCOVIDTrainer_noFindings").overrides == {"network.findings_head": False}

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_configuration
 
 from dscovid.errors import DscovidError
 from dscovid.model import DeepSCLoss, DeepSCOutput, LossConfig, build_loss
@@ -186,18 +187,18 @@ def test_losses_are_float32_under_bfloat16():
 
 
 def test_build_loss_reads_training_section_and_refuses_unknown_keys():
-    configuration = {"training": {"loss": {"lambda_ta": 1.0, "task_aware_scales": [3]}, "class_weights": [0.5, 1.0, 2.0]}}
+    configuration = tiny_configuration(loss={"lambda_ta": 1.0, "task_aware_scales": [3]}, class_weights=(0.5, 1.0, 2.0))
     loss = build_loss(configuration)
     assert loss.config.lambda_ta == 1.0 and loss.config.task_aware_scales == (3,)
     assert loss.config.class_weights == (0.5, 1.0, 2.0)
     with pytest.raises(DscovidError, match=r"training\.loss\.lambda_tA"):
-        build_loss({"training": {"loss": {"lambda_tA": 1.0}}})
+        tiny_configuration(loss={"lambda_tA": 1.0})
     with pytest.raises(DscovidError, match=r"training\.loss\.task_aware_scales"):
-        build_loss({"training": {"loss": {"task_aware_scales": [4]}}})
+        tiny_configuration(loss={"task_aware_scales": [4]})
     with pytest.raises(DscovidError, match="class_weights"):
-        build_loss({"training": {"class_weights": [1.0, 1.0]}})
+        tiny_configuration(class_weights=(1.0, 1.0))
     with pytest.raises(DscovidError, match="focal_alpha"):
-        build_loss({"training": {"loss": {"focal_alpha": 1.5}}})
+        tiny_configuration(loss={"focal_alpha": 1.5})
 
 
 def test_batch_dice_sums_over_the_annotated_samples_and_keeps_gradient_on_empty_patches():

@@ -6,53 +6,23 @@ import logging
 
 import pytest
 import torch
+from conftest import TINY_GRID, TINY_PATCH, TINY_VOLUME, model_batch, tiny_configuration
 
 from dscovid.errors import DscovidError
 from dscovid.model import DeepSCCOVID, NetworkConfig, build_loss, build_network
 from dscovid.model.evidence import evidence_masks, select_class
-from dscovid.model.examples import example_configuration
 from dscovid.model.geometry import composite, paste_box
+from dscovid.plans.presets import preset_configuration
+from dscovid.training.trainers import DeepSCCOVIDTrainer_paperLiteral
 
 LOG = logging.getLogger(__name__)
-
-TINY_NETWORK = {
-    "stem_channels": 8,
-    "segmentation_widths": [8, 16, 32],
-    "classification_widths": [8, 16, 32],
-    "lesion_channels": 4,
-}
-PATCH = (8, 16, 16)
-GRID = (16, 32, 32)
-VOLUME = (40, 64, 48)
-
-
-def _configuration(network: dict | None = None, loss: dict | None = None, patch=PATCH, grid=GRID) -> dict:
-    return {
-        "segmentation": {"patch_size_zyx": list(patch)},
-        "classification": {"grid_zyx": list(grid)},
-        "network": dict(TINY_NETWORK, **(network or {})),
-        "training": {"loss": loss or {}, "class_weights": [1.0, 2.0, 0.5]},
-    }
-
-
-def _batch(batch: int = 2, patch=PATCH, grid=GRID, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    boxes = torch.tensor([[[4, 10, 6], list(patch)], [[36, -4, 40], list(patch)]][:batch])
-    return {
-        "seg_patch": torch.rand(batch, 1, *patch, generator=generator),
-        "patch_box": boxes,
-        "volume_shape": torch.tensor([VOLUME] * batch),
-        "cls_image": torch.rand(batch, 1, *grid, generator=generator),
-        "lesion_context": (torch.rand(batch, 1, *grid, generator=generator) > 0.8).float(),
-    }
-
 
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def test_paper_configuration_parameter_count():
-    net = build_network(example_configuration("3d_paper"))
+    net = build_network(preset_configuration("3d_paper", (1.5, 0.8, 0.8)))
     counts = {name: _count(child) for name, child in net.named_children()}
     LOG.info("3d_paper parameters: %d %s", _count(net), counts)
     # The authors' network: stems 0.0084 M each, lesion subnet 4.73 M, classification subnet 3.49 M (8.2 M).
@@ -64,42 +34,42 @@ def test_paper_configuration_parameter_count():
 
 
 def test_paper_widths_forward_at_reduced_spatial_size():
-    configuration = example_configuration("3d_paper")
+    configuration = preset_configuration("3d_paper", (1.5, 0.8, 0.8))
     net = build_network(configuration)
-    batch = _batch(1)
+    batch = model_batch(1)
     with torch.no_grad():
         out = net(**batch)
-    assert out.lesion_logits.shape == (1, 1, *PATCH)
-    assert [tuple(s.shape[2:]) for s in out.side_outputs] == [(1, 2, 2), (2, 4, 4), (4, 8, 8), PATCH]
+    assert out.lesion_logits.shape == (1, 1, *TINY_PATCH)
+    assert [tuple(s.shape[2:]) for s in out.side_outputs] == [(1, 2, 2), (2, 4, 4), (4, 8, 8), TINY_PATCH]
     assert out.class_logits.shape == (1, 3)
     assert [tuple(e.shape) for e in out.evidence] == [(1, 3, 4, 8, 8), (1, 3, 2, 4, 4), (1, 3, 1, 2, 2)]
-    assert out.lesion_on_grid.shape == (1, 1, *GRID)
+    assert out.lesion_on_grid.shape == (1, 1, *TINY_GRID)
 
 
 def test_cpu_configuration_shapes_and_loss():
-    configuration = example_configuration("3d_cpu")
-    patch = tuple(configuration["segmentation"]["patch_size_zyx"])
-    grid = tuple(configuration["classification"]["grid_zyx"])
+    configuration = preset_configuration("3d_cpu", (4.0, 3.0, 3.0))
+    patch, grid = configuration.segmentation.patch_size_zyx, configuration.classification.grid_zyx
     net = build_network(configuration)
     LOG.info("3d_cpu parameters: %d", _count(net))
     assert 100_000 < _count(net) < 2_000_000
-    batch = _batch(2, patch, grid)
+    batch = model_batch(2, patch, grid)
     out = net(**batch)
     assert out.lesion_logits.shape == (2, 1, *patch)
     assert out.class_logits.shape == (2, 3)
     assert [tuple(e.shape[2:]) for e in out.evidence] == [tuple(g // 2**k for g in grid) for k in (2, 3, 4)]
     terms = build_loss(configuration)(out, torch.zeros(2, 1, *patch), torch.tensor([0, 2]), torch.tensor([True, True]))
-    assert torch.isfinite(terms.total) and set(terms.terms) == {"seg", "dice", "focal", "cls", "ta", "total"}
+    # The shipped 3d_cpu preset has the findings head, with its own cross-entropy term.
+    assert torch.isfinite(terms.total) and set(terms.terms) == {"seg", "dice", "focal", "cls", "findings", "ta", "total"}
 
 
 def _grads(net: torch.nn.Module, loss_config: dict, annotated=(True, True)) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    configuration = _configuration(loss=loss_config)
-    batch = _batch()
+    configuration = tiny_configuration(loss=loss_config)
+    batch = model_batch()
     for key in ("seg_patch", "cls_image"):
         batch[key].requires_grad_(True)
     out = net(**batch)
-    target = torch.zeros(2, 1, *PATCH)
+    target = torch.zeros(2, 1, *TINY_PATCH)
     target[:, :, 2:6, 4:12, 4:12] = 1
     terms = build_loss(configuration)(out, target, torch.tensor([0, 1]), torch.tensor(annotated))
     net.zero_grad()
@@ -117,7 +87,7 @@ def _norm(grads: dict, prefix: str) -> float:
 @pytest.fixture(scope="module")
 def tiny_net() -> DeepSCCOVID:
     torch.manual_seed(0)
-    return build_network(_configuration())
+    return build_network(tiny_configuration())
 
 
 def test_joint_loss_trains_all_four_cross_stitch_scalars(tiny_net):
@@ -149,7 +119,7 @@ def test_detached_lesion_map_stops_the_classification_gradient_at_s_hat():
     # is Ŝ, so detaching it must leave the segmentation part without gradient, and only then
     for detach, reaches in ((False, True), (True, False)):
         torch.manual_seed(0)
-        net = build_network(_configuration({"cross_stitch": False, "detach_lesion_map": detach}))
+        net = build_network(tiny_configuration({"cross_stitch": False, "detach_lesion_map": detach}))
         grads = _grads(net, {"lambda_seg": 0.0, "lambda_cls": 1.0, "lambda_ta": 0.0})
         assert (_norm(grads, "lesion_subnet.") > 0) is reaches and (_norm(grads, "stem_seg.") > 0) is reaches
         assert _norm(grads, "classification_subnet.") > 0 and _norm(grads, "stem_cls.") > 0
@@ -163,7 +133,7 @@ def test_segmentation_loss_reaches_classification_stem_via_cross_stitch(tiny_net
 
 def test_cross_stitch_reads_the_classification_features_of_the_patch_region(tiny_net):
     """Sample 0's box covers z 4..12 of 40, i.e. stem-grid slices 0.8..2.4 of 8: only slices 0..3 feed it."""
-    batch = _batch()
+    batch = model_batch()
     i_cls = tiny_net.encode_classification(batch["cls_image"]).detach().requires_grad_(True)
     seg = tiny_net.segment_patches(batch["seg_patch"], batch["patch_box"], batch["volume_shape"], i_cls)
     seg.lesion_logits[0].sum().backward()
@@ -183,7 +153,7 @@ def test_unannotated_sample_gets_no_segmentation_gradient(tiny_net):
 
 
 def test_evidence_masks_are_equation_5(tiny_net):
-    batch = _batch()
+    batch = model_batch()
     with torch.no_grad():
         out = tiny_net(**batch)
         i_cls = tiny_net.encode_classification(batch["cls_image"])
@@ -223,28 +193,28 @@ def _seg_part(net, batch, i_cls):
 
 
 def test_inference_api_reproduces_training_forward(tiny_net):
-    batch = _batch()
+    batch = model_batch()
     with torch.no_grad():
         out = tiny_net(**batch)
         i_cls = tiny_net.encode_classification(batch["cls_image"])
         seg = tiny_net.segment_patches(batch["seg_patch"], batch["patch_box"], batch["volume_shape"], i_cls)
         torch.testing.assert_close(seg.lesion_logits, out.lesion_logits)
         seg_on_grid, coverage = paste_box(seg.seg_features, batch["patch_box"], batch["volume_shape"], i_cls.shape[2:])
-        lesion, lesion_cover = paste_box(seg.lesion_probability, batch["patch_box"], batch["volume_shape"], GRID)
+        lesion, lesion_cover = paste_box(seg.lesion_probability, batch["patch_box"], batch["volume_shape"], TINY_GRID)
         lesion_on_grid = composite(lesion, lesion_cover, batch["lesion_context"])
         logits, evidence = tiny_net.classify(i_cls, lesion_on_grid, seg_on_grid, coverage)
     torch.testing.assert_close(logits, out.class_logits)
     torch.testing.assert_close(evidence[0], out.evidence[0])
     # One scan's features shared by several patches (sliding window).
     with torch.no_grad():
-        shared = tiny_net.segment_patches(batch["seg_patch"], batch["patch_box"], VOLUME, i_cls[:1])
-        alone = tiny_net.segment_patches(batch["seg_patch"][1:], batch["patch_box"][1:], VOLUME, i_cls[:1])
+        shared = tiny_net.segment_patches(batch["seg_patch"], batch["patch_box"], TINY_VOLUME, i_cls[:1])
+        alone = tiny_net.segment_patches(batch["seg_patch"][1:], batch["patch_box"][1:], TINY_VOLUME, i_cls[:1])
     torch.testing.assert_close(shared.lesion_logits[1:], alone.lesion_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_live_patch_replaces_context_inside_the_box(tiny_net):
-    batch = _batch()
-    batch["lesion_context"] = torch.full((2, 1, *GRID), 0.25)
+    batch = model_batch()
+    batch["lesion_context"] = torch.full((2, 1, *TINY_GRID), 0.25)
     with torch.no_grad():
         out = tiny_net(**batch)
     grid = out.lesion_on_grid[0, 0]
@@ -258,39 +228,39 @@ def test_live_patch_replaces_context_inside_the_box(tiny_net):
 
 
 def test_ablation_switches():
-    plain = build_network(_configuration({"stem": "conv"}))
+    plain = build_network(tiny_configuration({"stem": "conv"}))
     assert plain.stem_seg.__class__.__name__ == "PlainStem3d"
-    no_stitch = build_network(_configuration({"cross_stitch": False}))
+    no_stitch = build_network(tiny_configuration({"cross_stitch": False}))
     assert not hasattr(no_stitch, "cross_stitch")
-    batch = _batch()
+    batch = model_batch()
     out = no_stitch(**batch)
     assert out.class_logits.shape == (2, 3)
-    seg_only = build_network(_configuration({"tasks": "segmentation"}))
+    seg_only = build_network(tiny_configuration({"tasks": "segmentation"}))
     assert not hasattr(seg_only, "classification_subnet") and not hasattr(seg_only, "stem_cls")
     out = seg_only(batch["seg_patch"])
-    assert out.class_logits is None and out.lesion_logits.shape == (2, 1, *PATCH)
-    terms = build_loss(_configuration({"tasks": "segmentation"}))(out, torch.zeros(2, 1, *PATCH))
+    assert out.class_logits is None and out.lesion_logits.shape == (2, 1, *TINY_PATCH)
+    terms = build_loss(tiny_configuration({"tasks": "segmentation"}))(out, torch.zeros(2, 1, *TINY_PATCH))
     assert set(terms.terms) == {"seg", "dice", "focal", "total"}
-    cls_only = build_network(_configuration({"tasks": "classification"}))
+    cls_only = build_network(tiny_configuration({"tasks": "classification"}))
     assert not hasattr(cls_only, "lesion_subnet") and not hasattr(cls_only, "stem_seg")
     out = cls_only(cls_image=batch["cls_image"])
     assert out.lesion_logits is None and out.class_logits.shape == (2, 3)
-    terms = build_loss(_configuration({"tasks": "classification"}))(out, class_index=torch.tensor([1, 2]))
+    terms = build_loss(tiny_configuration({"tasks": "classification"}))(out, class_index=torch.tensor([1, 2]))
     assert set(terms.terms) == {"cls", "total"}
     # λ_ta = 0 and single-scale are loss options.
-    joint = build_network(_configuration())(**batch)
+    joint = build_network(tiny_configuration())(**batch)
     assert (
         "ta"
-        not in build_loss(_configuration(loss={"lambda_ta": 0}))(joint, torch.zeros(2, 1, *PATCH), torch.tensor([0, 1])).terms
+        not in build_loss(tiny_configuration(loss={"lambda_ta": 0}))(joint, torch.zeros(2, 1, *TINY_PATCH), torch.tensor([0, 1])).terms
     )
-    single = build_loss(_configuration(loss={"task_aware_scales": [3]}))(joint, torch.zeros(2, 1, *PATCH), torch.tensor([0, 1]))
-    multi = build_loss(_configuration())(joint, torch.zeros(2, 1, *PATCH), torch.tensor([0, 1]))
+    single = build_loss(tiny_configuration(loss={"task_aware_scales": [3]}))(joint, torch.zeros(2, 1, *TINY_PATCH), torch.tensor([0, 1]))
+    multi = build_loss(tiny_configuration())(joint, torch.zeros(2, 1, *TINY_PATCH), torch.tensor([0, 1]))
     assert single.terms["ta"] != pytest.approx(multi.terms["ta"])
 
 
 
 def test_the_network_names_the_parts_of_its_parameters():
-    net = build_network(_configuration({"findings_head": True}))
+    net = build_network(tiny_configuration({"findings_head": True}))
     parts = {name: net.task_of(name) for name, _ in net.named_parameters()}  # raises for a parameter of no part
     assert parts["cross_stitch.w_seg1"] == parts["cross_stitch.w_cls2"] == "segmentation"
     assert parts["cross_stitch.w_cls1"] == parts["cross_stitch.w_seg2"] == "classification"
@@ -301,51 +271,52 @@ def test_the_network_names_the_parts_of_its_parameters():
     segmentation = [by_id[id(p)] for p in net.parameters_of(["segmentation", "seg"])]  # lesion_subnet once
     assert segmentation == [n for n in by_id.values() if n.startswith(("stem_seg.", "lesion_subnet."))]
     assert net.parameters_of(["cls"]) == list(net.classification_subnet.parameters())
-    seg_only = build_network(_configuration({"tasks": "segmentation"}))
+    seg_only = build_network(tiny_configuration({"tasks": "segmentation"}))
     assert seg_only.parameters_of(["classification"]) == []  # modules the network lacks contribute nothing
     with pytest.raises(KeyError):
         net.parameters_of(["decoder"])
 
 def test_lesion_context_option():
-    batch = _batch()
-    net = build_network(_configuration({"lesion_context": "none"}))
+    batch = model_batch()
+    net = build_network(tiny_configuration({"lesion_context": "none"}))
     with torch.no_grad():
         out = net(**{**batch, "lesion_context": None})
     assert float(out.lesion_on_grid[0, 0, 0, 0, 0]) == 0.0
     with pytest.raises(ValueError, match="lesion_context"):
-        build_network(_configuration())(**{**batch, "lesion_context": None})
+        build_network(tiny_configuration())(**{**batch, "lesion_context": None})
 
 
 def test_configuration_errors_name_the_key():
     with pytest.raises(DscovidError, match=r"network\.widths"):
-        build_network(_configuration({"widths": [1, 2, 3]}))
+        build_network(tiny_configuration({"widths": [1, 2, 3]}))
     with pytest.raises(DscovidError, match=r"network\.tasks"):
-        build_network(_configuration({"tasks": "both"}))
+        build_network(tiny_configuration({"tasks": "both"}))
     with pytest.raises(DscovidError, match=r"segmentation\.patch_size_zyx"):
-        build_network(_configuration(patch=(12, 16, 16)))
+        build_network(tiny_configuration(patch=(12, 16, 16)))
     with pytest.raises(DscovidError, match=r"classification\.grid_zyx"):
-        build_network(_configuration(grid=(16, 32, 40)))
+        build_network(tiny_configuration(grid=(16, 32, 40)))
     with pytest.raises(DscovidError, match=r"network\.stem_channels"):
-        build_network(_configuration({"stem_channels": 12}))
+        build_network(tiny_configuration({"stem_channels": 12}))
     with pytest.raises(DscovidError, match=r"network\.norm_groups"):
-        build_network(_configuration({"norm": "group", "norm_groups": 3}))
-    config = NetworkConfig.from_dict(example_configuration("3d_paper")["network"])
-    assert config == NetworkConfig() and NetworkConfig.from_dict(config.to_dict()) == config
+        build_network(tiny_configuration({"norm": "group", "norm_groups": 3}))
+    # The defaults are the paper's network: what the paper-literal trainer makes of the shipped 3d_paper preset.
+    paper = DeepSCCOVIDTrainer_paperLiteral.effective_configuration(preset_configuration("3d_paper", (1.5, 0.8, 0.8)))
+    assert paper.network == NetworkConfig() and NetworkConfig.from_dict(paper.network.to_dict()) == paper.network
     # Sizes are only checked for the branches that exist.
-    build_network({"network": dict(TINY_NETWORK, tasks="classification"), "classification": {"grid_zyx": [16, 32, 32]}})
+    build_network(tiny_configuration({"tasks": "classification"}, patch=(12, 16, 16)))
 
 
 def test_instance_norm_variant_runs():
-    net = build_network(_configuration({"norm": "instance"}))
-    out = net(**_batch())
+    net = build_network(tiny_configuration({"norm": "instance"}))
+    out = net(**model_batch())
     assert torch.isfinite(out.class_logits).all()
 
 
 def test_bfloat16_autocast_on_cpu_keeps_losses_float32(tiny_net):
-    batch = _batch()
+    batch = model_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiny_net(**batch)
-        terms = build_loss(_configuration())(out, torch.zeros(2, 1, *PATCH), torch.tensor([0, 1]))
+        terms = build_loss(tiny_configuration())(out, torch.zeros(2, 1, *TINY_PATCH), torch.tensor([0, 1]))
     assert terms.total.dtype == torch.float32 and torch.isfinite(terms.total)
     terms.total.backward()
     assert tiny_net.cross_stitch.w_seg1.grad is not None
@@ -355,12 +326,12 @@ def test_bfloat16_autocast_on_cpu_keeps_losses_float32(tiny_net):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_autocast_forward_backward(dtype):
     torch.manual_seed(0)
-    configuration = _configuration()
+    configuration = tiny_configuration()
     net = build_network(configuration).cuda()
-    batch = {k: (v.cuda() if k in ("seg_patch", "cls_image", "lesion_context") else v) for k, v in _batch().items()}
+    batch = {k: (v.cuda() if k in ("seg_patch", "cls_image", "lesion_context") else v) for k, v in model_batch().items()}
     with torch.autocast("cuda", dtype=dtype):
         out = net(**batch)
-        terms = build_loss(configuration)(out, torch.zeros(2, 1, *PATCH, device="cuda"), torch.tensor([0, 1], device="cuda"))
+        terms = build_loss(configuration)(out, torch.zeros(2, 1, *TINY_PATCH, device="cuda"), torch.tensor([0, 1], device="cuda"))
     assert out.side_outputs[-1].dtype == dtype  # the convolutions run in reduced precision
     assert out.lesion_logits.dtype in (dtype, torch.float32)  # CUDA autocast upsamples in float32
     assert terms.total.dtype == torch.float32 and torch.isfinite(terms.total)
@@ -370,7 +341,7 @@ def test_cuda_autocast_forward_backward(dtype):
     with torch.no_grad():
         reference = build_network(configuration)
         reference.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
-        cpu_out = reference(**_batch())
+        cpu_out = reference(**model_batch())
     torch.testing.assert_close(out.class_logits.float().cpu(), cpu_out.class_logits, atol=0.1, rtol=0.1)
 
 

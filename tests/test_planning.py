@@ -17,8 +17,9 @@ from dscovid.planning.planner import (
     plan_configuration,
     plan_experiment,
 )
+from dscovid.plans.configuration import Configuration, Plans, load_plans
 from dscovid.plans.presets import available_presets, load_preset
-from dscovid.plans.schema import Configuration, load_plans, validate_configuration, validate_plans
+from dscovid.plans.schema import validate_plans
 from dscovid.training.trainers import TRAINERS, DeepSCCOVIDTrainer_paperLiteral
 
 CLASSES = ["covid", "cap", "non_pneumonia"]
@@ -70,16 +71,29 @@ def test_paper_configuration_follows_the_paper(thin_and_thick):
 
 
 def test_every_trainer_variant_gives_a_valid_configuration_of_every_preset(thin_and_thick):
-    # A variant's override of a misspelt or mistyped key would otherwise reach the network or the predictor unchecked.
+    # A variant's override of a misspelt or mistyped key would otherwise reach the network or the predictor unchecked:
+    # the effective configuration is validated again when it is built.
     for plans in thin_and_thick:
-        for name, configuration in plans["configurations"].items():
+        for configuration in Plans.from_dict(plans).configurations.values():
             for trainer in TRAINERS.values():
-                validate_configuration(trainer.effective_configuration(configuration), f"{trainer.__name__}/{name}")
+                effective = trainer.effective_configuration(configuration)
+                assert effective.network.tasks == trainer.tasks
+
+
+def test_an_override_that_breaks_the_configuration_is_refused(thin_and_thick):
+    configuration = Plans.from_dict(thin_and_thick[0]).configuration("3d_cpu")
+    with pytest.raises(DscovidError, match=r"configurations\.3d_cpu\.network\.stem must be one of"):
+        configuration.with_overrides({"network.stem": "resnet"})
+    with pytest.raises(DscovidError, match=r"configurations\.3d_cpu\.training\.loss\.lambda_tA"):
+        configuration.with_overrides({"training.loss.lambda_tA": 1.0})
+    with pytest.raises(DscovidError, match="configuration has no section 'trainer'"):
+        configuration.with_overrides({"trainer.lr": 1.0})
 
 
 def test_paper_literal_variant_changes_only_what_the_paper_does_differently(thin_and_thick):
-    paper = thin_and_thick[0]["configurations"]["3d_paper"]
-    literal = DeepSCCOVIDTrainer_paperLiteral.effective_configuration(paper)
+    paper = Plans.from_dict(thin_and_thick[0]).configuration("3d_paper").to_dict()
+    literal = DeepSCCOVIDTrainer_paperLiteral.effective_configuration(
+        Configuration.from_dict("3d_paper", paper)).to_dict()
     assert literal["network"] == {**paper["network"], "tasks": "joint", "lesion_context": "ground_truth"}
     assert literal["training"] == {**paper["training"], "hard_negative_fraction": 0.0}
     assert literal["inference"] == {**paper["inference"], "step_fraction": 1.0, "weighting": "constant",
@@ -191,10 +205,11 @@ def test_load_plans_names_the_file_and_round_trips(tmp_path, thin_and_thick):
     path = tmp_path / "plans.json"
     path.write_text(json.dumps(thin_and_thick[0]))
     plans = load_plans(path)
-    configuration = Configuration.from_plans(plans, "3d_cpu")
-    assert configuration.data_identifier == "3d_cpu" and len(configuration.patch_size_zyx) == 3
-    assert configuration.hu_window == (-1400.0, 200.0)
-    broken = copy.deepcopy(plans)
+    configuration = plans.configuration("3d_cpu")
+    assert configuration.data_identifier == "3d_cpu" and len(configuration.segmentation.patch_size_zyx) == 3
+    assert configuration.preprocessing.hu_window == (-1400.0, 200.0)
+    assert Plans.from_dict(plans.to_dict()) == plans  # every section survives the JSON form
+    broken = copy.deepcopy(thin_and_thick[0])
     del broken["class_names"]
     path.write_text(json.dumps(broken))
     with pytest.raises(DscovidError, match=rf"{path}: class_names: missing key"):
@@ -203,14 +218,27 @@ def test_load_plans_names_the_file_and_round_trips(tmp_path, thin_and_thick):
     with pytest.raises(DscovidError, match="not valid JSON"):
         load_plans(path)
     with pytest.raises(DscovidError, match="configuration '3d_gpu' is not in the plans"):
-        Configuration.from_plans(plans, "3d_gpu")
+        plans.configuration("3d_gpu")
+
+
+def test_optional_keys_take_their_defaults_from_the_dataclasses(thin_and_thick):
+    data = copy.deepcopy(thin_and_thick[0]["configurations"]["3d_cpu"])
+    for section, key in (("preprocessing", "lung_margin_mm"), ("training", "seed"),
+                         ("training", "hard_negative_fraction"), ("inference", "mirror_axes"),
+                         ("inference", "tile_placement")):
+        data[section].pop(key, None)
+    configuration = Configuration.from_dict("3d_cpu", data)
+    assert configuration.preprocessing.lung_margin_mm == 0.0 and configuration.training.seed == 12345
+    assert configuration.training.hard_negative_fraction == 0.0
+    assert (configuration.inference.mirror_axes, configuration.inference.tile_placement) == ((), "grid")
+    assert configuration.to_dict()["inference"]["tile_placement"] == "grid"  # written out for the user to see
 
 
 def test_planned_configurations_build_the_network(thin_and_thick):
     from dscovid.model import build_loss, build_network
 
     for plans in thin_and_thick:
-        for configuration in plans["configurations"].values():
+        for configuration in Plans.from_dict(plans).configurations.values():
             network = build_network(configuration)
             build_loss(configuration)
             assert sum(p.numel() for p in network.parameters()) > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ import torch
 
 from dscovid.io.dataset import load_raw_dataset, make_dataset_json, write_json_atomic
 from dscovid.io.image_io import Geometry, write_image
-from dscovid.plans.schema import Configuration
+from dscovid.plans.configuration import Configuration, Plans
+from dscovid.plans.presets import preset_configuration
 from dscovid.preprocessing.orientation import (
     axis_codes,
     canonical_geometry,
@@ -86,28 +88,18 @@ def make_raw_dataset(root: Path, specs: list[dict], name: str = "Dataset900_Tiny
 
 
 def small_configuration(spacing=(2.0, 2.0, 2.0), grid=(16, 32, 32), margin=4.0) -> Configuration:
-    return Configuration.from_dict("3d_test", {
-        "data_identifier": "3d_test",
-        "preprocessing": {"target_spacing_zyx_mm": list(spacing), "hu_window": [-1400, 200], "crop_margin_mm": margin,
-                          "mask_outside_lung": True, "num_lesion_samples": 500},
-        "segmentation": {"patch_size_zyx": [8, 16, 16]},
-        "classification": {"grid_zyx": list(grid)},
-        "network": {"tasks": "joint", "stem": "inception", "stem_channels": 8, "segmentation_widths": [8, 16, 32],
-                    "classification_widths": [8, 16, 32], "lesion_channels": 4, "norm_groups": 2},
-        "training": {"batch_size": 1, "class_weights": [1.0, 1.0, 1.0], "oversample_foreground": 0.5,
-                     "loss": {"lambda_ta": 10.0},
-                     "stages": [{"name": "pretrain", "epochs": 1, "iterations_per_epoch": 1,
-                                 "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},
-                                 "schedule": "linear", "trainable": ["all"]}]},
-        "inference": {"step_fraction": 1.0, "weighting": "constant", "batch_size": 1},
-    })
+    """The shipped 3d_cpu preset at ``spacing``, named ``3d_test``, with a small grid, crop margin and lesion sample
+    and no lung margin."""
+    configuration = preset_configuration("3d_cpu", spacing).with_overrides({
+        "data_identifier": "3d_test", "classification.grid_zyx": list(grid), "preprocessing.crop_margin_mm": margin,
+        "preprocessing.num_lesion_samples": 500, "preprocessing.lung_margin_mm": 0.0})
+    return dataclasses.replace(configuration, name="3d_test")
 
 
-def small_plans(configuration: Configuration | None = None) -> dict:
+def small_plans(configuration: Configuration | None = None) -> Plans:
     configuration = configuration or small_configuration()
-    return {"dataset_name": "Dataset900_Tiny", "plans_name": "dscovidPlans", "dscovid_version": "0.1.0",
-            "class_names": ["covid", "cap", "non_pneumonia"],
-            "configurations": {configuration.name: configuration.to_dict()}}
+    return Plans("Dataset900_Tiny", "dscovidPlans", "0.1.0", ("covid", "cap", "non_pneumonia"),
+                 {configuration.name: configuration})
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -241,16 +233,17 @@ def test_dataset_cache_format_and_rerun_skips_up_to_date(tmp_path):
 
 
 _KILL_SCRIPT = textwrap.dedent("""
-    import json, sys, time
+    import sys, time
     from pathlib import Path
     from dscovid.io.dataset import load_raw_dataset
+    from dscovid.plans.configuration import load_plans
     import dscovid.preprocessing.preprocessor as pre
     original = pre.preprocess_image
     def slow(*args, **kwargs):
         time.sleep(float(sys.argv[4]))  # widen the window in which the kill lands mid-dataset
         return original(*args, **kwargs)
     pre.preprocess_image = slow
-    plans = json.loads(Path(sys.argv[3]).read_text(encoding="utf-8"))
+    plans = load_plans(sys.argv[3])
     pre.preprocess_dataset(load_raw_dataset(sys.argv[1]), Path(sys.argv[2]), plans, ["3d_test"], progress=False)
 """)
 
@@ -260,7 +253,7 @@ def test_killed_run_leaves_no_corrupt_file_and_rerun_redoes_only_missing(tmp_pat
                                                  {"class": "non_pneumonia"}])
     out = tmp_path / "pre" / folder.name
     plans_file = tmp_path / "plans.json"
-    plans_file.write_text(json.dumps(small_plans()))
+    plans_file.write_text(json.dumps(small_plans().to_dict()))
     script = tmp_path / "run.py"
     script.write_text(_KILL_SCRIPT)
     process = subprocess.Popen([sys.executable, str(script), str(folder), str(out), str(plans_file), "1.0"])
@@ -349,11 +342,10 @@ def test_lung_margin_keeps_the_rim_around_the_lung_and_the_target_only_where_it_
     zz, yy, xx = np.meshgrid(*[np.arange(n) for n in lung.shape], indexing="ij")
     lesion[(zz - edge[0]) ** 2 + (yy - edge[1] + 1) ** 2 + (xx - edge[2]) ** 2 <= 25] = 1
     geometry = Geometry(tuple(image.shape), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).reshape(-1)))
-    plain = small_configuration().to_dict()
-    wide = small_configuration().to_dict()
-    wide["preprocessing"]["lung_margin_mm"] = 4.0
-    arrays0, props0 = preprocess_image(image, geometry, Configuration.from_dict("a", plain), lung=lung, lesion=lesion)
-    arrays4, props4 = preprocess_image(image, geometry, Configuration.from_dict("b", wide), lung=lung, lesion=lesion)
+    plain = small_configuration()
+    wide = plain.with_overrides({"preprocessing.lung_margin_mm": 4.0})
+    arrays0, props0 = preprocess_image(image, geometry, plain, lung=lung, lesion=lesion)
+    arrays4, props4 = preprocess_image(image, geometry, wide, lung=lung, lesion=lesion)
     assert props0["lung_margin_mm"] == 0.0 and props4["lung_margin_mm"] == 4.0
     np.testing.assert_array_equal(arrays0["region"], arrays0["lung"])
     lung_r, region = arrays4["lung"] > 0, arrays4["region"] > 0

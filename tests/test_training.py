@@ -13,6 +13,7 @@ from dscovid.cli.train import main as train_main
 from dscovid.errors import DscovidError
 from dscovid.model import build_network
 from dscovid.model.network import CLASSIFICATION_PART, SEGMENTATION_PART
+from dscovid.plans.configuration import Configuration, OptimizerConfig, Plans, StageConfig
 from dscovid.results.checkpoint import load_checkpoint
 from dscovid.roots import Roots
 from dscovid.training.augmentation import AugmentationSettings
@@ -20,7 +21,7 @@ from dscovid.training.base_trainer import TrainingSetup
 from dscovid.training.data import list_cache_cases
 from dscovid.training.loader import build_loader, close_loader
 from dscovid.training.run import run_training
-from dscovid.training.schedule import Stage, learning_rate
+from dscovid.training.schedule import learning_rate
 from dscovid.training.trainers import TRAINERS, DeepSCCOVIDTrainer, get_trainer
 
 FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json", "checkpoint_latest.pt", "checkpoint_best.pt",
@@ -86,7 +87,7 @@ def test_two_stage_training_learns_and_writes_the_results_folder(tmp_path):
     assert len(splits) == 10 and state["plans"]["configurations"]["3d_cpu"]["network"]["tasks"] == "joint"
 
     # The losses fall: the same fixed batch scored with the initial and the trained weights.
-    configuration = state["configuration"]
+    configuration = Configuration.from_dict("3d_cpu", state["configuration"])
     torch.manual_seed(5)
     initial = build_network(configuration)
     trained = build_network(configuration)
@@ -101,7 +102,8 @@ def _trainer(tmp_path, **loss_overrides) -> DeepSCCOVIDTrainer:
     plans["configurations"]["3d_cpu"]["training"]["loss"].update(loss_overrides)
     dataset_dir = make_cache(tmp_path / "pre", n_cases=4, plans=plans)
     cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
-    configuration = DeepSCCOVIDTrainer.effective_configuration(plans["configurations"]["3d_cpu"])
+    plans = Plans.from_dict(plans)
+    configuration = DeepSCCOVIDTrainer.effective_configuration(plans.configuration("3d_cpu"))
     setup = TrainingSetup(plans, "3d_cpu", configuration, cases, [], tmp_path / "out", num_workers=0)
     trainer = DeepSCCOVIDTrainer(setup)
     trainer.on_stage_start(0)
@@ -115,8 +117,9 @@ def test_findings_head_learns_at_its_own_rate_in_both_stages(tmp_path):
     configuration["training"]["findings_head_lr_scale"] = 10.0
     dataset_dir = make_cache(tmp_path / "pre", n_cases=4, plans=plans)
     cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
-    setup = TrainingSetup(plans, "3d_cpu", DeepSCCOVIDTrainer.effective_configuration(configuration), cases, [],
-                          tmp_path / "out", num_workers=0)
+    plans = Plans.from_dict(plans)
+    setup = TrainingSetup(plans, "3d_cpu", DeepSCCOVIDTrainer.effective_configuration(plans.configuration("3d_cpu")),
+                          cases, [], tmp_path / "out", num_workers=0)
     trainer = DeepSCCOVIDTrainer(setup)
     head = {id(p) for p in trainer.network.findings_head.parameters()}
     for stage in (0, 1):
@@ -203,14 +206,14 @@ def test_single_task_and_ablation_trainers_train(tmp_path, name, tasks):
 def test_registry_and_ablation_overrides():
     with pytest.raises(DscovidError, match="unknown trainer 'Nope' \\(known: DeepSCCOVIDTrainer, Segmentation"):
         get_trainer("Nope")
-    base = make_plans("x")["configurations"]["3d_cpu"]
-    assert TRAINERS["DeepSCCOVIDTrainer_lambdaTA100"].effective_configuration(base)["training"]["loss"]["lambda_ta"] == 100
-    assert TRAINERS["DeepSCCOVIDTrainer_convStem"].effective_configuration(base)["network"]["stem"] == "conv"
-    assert base["network"]["stem"] == "inception"  # the plans are not changed in place
+    base = Configuration.from_dict("3d_cpu", make_plans("x")["configurations"]["3d_cpu"])
+    assert TRAINERS["DeepSCCOVIDTrainer_lambdaTA100"].effective_configuration(base).training.loss.lambda_ta == 100
+    assert TRAINERS["DeepSCCOVIDTrainer_convStem"].effective_configuration(base).network.stem == "conv"
+    assert base.network.stem == "inception"  # the plans are not changed in place
 
 
 def test_linear_decay_schedule():
-    stage = Stage("s", 4, 1, {"name": "adam", "lr": 1e-3})
+    stage = StageConfig("s", 4, 1, OptimizerConfig("adam", 1e-3, (0.9, 0.999), 0.0), "linear", ("all",))
     assert [learning_rate(stage, e) for e in range(4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
 
@@ -310,6 +313,7 @@ def test_predicted_context_matches_the_predictors_map(tmp_path):
     configuration["inference"]["tile_placement"] = "region"  # as both presets: the refresh must follow the plans
     dataset_dir = make_cache(tmp_path / "pre", n_cases=3, plans=plans)
     case = list_cache_cases(dataset_dir / "3d_cpu")["case_0000"]
+    configuration = Configuration.from_dict("3d_cpu", configuration)
     torch.manual_seed(0)
     network = build_network(configuration).eval()
     with torch.no_grad():

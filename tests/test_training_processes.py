@@ -94,8 +94,9 @@ def test_two_ddp_processes_keep_identical_replicas(tmp_path):
     assert final["epoch"] == 2  # both stages ran: the routed stage-1 step and the DDP joint step
     torch.manual_seed(12345)
     from dscovid.model import build_network
+    from dscovid.plans.configuration import Configuration
 
-    initial = build_network(final["configuration"]).state_dict()
+    initial = build_network(Configuration.from_dict("3d_cpu", final["configuration"])).state_dict()
     assert any(not torch.equal(initial[k], final["network_weights"][k]) for k in initial)
 
 

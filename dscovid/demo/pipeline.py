@@ -170,9 +170,9 @@ def _preprocess(paths: DemoPaths, num_processes: int, progress: bool) -> str:
     processed, skipped = result["preprocessed"]["processed"], result["preprocessed"]["skipped"]
     if not processed:
         return ""
-    configuration = result["plans"]["configurations"][CONFIGURATION]
+    configuration = result["plans"].configuration(CONFIGURATION)
     return (f"{len(processed)} case(s) preprocessed ({len(skipped)} up to date), patch "
-            f"{configuration['segmentation']['patch_size_zyx']}")
+            f"{list(configuration.segmentation.patch_size_zyx)}")
 
 
 def _training_overrides(paths: DemoPaths, epochs_scale: float, epochs: int | None) -> int | None:
@@ -181,10 +181,11 @@ def _training_overrides(paths: DemoPaths, epochs_scale: float, epochs: int | Non
         return epochs
     if epochs_scale == 1.0:
         return None
-    plans = json.loads((paths.preprocessed / "plans.json").read_text(encoding="utf-8"))
-    stages = plans["configurations"][CONFIGURATION]["training"]["stages"]
+    from dscovid.plans.configuration import load_plans
+
+    stages = load_plans(paths.preprocessed / "plans.json").configuration(CONFIGURATION).training.stages
     # The trainer's override gives every stage the same count; 3d_cpu's stages are of equal length.
-    return max(1, round(epochs_scale * max(int(stage["epochs"]) for stage in stages)))
+    return max(1, round(epochs_scale * max(stage.epochs for stage in stages)))
 
 
 def _train(paths: DemoPaths, epochs: int | None, iterations: int | None, device: str, cases: int) -> str:

@@ -142,16 +142,16 @@ def run_networks(
         only tiles touching it are run, and Ŝ is 0 outside it.
     cls_image : (N, H, W) float32, ``image`` on the classification grid.
     step_fraction, weighting, batch_size : sliding-window settings (default: the configuration's ``inference``).
-    mirror_axes : volume axes (0 z, 1 y, 2 x) to mirror at test time (default: ``inference.mirror_axes``, none if
-        absent); each costs one more pass of every fold.
-    placement : tile placement, ``"grid"`` or ``"region"`` (default: ``inference.tile_placement``, else the grid).
+    mirror_axes : volume axes (0 z, 1 y, 2 x) to mirror at test time (default: ``inference.mirror_axes``); each
+        costs one more pass of every fold.
+    placement : tile placement, ``"grid"`` or ``"region"`` (default: ``inference.tile_placement``).
     """
     settings = model.inference
-    step_fraction = float(step_fraction if step_fraction is not None else settings.get("step_fraction", 1.0))
-    weighting = weighting or settings.get("weighting", "constant")
-    batch_size = int(batch_size or settings.get("batch_size", 1))
-    mirror_axes = list(settings.get("mirror_axes", []) if mirror_axes is None else mirror_axes)
-    placement = placement or settings.get("tile_placement", "grid")
+    step_fraction = float(step_fraction if step_fraction is not None else settings.step_fraction)
+    weighting = weighting or settings.weighting
+    batch_size = int(batch_size or settings.batch_size)
+    mirror_axes = list(settings.mirror_axes if mirror_axes is None else mirror_axes)
+    placement = placement or settings.tile_placement
     device = model.device
     patch = model.patch_size_zyx
     shape = tuple(int(v) for v in image.shape)

@@ -17,7 +17,7 @@ import torch
 
 from dscovid.errors import DscovidError
 from dscovid.model import build_network
-from dscovid.plans.schema import Configuration
+from dscovid.plans.configuration import Configuration, InferenceConfig, Plans
 from dscovid.results.checkpoint import FINAL, load_checkpoint
 from dscovid.results.model_folder import available_folds, checkpoint_plans, trained_fold_dir
 
@@ -34,9 +34,10 @@ class TrainedModel:
     trainer, configuration_name : from the checkpoints.
     folds : fold names (``"0"``, ``"all"``), in the order of ``networks``.
     networks : one network per fold, in eval mode, on ``device``.
-    network_configuration : the effective configuration the networks were built from (fold 0's).
+    network_configuration : the effective configuration the networks were built from (fold 0's: the plans
+        configuration with the trainer's overrides).
     preprocessing : the plans configuration the training data was preprocessed with.
-    plans : the whole plans dictionary.
+    plans : the whole plans.
     class_names : the diagnosis classes, in the network's output order.
     device : where the networks are.
     """
@@ -46,9 +47,9 @@ class TrainedModel:
     configuration_name: str
     folds: list[str]
     networks: list[torch.nn.Module]
-    network_configuration: dict
+    network_configuration: Configuration
     preprocessing: Configuration
-    plans: dict
+    plans: Plans
     class_names: list[str]
     device: torch.device
     checkpoint_name: str = FINAL
@@ -56,11 +57,12 @@ class TrainedModel:
 
     @property
     def patch_size_zyx(self) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.network_configuration["segmentation"]["patch_size_zyx"])
+        return self.network_configuration.segmentation.patch_size_zyx
 
     @property
-    def inference(self) -> dict:
-        return dict(self.network_configuration.get("inference") or self.preprocessing.inference)
+    def inference(self) -> InferenceConfig:
+        """The sliding-window settings the model was trained for (the trainer may override the plans')."""
+        return self.network_configuration.inference
 
     def identity(self) -> dict:
         """What makes two prediction runs comparable: the model folder, configuration, trainer and folds."""
@@ -102,17 +104,21 @@ def load_trained_model(
         for key in ("network_weights", "configuration", "configuration_name"):
             if key not in state:
                 raise DscovidError(f"{path}: not a dscovid checkpoint (no {key!r})")
-        plans = checkpoint_plans(state, fold_dir)
         name = state["configuration_name"]
-        preprocessing = Configuration.from_plans(plans, name)
+        try:
+            plans = Plans.from_dict(checkpoint_plans(state, fold_dir))
+            preprocessing = plans.configuration(name)
+            configuration = Configuration.from_dict(name, state["configuration"])
+        except DscovidError as error:
+            raise DscovidError(f"{path}: {error}") from None
         if reference is None:
-            reference = {"state": state, "plans": plans, "preprocessing": preprocessing}
+            reference = {"state": state, "plans": plans, "preprocessing": preprocessing, "configuration": configuration}
         else:
             if name != reference["state"]["configuration_name"]:
                 raise DscovidError(f"{path}: configuration {name!r} differs from fold {chosen[0]}'s")
             if preprocessing.preprocessing_key() != reference["preprocessing"].preprocessing_key():
                 raise DscovidError(f"{path}: preprocessed differently from fold {chosen[0]}; folds cannot be averaged")
-        network = build_network(state["configuration"])
+        network = build_network(configuration)
         try:
             network.load_state_dict(state["network_weights"])
         except RuntimeError as error:
@@ -122,7 +128,7 @@ def load_trained_model(
         versions.append(str(state.get("dscovid_version", "unknown")))
     state = reference["state"]
     plans = reference["plans"]
-    class_names = list(plans.get("class_names") or [])
+    class_names = list(plans.class_names)
     log.info("Loaded %s folds %s from %s", state["configuration_name"], ", ".join(chosen), model_dir)
     return TrainedModel(
         model_dir=model_dir,
@@ -130,7 +136,7 @@ def load_trained_model(
         configuration_name=state["configuration_name"],
         folds=chosen,
         networks=networks,
-        network_configuration=state["configuration"],
+        network_configuration=reference["configuration"],
         preprocessing=reference["preprocessing"],
         plans=plans,
         class_names=class_names,

@@ -19,7 +19,7 @@ from dscovid.fingerprint.extractor import FINGERPRINT_FILE, extract_fingerprint
 from dscovid.io.dataset import RawDataset, load_raw_dataset, write_json_atomic
 from dscovid.io.stamps import digest
 from dscovid.planning.planner import DEFAULT_PRESETS, plan_experiment
-from dscovid.plans.schema import load_plans, validate_plans
+from dscovid.plans.configuration import Plans, load_plans
 from dscovid.preprocessing.preprocessor import case_sources, preprocess_dataset
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def plan_and_preprocess(
 
     Returns
     -------
-    ``{"output": folder, "plans": plans, "preprocessed": {configuration summary}}``.
+    ``{"output": folder, "plans": Plans, "preprocessed": {configuration summary}}``.
     """
     dataset = load_raw_dataset(dataset_folder)
     if verify:
@@ -98,31 +98,32 @@ def plan_and_preprocess(
     fingerprint = fingerprint_dataset(dataset, output, num_processes=num_processes, progress=progress)
     if plans_file is not None:
         plans = load_plans(plans_file)
-        if plans["dataset_name"] != dataset.name:
-            raise DscovidError(f"{plans_file}: the plans are for {plans['dataset_name']}, not {dataset.name} "
+        if plans.dataset_name != dataset.name:
+            raise DscovidError(f"{plans_file}: the plans are for {plans.dataset_name}, not {dataset.name} "
                                f"(edit dataset_name if you mean to reuse them)")
     else:
         chosen = list(presets or DEFAULT_PRESETS)
         from dscovid.plans.presets import available_presets
 
         chosen += [name for name in configurations or () if name in available_presets() and name not in chosen]
-        plans = plan_experiment(fingerprint, dataset.name, dataset.class_names, chosen, override_spacing)
+        plans = Plans.from_dict(plan_experiment(fingerprint, dataset.name, dataset.class_names, chosen,
+                                                override_spacing))
         previous = output / PLANS_FILE
         if previous.exists():
             # Like nnU-Net: hand-added configurations of an earlier plans file survive re-planning.
             try:
                 old = load_plans(previous)
-                for name, configuration in old["configurations"].items():
-                    plans["configurations"].setdefault(name, configuration)
-                validate_plans(plans)
+                for configuration in old.configurations.values():
+                    if configuration.name not in plans.configurations:
+                        plans = plans.with_configuration(configuration)
             except DscovidError as error:
                 log.warning("ignoring the configurations of the earlier %s (%s)", previous, error)
-    write_json_atomic(plans, output / PLANS_FILE)
-    log.info("plans: %s (%s)", output / PLANS_FILE, ", ".join(plans["configurations"]))
+    write_json_atomic(plans.to_dict(), output / PLANS_FILE)
+    log.info("plans: %s (%s)", output / PLANS_FILE, ", ".join(plans.configurations))
 
     summary = {}
     if preprocess:
-        names = list(configurations or plans["configurations"])
+        names = list(configurations or plans.configurations)
         summary = preprocess_dataset(dataset, output, plans, names, num_processes=num_processes,
                                      overwrite=overwrite, progress=progress)
         log.info("preprocessed %d case(s), %d up to date, %d failed", len(summary["processed"]),

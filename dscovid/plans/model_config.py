@@ -198,6 +198,11 @@ class LossConfig:
             values["class_weights"] = tuple(float(w) for w in class_weights)
         return _build(cls, values, "training.loss")
 
+    def to_dict(self) -> dict[str, Any]:
+        """``training.loss`` as plans.json holds it (lists instead of tuples; the class weights live elsewhere)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if k != "class_weights"}
+
     def validate(self) -> None:
         p = "training.loss"
         for key in ("lambda_seg", "lambda_cls", "lambda_ta", "lambda_findings", "lambda_dice", "lambda_focal",

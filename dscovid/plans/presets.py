@@ -3,6 +3,7 @@
 A preset is the starting point of one configuration: what the planner copies (HU window, widths, losses,
 optimiser) and the rules and budget it adapts to a dataset's fingerprint (``preprocessing.spacing_rule``,
 ``segmentation.patch_size_zyx``, ``classification.num_slices`` / ``in_plane_yx``, ``budget``).
+:func:`preset_configuration` gives a preset's configuration as it stands, unplanned, for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 
 from dscovid.errors import DscovidError
+from dscovid.plans.configuration import Configuration
+from dscovid.plans.model_config import NetworkConfig
 
 #: Top-level keys every preset has.
 PRESET_KEYS = ("name", "preprocessing", "segmentation", "classification", "network", "training", "inference",
@@ -71,3 +74,27 @@ def load_preset(name_or_path: str | os.PathLike) -> dict:
         if key not in preset:
             raise DscovidError(f"{where}: {key}: missing key")
     return preset
+
+
+def preset_configuration(name: str, target_spacing_zyx_mm: tuple[float, float, float]) -> Configuration:
+    """The configuration a shipped preset gives as it stands, before the planner fits it to a dataset.
+
+    Its own patch, classification grid (``num_slices`` × ``in_plane_yx``), network, batch, loss, stages and
+    inference, at ``target_spacing_zyx_mm``, with a class weight of 1 per class (the planner would clip the sizes to
+    the data, weigh the classes by their frequency and size the batch and the stages to the budget). For tests and
+    benchmarks that need the shipped settings without a dataset.
+    """
+    preset = load_preset(name)
+    classification = preset["classification"]
+    num_classes = int(preset["network"].get("num_classes", NetworkConfig.num_classes))
+    return Configuration.from_dict(name, {
+        "data_identifier": preset["name"],
+        "description": preset.get("description", ""),
+        "preprocessing": {**{k: v for k, v in preset["preprocessing"].items() if k != "spacing_rule"},
+                          "target_spacing_zyx_mm": [float(v) for v in target_spacing_zyx_mm]},
+        "segmentation": preset["segmentation"],
+        "classification": {"grid_zyx": [classification["num_slices"], *classification["in_plane_yx"]]},
+        "network": preset["network"],
+        "training": {**preset["training"], "class_weights": [1.0] * num_classes},
+        "inference": preset["inference"],
+    })

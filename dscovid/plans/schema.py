@@ -1,21 +1,17 @@
-"""plans.json: its schema, validation that names the wrong key, and a typed accessor per configuration.
+"""plans.json: its schema, and validation that names the wrong key.
 
 The format is docs/formats.md §3. :func:`validate_plans` checks every key (unknown keys, missing keys, wrong
 types, non-positive sizes) and raises one :class:`DscovidError` whose message starts with the key path, e.g.
-``configurations.3d_cpu.segmentation.patch_size_zyx: must be 3 positive integers``.
+``configurations.3d_cpu.segmentation.patch_size_zyx: must be 3 positive integers``. The typed objects built from a
+valid dictionary, and their defaults, are :mod:`dscovid.plans.configuration`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 from dscovid.errors import DscovidError
-from dscovid.io.dataset import read_json
 from dscovid.plans.model_config import LossConfig, NetworkConfig, network_config
 
 _SAFE_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -285,105 +281,3 @@ def validate_plans(plans: dict) -> None:
         if len(weights) != n_classes:
             raise _fail(f"configurations.{name}.training.class_weights",
                         f"must hold {n_classes} weights (one per class), got {len(weights)}")
-
-
-def load_plans(path: str | os.PathLike) -> dict:
-    """Read and validate a plans file; errors name the file and the key."""
-    path = Path(path)
-    plans = read_json(path, "plans file not found")
-    try:
-        validate_plans(plans)
-    except DscovidError as error:
-        raise DscovidError(f"{path}: {error}") from None
-    return plans
-
-
-@dataclass(frozen=True)
-class Configuration:
-    """Typed read access to one validated configuration of a plans file.
-
-    ``Configuration.from_plans(plans, "3d_cpu")``; ``to_dict()`` gives the dictionary back (what
-    ``dscovid.model.build_network`` receives).
-    """
-
-    name: str
-    data: dict
-
-    @classmethod
-    def from_dict(cls, name: str, data: Mapping) -> Configuration:
-        data = json.loads(json.dumps(data))  # a private deep copy: the accessor never changes under the caller
-        validate_configuration(data, f"configurations.{name}")
-        return cls(name, data)
-
-    @classmethod
-    def from_plans(cls, plans: Mapping, name: str) -> Configuration:
-        configurations = plans.get("configurations", {})
-        if name not in configurations:
-            known = ", ".join(sorted(configurations)) or "none"
-            raise DscovidError(f"configuration {name!r} is not in the plans (available: {known})")
-        return cls.from_dict(name, configurations[name])
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(self.data))
-
-    @property
-    def data_identifier(self) -> str:
-        return self.data["data_identifier"]
-
-    @property
-    def target_spacing_zyx_mm(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in self.data["preprocessing"]["target_spacing_zyx_mm"])
-
-    @property
-    def hu_window(self) -> tuple[float, float]:
-        low, high = self.data["preprocessing"]["hu_window"]
-        return float(low), float(high)
-
-    @property
-    def crop_margin_mm(self) -> float:
-        return float(self.data["preprocessing"]["crop_margin_mm"])
-
-    @property
-    def mask_outside_lung(self) -> bool:
-        return bool(self.data["preprocessing"]["mask_outside_lung"])
-
-    @property
-    def lung_margin_mm(self) -> float:
-        """How far beyond the lung mask the image is kept (0: the lung only, the paper's choice)."""
-        return float(self.data["preprocessing"].get("lung_margin_mm", 0.0))
-
-    @property
-    def num_lesion_samples(self) -> int:
-        return int(self.data["preprocessing"]["num_lesion_samples"])
-
-    @property
-    def patch_size_zyx(self) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.data["segmentation"]["patch_size_zyx"])
-
-    @property
-    def grid_zyx(self) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.data["classification"]["grid_zyx"])
-
-    @property
-    def network(self) -> dict:
-        return dict(self.data["network"])
-
-    @property
-    def training(self) -> dict:
-        return json.loads(json.dumps(self.data["training"]))
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.data["training"]["batch_size"])
-
-    @property
-    def class_weights(self) -> list[float]:
-        return [float(v) for v in self.data["training"]["class_weights"]]
-
-    @property
-    def inference(self) -> dict:
-        return dict(self.data["inference"])
-
-    def preprocessing_key(self) -> dict:
-        """The part of the configuration that determines the preprocessed arrays (cache staleness)."""
-        return {"preprocessing": self.data["preprocessing"], "grid_zyx": self.data["classification"]["grid_zyx"]}

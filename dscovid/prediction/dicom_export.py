@@ -70,8 +70,7 @@ class DicomExport:
     def of(cls, model: TrainedModel, class_names, peripheral_thickness_mm: float, required: bool) -> DicomExport:
         identity = ModelIdentity(
             trainer=model.trainer, configuration=model.configuration_name, folds=tuple(model.folds),
-            checkpoint=model.checkpoint_name, plans=model.plans.get("plans_name"),
-            dataset=model.plans.get("dataset_name"),
+            checkpoint=model.checkpoint_name, plans=model.plans.plans_name, dataset=model.plans.dataset_name,
         )
         return cls(identity, tuple(class_names), float(peripheral_thickness_mm), required)
 

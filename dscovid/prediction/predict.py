@@ -139,7 +139,7 @@ def predict_cases(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = model.inference
-    step_used = float(step_fraction if step_fraction is not None else settings.get("step_fraction", 1.0))
+    step_used = float(step_fraction if step_fraction is not None else settings.step_fraction)
     identity = run_identity(model, step_used, peripheral_thickness_mm)
     kept = previous_entries(output_dir, identity, overwrite)
     remove_leftovers(output_dir)
@@ -238,10 +238,10 @@ def predict_cases(
     summary = {
         "dscovid_version": __version__,
         **identity,
-        "plans": model.plans.get("plans_name"),
-        "dataset": model.plans.get("dataset_name"),
+        "plans": model.plans.plans_name,
+        "dataset": model.plans.dataset_name,
         "class_names": list(class_names),
-        "weighting": settings.get("weighting", "constant"),
+        "weighting": settings.weighting,
         "device": str(device),
         "lesion_threshold": LESION_THRESHOLD,
         "cases": all_entries,

@@ -41,7 +41,7 @@ from dscovid.errors import DscovidError
 from dscovid.io.dataset import Case, RawDataset, write_json_atomic
 from dscovid.io.image_io import Geometry, read_image, read_mask
 from dscovid.io.stamps import digest, file_stamp
-from dscovid.plans.schema import Configuration
+from dscovid.plans.configuration import Configuration, Plans
 from dscovid.preprocessing.lung_cache import LUNG_CACHE_FOLDER, save_npz_atomic, segment_and_cache
 from dscovid.preprocessing.orientation import (
     Reorientation,
@@ -157,6 +157,7 @@ def preprocess_image(
         ``lesion_locations_zyx`` and ``timing_s`` (seconds per step).
     """
     configuration = _as_configuration(plans_configuration)
+    settings = configuration.preprocessing
     if tuple(image_hu.shape) != tuple(geometry.shape_zyx):
         raise DscovidError(f"{case_name}: image shape {image_hu.shape} does not match its geometry {geometry.shape_zyx}")
     timing: dict[str, float] = {}
@@ -186,32 +187,32 @@ def preprocess_image(
     lesion_c = to_canonical(lesion, reorientation) if lesion is not None else None
     lap("reorient")
 
-    box = lung_bounding_box(lung_c, canonical.spacing_zyx_mm, configuration.crop_margin_mm)
+    box = lung_bounding_box(lung_c, canonical.spacing_zyx_mm, settings.crop_margin_mm)
     crop = tuple(slice(b0, b1) for b0, b1 in box)
     cropped_shape = tuple(b1 - b0 for b0, b1 in box)
     lap("crop")
-    image = _scale_window(image_c[crop], configuration.hu_window)
+    image = _scale_window(image_c[crop], settings.hu_window)
     lap("normalise")
 
-    target_shape = shape_for_spacing(cropped_shape, canonical.spacing_zyx_mm, configuration.target_spacing_zyx_mm)
+    target_shape = shape_for_spacing(cropped_shape, canonical.spacing_zyx_mm, settings.target_spacing_zyx_mm)
     image = resample_image(image, target_shape)
     if lesion_c is not None:
         lung_r, lesion_r = resample_masks((lung_c[crop], lesion_c[crop]), target_shape)
     else:
         lung_r, lesion_r = resample_mask(lung_c[crop], target_shape), np.zeros(target_shape, dtype=np.uint8)
     lap("resample")
-    if configuration.mask_outside_lung:
-        region = grow_mask(lung_r, configuration.target_spacing_zyx_mm, configuration.lung_margin_mm)
+    if settings.mask_outside_lung:
+        region = grow_mask(lung_r, settings.target_spacing_zyx_mm, settings.lung_margin_mm)
         image *= region  # the paper multiplies the CT by the lung mask
         lesion_r = lesion_r & region
     else:
         region = np.ones_like(lung_r)
     lap("normalise")
 
-    cls_image = resample_to_grid(image, configuration.grid_zyx)
-    cls_lesion = resample_to_grid(lesion_r, configuration.grid_zyx, sparse=True)
+    cls_image = resample_to_grid(image, configuration.classification.grid_zyx)
+    cls_lesion = resample_to_grid(lesion_r, configuration.classification.grid_zyx, sparse=True)
     lap("classification_grid")
-    locations = _sample_locations(lesion_r, configuration.num_lesion_samples, case_name)
+    locations = _sample_locations(lesion_r, settings.num_lesion_samples, case_name)
     lap("sample_lesions")
 
     arrays = {"image": image, "lesion": lesion_r, "lung": lung_r, "region": region, "cls_image": cls_image,
@@ -228,13 +229,13 @@ def preprocess_image(
         "shape_after_crop_zyx": list(cropped_shape),
         "spacing_after_crop_zyx_mm": list(canonical.spacing_zyx_mm),
         "shape_after_resampling_zyx": list(target_shape),
-        "target_spacing_zyx_mm": list(configuration.target_spacing_zyx_mm),
+        "target_spacing_zyx_mm": list(settings.target_spacing_zyx_mm),
         "preprocessed_geometry": _preprocessed_geometry(canonical, box, target_shape).to_dict(),
-        "hu_window": list(configuration.hu_window),
-        "grid_zyx": list(configuration.grid_zyx),
+        "hu_window": list(settings.hu_window),
+        "grid_zyx": list(configuration.classification.grid_zyx),
         "lesion_voxels": int(np.count_nonzero(lesion_r)),
         "lung_voxels": int(np.count_nonzero(lung_r)),
-        "lung_margin_mm": configuration.lung_margin_mm if configuration.mask_outside_lung else 0.0,
+        "lung_margin_mm": settings.lung_margin_mm if settings.mask_outside_lung else 0.0,
         "lesion_locations_zyx": locations,
         "timing_s": {key: round(value, 4) for key, value in timing.items()},
     }
@@ -351,7 +352,7 @@ def _init_worker() -> None:
 def preprocess_dataset(
     dataset: RawDataset,
     output_root: Path,
-    plans: Mapping,
+    plans: Plans,
     configurations: Sequence[str],
     num_processes: int = 1,
     overwrite: bool = False,
@@ -368,7 +369,7 @@ def preprocess_dataset(
     ``{"processed": [...], "skipped": [...], "failed": [...]}`` case names (failed cases are also logged).
     """
     output_root = Path(output_root)
-    chosen = tuple((name, Configuration.from_plans(plans, name).to_dict()) for name in configurations)
+    chosen = tuple((name, plans.configuration(name).to_dict()) for name in configurations)
     lung_cache_dir = output_root / LUNG_CACHE_FOLDER
     for _, data in chosen:  # temporaries left by a killed run are never valid output
         for leftover in (output_root / data["data_identifier"]).glob(".*.tmp"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dscovid.errors import DscovidError
 from dscovid.model import build_loss, build_network
 from dscovid.model.network import MODULE_GROUPS
+from dscovid.plans.configuration import Configuration, Plans, StageConfig
 from dscovid.results.checkpoint import (
     BEST,
     FINAL,
@@ -42,7 +42,6 @@ from dscovid.training.data import CacheCase
 from dscovid.training.distributed import DistributedContext, average_gradients, sum_over_ranks
 from dscovid.training.lesion_context import (
     CONTEXT_FOLDER,
-    DEFAULT_REFRESH_EPOCHS,
     HARD_NEGATIVE_FOLDER,
     clear_contexts,
     context_file,
@@ -50,7 +49,7 @@ from dscovid.training.lesion_context import (
 )
 from dscovid.training.loader import build_loader, close_loader
 from dscovid.training.progress import History, plot_progress
-from dscovid.training.schedule import Stage, learning_rate, make_optimizer, stage_at, stages_from_configuration
+from dscovid.training.schedule import learning_rate, make_optimizer, stage_at, stages_with_overrides
 from dscovid.training.schedule import total_epochs as count_epochs
 
 log = logging.getLogger("dscovid.training")
@@ -59,30 +58,23 @@ log = logging.getLogger("dscovid.training")
 class TrainingSetup:
     """Everything a trainer is handed (built by :func:`dscovid.training.run.run_training`)."""
 
-    plans: dict
+    plans: Plans  # with the effective configuration in place of the planned one
     configuration_name: str
-    configuration: dict  # effective: the plans configuration with the trainer's overrides applied
+    configuration: Configuration  # effective: the plans configuration with the trainer's overrides applied
     train_cases: list[CacheCase]
     val_cases: list[CacheCase]
     output_dir: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    seed: int = 12345
+    seed: int | None = None  # None: the configuration's training.seed
     num_workers: int = 1
     epochs: int | None = None  # override of every stage's epochs (tests, demos)
     iterations_per_epoch: int | None = None
     val_iterations: int | None = None
     context: DistributedContext = field(default_factory=DistributedContext)
 
-
-def set_dotted(configuration: dict, key: str, value: object) -> None:
-    """Set ``configuration["a"]["b"] = value`` for ``key = "a.b"`` (creating no new sections)."""
-    *parents, last = key.split(".")
-    node = configuration
-    for part in parents:
-        if part not in node:
-            raise DscovidError(f"configuration has no section {part!r} (setting {key})")
-        node = node[part]
-    node[last] = value
+    def __post_init__(self) -> None:
+        if self.seed is None:
+            self.seed = self.configuration.training.seed
 
 
 class Trainer:
@@ -98,13 +90,9 @@ class Trainer:
     plot_interval_s: ClassVar[float] = 60.0
 
     @classmethod
-    def effective_configuration(cls, configuration: Mapping) -> dict:
-        """The plans configuration with this trainer's task and overrides applied (a copy)."""
-        result = json.loads(json.dumps(configuration))
-        set_dotted(result, "network.tasks", cls.tasks)
-        for key, value in cls.overrides.items():
-            set_dotted(result, key, value)
-        return result
+    def effective_configuration(cls, configuration: Configuration) -> Configuration:
+        """The plans configuration with this trainer's task and overrides applied, validated again."""
+        return configuration.with_overrides({"network.tasks": cls.tasks, **cls.overrides})
 
     def __init__(self, setup: TrainingSetup):
         self.setup = setup
@@ -112,8 +100,9 @@ class Trainer:
         self.device = setup.device
         self.context = setup.context
         self.output_dir = Path(setup.output_dir)
-        self.stages: list[Stage] = stages_from_configuration(self.configuration, setup.epochs,
-                                                             setup.iterations_per_epoch)
+        training = self.configuration.training
+        self.stages: list[StageConfig] = stages_with_overrides(training.stages, setup.epochs,
+                                                               setup.iterations_per_epoch)
         self.total_epochs = count_epochs(self.stages)
         torch.manual_seed(setup.seed)  # identical initial weights on every rank and in every seeded run
         self.network = build_network(self.configuration).to(self.device)
@@ -122,11 +111,10 @@ class Trainer:
         self.context_dir: Path | None = None
         if self.network.config.tasks == "joint" and self.network.config.lesion_context == "prediction":
             self.context_dir = self.output_dir / CONTEXT_FOLDER
-        self.context_refresh_epochs = int(self.configuration["training"].get("lesion_context_refresh_epochs",
-                                                                             DEFAULT_REFRESH_EPOCHS))
+        self.context_refresh_epochs = training.lesion_context_refresh_epochs
         self._unused_notes: list[str] = []  # settings of the plans this trainer does not use (logged at the start)
-        self.hard_negative_fraction = float(self.configuration["training"].get("hard_negative_fraction", 0.0))
-        self.findings_lr_scale = float(self.configuration["training"].get("findings_head_lr_scale", 1.0))
+        self.hard_negative_fraction = training.hard_negative_fraction
+        self.findings_lr_scale = training.findings_head_lr_scale
         self.hard_negative_dir: Path | None = None
         if self.hard_negative_fraction > 0:
             if self.context_dir is None:
@@ -151,9 +139,8 @@ class Trainer:
         self.train_loader = self.val_loader = None
         self._file_handler: logging.Handler | None = None
         self._last_plot = -math.inf
-        training = self.configuration["training"]
-        self.batch_size = max(1, int(training["batch_size"]) // self.context.world_size)
-        self.oversample = float(training.get("oversample_foreground", 0.33))
+        self.batch_size = max(1, training.batch_size // self.context.world_size)
+        self.oversample = training.oversample_foreground
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
@@ -185,8 +172,8 @@ class Trainer:
         for note in self._unused_notes:
             log.info(note)
         s = self.setup
-        patch = self.configuration["segmentation"]["patch_size_zyx"]
-        spacing = self.configuration["preprocessing"]["target_spacing_zyx_mm"]
+        patch = self.configuration.segmentation.patch_size_zyx
+        spacing = self.configuration.preprocessing.target_spacing_zyx_mm
         # A resumed run must not replay the batches of the first epochs: the stream depends on the start epoch.
         stream = int(np.random.SeedSequence([s.seed, self.context.rank, self.epoch]).generate_state(1)[0])
         if self.context_dir is not None and (
@@ -210,7 +197,7 @@ class Trainer:
         """The training augmentation (a hook: a variant may return other settings)."""
         return AugmentationSettings()
 
-    def trainable_parameters(self, stage: Stage) -> list[torch.nn.Parameter]:
+    def trainable_parameters(self, stage: StageConfig) -> list[torch.nn.Parameter]:
         """Parameters of the modules a stage trains (``trainable``: ``all`` or module names / aliases)."""
         if "all" in stage.trainable:
             return list(self.network.parameters())
@@ -237,7 +224,7 @@ class Trainer:
             self.model = DistributedDataParallel(self.network, find_unused_parameters=True)
         log.info("Stage %d/%d %r: %d epochs x %d iterations, %s lr %g (%s), loss %s, training %s",
                  index + 1, len(self.stages), stage.name, stage.epochs, stage.iterations_per_epoch,
-                 stage.optimizer.get("name", "adam"), stage.optimizer["lr"], stage.schedule, self.step_mode(stage),
+                 stage.optimizer.name, stage.optimizer.lr, stage.schedule, self.step_mode(stage),
                  "all" if "all" in stage.trainable else ", ".join(stage.trainable))
 
     def _parameter_groups(self, trainable: list[torch.nn.Parameter]) -> list[dict]:
@@ -255,7 +242,7 @@ class Trainer:
         return [group for group in ({"params": rest, "lr_scale": 1.0},
                                     {"params": own, "lr_scale": self.findings_lr_scale}) if group["params"]]
 
-    def step_mode(self, stage: Stage) -> str:
+    def step_mode(self, stage: StageConfig) -> str:
         """``separate`` (stage-1 pre-training of each part by its own loss) or ``total`` (the network's loss)."""
         return "separate" if stage.tasks == "separate" and self.network.config.tasks == "joint" else "total"
 
@@ -462,8 +449,8 @@ class Trainer:
             "stage": self.stage_index,
             "trainer": self.name,
             "configuration_name": self.setup.configuration_name,
-            "configuration": self.configuration,
-            "plans": self.setup.plans,
+            "configuration": self.configuration.to_dict(),
+            "plans": self.setup.plans.to_dict(),
             "history": self.history.to_state(),
             "ema": self.ema,
             "best_ema": self.best_ema,

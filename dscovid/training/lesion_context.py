@@ -29,7 +29,7 @@ import io
 import logging
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ import torch
 
 from dscovid.inference.engine import segment_scan
 from dscovid.io.atomic import write_bytes_atomic
+from dscovid.plans.configuration import Configuration
 from dscovid.preprocessing.resampling import resample_to_grid
 from dscovid.training.data import CacheCase
 from dscovid.training.distributed import DistributedContext
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 
 #: Sub-folder of the fold folder holding the cached context maps.
 CONTEXT_FOLDER = "lesion_context"
-#: Default epochs between two refreshes within a joint stage.
-DEFAULT_REFRESH_EPOCHS = 10
 #: Sub-folder of the fold folder holding the mined false-positive voxels.
 HARD_NEGATIVE_FOLDER = "hard_negatives"
 #: At most this many false-positive voxel indices are kept per case.
@@ -89,18 +88,18 @@ def false_positive_locations(probability: np.ndarray, target: np.ndarray, case_n
     return wrong.astype(np.int32)
 
 
-def predict_scan(network: torch.nn.Module, case: CacheCase, configuration: Mapping, device: torch.device,
+def predict_scan(network: torch.nn.Module, case: CacheCase, configuration: Configuration, device: torch.device,
                  batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Ŝ on the classification grid (N, H, W) and on the preprocessed grid (Z, Y, X), both float32."""
     arrays = case.load(("image", "region", "cls_image"))
     image = torch.from_numpy(np.ascontiguousarray(arrays["image"], dtype=np.float32))[None]
     cls_image = torch.from_numpy(np.ascontiguousarray(arrays["cls_image"], dtype=np.float32))[None, None]
     accumulate_on = device if device.type == "cuda" else torch.device("cpu")
-    patch = [int(v) for v in configuration["segmentation"]["patch_size_zyx"]]
+    patch = list(configuration.segmentation.patch_size_zyx)
     scan = segment_scan(network, image.to(accumulate_on), arrays["region"] != 0, cls_image.to(device), patch,
                         step_fraction=1.0, weighting="constant", batch_size=batch_size, device=device,
                         output_device=accumulate_on,
-                        placement=configuration.get("inference", {}).get("tile_placement", "grid"))
+                        placement=configuration.inference.tile_placement)
     probability = scan.probability.cpu().numpy()
     return resample_to_grid(probability, arrays["cls_image"].shape), probability
 
@@ -111,7 +110,7 @@ def _save_npy(array: np.ndarray, path: Path) -> None:
     write_bytes_atomic(buffer.getvalue(), path)
 
 
-def refresh_contexts(network: torch.nn.Module, cases: Sequence[CacheCase], folder: Path, configuration: Mapping,
+def refresh_contexts(network: torch.nn.Module, cases: Sequence[CacheCase], folder: Path, configuration: Configuration,
                      device: torch.device, context: DistributedContext, hard_negative_folder: Path | None = None,
                      mine_cases: Sequence[str] = ()) -> float:
     """Remake the cached map of every case (each process its share) and wait for all; returns the seconds spent.

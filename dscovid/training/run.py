@@ -8,7 +8,6 @@ after training, ``validation/`` (the real predictor on the fold's held-out cases
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -21,7 +20,7 @@ import torch
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import find_dataset, write_json_atomic
-from dscovid.plans.schema import load_plans
+from dscovid.plans.configuration import Plans, load_plans
 from dscovid.results.checkpoint import FINAL, LATEST
 from dscovid.results.model_folder import model_folder
 from dscovid.roots import Roots
@@ -33,8 +32,6 @@ from dscovid.training.splits import DEFAULT_NUM_FOLDS, DEFAULT_SPLIT_SEED, fold_
 from dscovid.training.trainers import DEFAULT_TRAINER, get_trainer
 
 log = logging.getLogger("dscovid.training")
-
-DEFAULT_SEED = 12345
 
 
 @dataclass(frozen=True)
@@ -58,8 +55,8 @@ def find_preprocessed_dataset(root: Path, dataset: str | None) -> Path:
     raise DscovidError(f"several preprocessed datasets in {root} ({', '.join(p.name for p in candidates)}): pass -d")
 
 
-def read_plans(path: Path) -> dict:
-    """The validated plans dictionary of a preprocessed dataset (errors name the file and the key)."""
+def read_plans(path: Path) -> Plans:
+    """The validated plans of a preprocessed dataset (errors name the file and the key)."""
     if not Path(path).exists():
         raise DscovidError(f"{path}: plans file not found (run dscovid_plan_and_preprocess first)")
     return load_plans(path)
@@ -150,12 +147,11 @@ def run_training(
     try:
         dataset_dir = find_preprocessed_dataset(roots.require("preprocessed"), dataset)
         plans = read_plans(dataset_dir / "plans.json")
-        configurations = plans.get("configurations", {})
-        if configuration not in configurations:
+        if configuration not in plans.configurations:
             raise DscovidError(f"{dataset_dir / 'plans.json'}: no configuration {configuration!r} "
-                               f"(available: {', '.join(sorted(configurations)) or 'none'})")
-        effective = trainer_class.effective_configuration(configurations[configuration])
-        data_dir = dataset_dir / effective["data_identifier"]
+                               f"(available: {', '.join(sorted(plans.configurations)) or 'none'})")
+        effective = trainer_class.effective_configuration(plans.configurations[configuration])
+        data_dir = dataset_dir / effective.data_identifier
         cases = list_cache_cases(data_dir)
         if context.is_main:
             splits = load_or_create_splits(dataset_dir, {n: c.stratum() for n, c in cases.items()}, num_folds,
@@ -167,10 +163,9 @@ def run_training(
         train_names, val_names = fold_cases(splits, fold, list(cases))
         fold_dir = model_folder(roots.require("results"), dataset_dir.name, trainer_class.__name__,
                                 configuration) / f"fold_{fold}"
-        run_seed = int(seed if seed is not None else effective["training"].get("seed", DEFAULT_SEED))
+        run_seed = int(seed if seed is not None else effective.training.seed)
         seed_everything(run_seed, deterministic)
-        effective_plans = json.loads(json.dumps(plans))
-        effective_plans["configurations"][configuration] = effective
+        effective_plans = plans.with_configuration(effective)
         setup = TrainingSetup(
             plans=effective_plans, configuration_name=configuration, configuration=effective,
             train_cases=[cases[n] for n in train_names], val_cases=[cases[n] for n in val_names],
@@ -198,7 +193,7 @@ def run_training(
         shutdown_distributed(context)
 
 
-def _prepare_fold_dir(trainer: Trainer, dataset_dir: Path, plans: dict, continue_training: bool) -> None:
+def _prepare_fold_dir(trainer: Trainer, dataset_dir: Path, plans: Plans, continue_training: bool) -> None:
     """Resume or refuse to overwrite, and copy the plans, dataset.json and fingerprint in (main process)."""
     fold_dir = trainer.output_dir
     latest = fold_dir / LATEST
@@ -214,7 +209,7 @@ def _prepare_fold_dir(trainer: Trainer, dataset_dir: Path, plans: dict, continue
         return
     fold_dir.mkdir(parents=True, exist_ok=True)
     for target in (fold_dir, fold_dir.parent):  # the model folder too, as nnU-Net, for the predictor
-        write_json_atomic(plans, target / "plans.json")
+        write_json_atomic(plans.to_dict(), target / "plans.json")
         for name in ("dataset.json", "dataset_fingerprint.json"):
             if (dataset_dir / name).exists():
                 temporary = target / f".{name}.tmp"
