@@ -4,7 +4,7 @@
 
     python benchmarks/bench_lung_mask.py [--data $DSCOVID_TEST_DATA] [--synthetic-index 0] [--repeat 1]
 
-Times :func:`dscovid.preprocessing.lung_mask.segment_lung_sides` (reading excluded) on the real COVID-CT-MD DICOM
+Times :func:`dscovid.preprocessing.lung.segment_lung_sides` (reading excluded) on the real COVID-CT-MD DICOM
 series P002 (512×512×133) and on one full-size synthetic case (512×512, 200-350 slices;
 ``dataset_conversion.synthetic``, ``full_size``), and reports the best wall time of ``--repeat`` runs, the peak
 memory the segmentation allocates on top of its input (numpy allocations, via ``tracemalloc``), the working grid,
@@ -25,7 +25,7 @@ import numpy as np
 
 def measure(name: str, image: np.ndarray, geometry, repeat: int, lung=None, lesion=None) -> dict:
     """Best seconds of ``repeat`` runs and the peak extra memory of one run, plus quality when references exist."""
-    from dscovid.preprocessing.lung_mask import lung_volumes_ml, segment_lung_sides
+    from dscovid.preprocessing.lung import lung_volumes_ml, segment_lung_sides
 
     seconds = []
     for _ in range(repeat):

@@ -56,7 +56,7 @@ timing["read"] = time.perf_counter() - t0; memory["read"] = rss_mb()
 t0 = time.perf_counter()
 cache = Path(plans_file).parent / "lung_masks" if lung_mode == "cache" else None
 if lung_mode == "segment":
-    from dscovid.preprocessing.lung_mask import segment_lungs
+    from dscovid.preprocessing.lung import segment_lungs
     lung = np.asarray(segment_lungs(image, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
 else:
     lung = segment_and_cache(case, image, geometry, cache)

@@ -26,7 +26,7 @@ import numpy as np
 
 from dscovid.io.image_io import read_image, read_mask
 from dscovid.plans.configuration import Configuration, load_plans
-from dscovid.preprocessing.lung_mask import segment_lungs
+from dscovid.preprocessing.lung import segment_lungs
 from dscovid.preprocessing.preprocessor import preprocess_image, restore_to_original
 
 

@@ -30,7 +30,7 @@ def draw_lung_mask_figure(data: Path, output: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from dscovid.io.image_io import read_image
-    from dscovid.preprocessing.lung_mask import LEFT_LUNG, RIGHT_LUNG, lung_volumes_ml, segment_lung_sides
+    from dscovid.preprocessing.lung import LEFT_LUNG, RIGHT_LUNG, lung_volumes_ml, segment_lung_sides
 
     figure, axes = plt.subplots(len(CASES), 2, figsize=(10, 5 * len(CASES)), gridspec_kw={"width_ratios": [1, 1]})
     for row, (case, folder, diagnosis) in zip(axes, CASES):

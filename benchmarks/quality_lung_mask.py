@@ -10,7 +10,7 @@ Each source is either a seed (cases ``first-index .. first-index+cases-1`` of
 ``dataset_conversion.synthetic.generate_case``, default small grids; ``--cache`` keeps them as ``.npz`` so that
 repeated runs only time the segmentation) or a raw dataset folder with ``imagesTr/``, ``labelsTr/`` and the
 reference lungs (``lungsReference/``, as ``dscovid_make_synthetic`` writes them), which is the issue's criterion
-measured on files. The mask of :func:`dscovid.preprocessing.lung_mask.segment_lungs` is compared with the
+measured on files. The mask of :func:`dscovid.preprocessing.lung.segment_lungs` is compared with the
 reference lung (which includes the lesions): Dice mean (min) and, per class, the fraction of lesion voxels inside
 the mask (pooled over the cases of that class), and inside the mask grown by each ``--margins`` mm (what the
 preprocessor's ``region`` keeps with ``lung_margin_mm``), with the grown region's volume against the reference
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cut the grown masks to the lung box plus this margin, as the preprocessor's crop does")
     args = parser.parse_args(argv)
 
-    from dscovid.preprocessing.lung_mask import LungMaskSettings, segment_lungs
+    from dscovid.preprocessing.lung import LungMaskSettings, segment_lungs
 
     methods = {"dscovid": segment_lungs}
     if args.chest_wall_gaps:

@@ -90,7 +90,7 @@ def test_findings_per_case_and_per_class(raw_dataset, tmp_path):
 
 
 def test_lungs_are_segmented_when_no_mask_is_given(raw_dataset, tmp_path, monkeypatch):
-    import dscovid.preprocessing.lung_mask as lung_mask
+    import dscovid.preprocessing.lung as lung
 
     for path in (raw_dataset / "lungsTr").iterdir():
         path.unlink()
@@ -100,7 +100,7 @@ def test_lungs_are_segmented_when_no_mask_is_given(raw_dataset, tmp_path, monkey
         calls.append(tuple(spacing_zyx_mm))
         return _lungs()
 
-    monkeypatch.setattr(lung_mask, "segment_lungs", fake_segment_lungs)
+    monkeypatch.setattr(lung, "segment_lungs", fake_segment_lungs)
     summary = analyze_dataset(raw_dataset, tmp_path / "out", thicknesses_mm=(0.0, 5.0), figures=False)
     sources = {row["case"]: row["lung_source"] for row in summary["per_case"]}
     assert sources == {"case_a": "segmented", "case_b": "lungsReference", "case_c": "segmented"}
@@ -110,7 +110,7 @@ def test_lungs_are_segmented_when_no_mask_is_given(raw_dataset, tmp_path, monkey
 def test_missing_lung_segmentation_is_a_clear_error(raw_dataset, tmp_path, monkeypatch):
     for path in (raw_dataset / "lungsTr").iterdir():
         path.unlink()
-    monkeypatch.setitem(sys.modules, "dscovid.preprocessing.lung_mask", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "dscovid.preprocessing.lung", None)  # import now fails
     with pytest.raises(DscovidError, match="case case_a: no lung mask .* lung segmentation is not available"):
         analyze_dataset(raw_dataset, tmp_path / "out", figures=False)
 

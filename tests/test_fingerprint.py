@@ -70,9 +70,9 @@ def test_lung_masks_are_segmented_once_and_reused_by_the_preprocessor(tmp_path, 
         # The phantom's lungs are the only voxels near -850 HU; lesions are inside them.
         return ((image_hu < -700) & (image_hu > -950)).astype(np.uint8) | (np.abs(image_hu + 450) < 60)
 
-    import dscovid.preprocessing.lung_mask as lung_mask
+    import dscovid.preprocessing.lung as lung
 
-    monkeypatch.setattr(lung_mask, "segment_lungs", fake_segment_lungs)
+    monkeypatch.setattr(lung, "segment_lungs", fake_segment_lungs)
     out = tmp_path / "pre" / folder.name
     dataset = load_raw_dataset(folder)
     extract_fingerprint(dataset, out, progress=False)
@@ -87,8 +87,8 @@ def test_lung_masks_are_segmented_once_and_reused_by_the_preprocessor(tmp_path, 
 def test_a_scan_without_lung_is_an_error_naming_the_case(tmp_path, monkeypatch):
     folder = make_raw_dataset(tmp_path / "raw", [{"class": "covid", "name": "pelvis"}])
     shutil.rmtree(folder / "lungsTr")
-    import dscovid.preprocessing.lung_mask as lung_mask
+    import dscovid.preprocessing.lung as lung
 
-    monkeypatch.setattr(lung_mask, "segment_lungs", lambda image, spacing, direction=None: np.zeros(image.shape, np.uint8))
+    monkeypatch.setattr(lung, "segment_lungs", lambda image, spacing, direction=None: np.zeros(image.shape, np.uint8))
     with pytest.raises(DscovidError, match="pelvis: no lung found"):
         extract_fingerprint(load_raw_dataset(folder), tmp_path / "pre", progress=False)

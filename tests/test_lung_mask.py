@@ -11,7 +11,7 @@ from dscovid.cli.lung_mask import main as lung_mask_main
 from dscovid.errors import DscovidError
 from dscovid.io.image_io import Geometry, read_image, read_mask, write_image
 from dscovid.io.scans import Scan
-from dscovid.preprocessing.lung_mask import (
+from dscovid.preprocessing.lung import (
     LEFT_LUNG,
     RIGHT_LUNG,
     LungMaskSettings,

@@ -319,7 +319,7 @@ def test_sparse_classification_grid_equals_dense():
 @pytest.mark.realdata
 def test_real_ct_round_trip_with_the_built_in_lung_mask(test_data):
     from dscovid.io.image_io import read_image
-    from dscovid.preprocessing.lung_mask import segment_lungs
+    from dscovid.preprocessing.lung import segment_lungs
 
     image, geometry = read_image(test_data / "covid_ct_md_derived" / "P002_ct_2p5mm.nii.gz")
     lung = np.asarray(segment_lungs(image, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)

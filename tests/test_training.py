@@ -329,3 +329,21 @@ def test_predicted_context_matches_the_predictors_map(tmp_path):
     on_grid = resample_to_grid(scans["grid"].probability.numpy(), arrays["cls_image"].shape)
     assert np.abs(made - on_grid).max() > 1e-4  # the tiles differ, so a refresh ignoring the plans would be caught
     assert made.max() > 0 and (scan.probability.numpy()[arrays["region"] == 0] == 0).all()
+
+
+def test_the_lesion_context_component_follows_the_configuration(tmp_path):
+    from dscovid.training.lesion_context import GroundTruthContext, PredictedContext, lesion_context_for
+
+    base = Configuration.from_dict("3d_cpu", make_plans("x")["configurations"]["3d_cpu"])
+    predicted = base.with_overrides({"network.lesion_context": "prediction", "training.hard_negative_fraction": 0.3,
+                                     "training.lesion_context_refresh_epochs": 3})
+    context, notes = lesion_context_for(predicted, tmp_path)
+    assert isinstance(context, PredictedContext) and not notes
+    assert (context.folder, context.hard_negative_folder) == (tmp_path / "lesion_context", tmp_path / "hard_negatives")
+    assert (context.refresh_epochs, context.hard_negative_fraction) == (3, 0.3)
+    no_mining, _ = lesion_context_for(predicted.with_overrides({"training.hard_negative_fraction": 0.0}), tmp_path)
+    assert no_mining.hard_negative_folder is None and no_mining.hard_negative_fraction == 0.0
+    for configuration in (base, predicted.with_overrides({"network.tasks": "segmentation"})):
+        context, notes = lesion_context_for(configuration, tmp_path)
+        assert type(context) is GroundTruthContext and context.folder is None
+    assert notes and "hard_negative_fraction 0.30 not used" in notes[0]

@@ -73,7 +73,7 @@ def analyze_case(job: AnalysisJob) -> dict:
         lung, _ = read_mask(job.lung, reference=geometry)
     else:
         try:
-            from dscovid.preprocessing.lung_mask import segment_lungs
+            from dscovid.preprocessing.lung import segment_lungs
         except ImportError as error:
             raise DscovidError(
                 f"case {case.name}: no lung mask in lungsTr/ and the lung segmentation is not available ({error})"

@@ -7,7 +7,7 @@ import sys
 
 from dscovid.cli._common import run_command
 from dscovid.io.scans import find_scans
-from dscovid.preprocessing.lung_mask import LungMaskSettings, write_lung_masks
+from dscovid.preprocessing.lung import LungMaskSettings, write_lung_masks
 
 
 def _run(args: argparse.Namespace) -> int:

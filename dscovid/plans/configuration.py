@@ -146,18 +146,17 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping) -> TrainingConfig:
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         return cls(
             batch_size=int(values["batch_size"]),
             class_weights=_floats(values["class_weights"]),
             loss=LossConfig.from_dict(values["loss"], values["class_weights"]),
             stages=tuple(StageConfig.from_dict(stage) for stage in values["stages"]),
             oversample_foreground=float(values["oversample_foreground"]),
-            seed=int(values.get("seed", defaults["seed"])),
+            seed=int(values.get("seed", cls.seed)),
             lesion_context_refresh_epochs=int(values.get("lesion_context_refresh_epochs",
-                                                         defaults["lesion_context_refresh_epochs"])),
-            hard_negative_fraction=float(values.get("hard_negative_fraction", defaults["hard_negative_fraction"])),
-            findings_head_lr_scale=float(values.get("findings_head_lr_scale", defaults["findings_head_lr_scale"])),
+                                                         cls.lesion_context_refresh_epochs)),
+            hard_negative_fraction=float(values.get("hard_negative_fraction", cls.hard_negative_fraction)),
+            findings_head_lr_scale=float(values.get("findings_head_lr_scale", cls.findings_head_lr_scale)),
         )
 
     def to_dict(self) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 from dscovid.io.image_io import Geometry, read_image
 from dscovid.io.scans import Scan
 from dscovid.plans.configuration import Configuration
-from dscovid.preprocessing.lung_mask import segment_lungs
+from dscovid.preprocessing.lung import segment_lungs
 from dscovid.preprocessing.preprocessor import preprocess_image
 
 

@@ -1,7 +1,7 @@
 """Lung masks computed once per case and shared by the fingerprint and the preprocessor.
 
 A lung mask comes from the dataset's ``lungsTr`` when present (read, never cached), otherwise from
-:func:`dscovid.preprocessing.lung_mask.segment_lungs`, whose result is kept on the original grid in
+:func:`dscovid.preprocessing.lung.segment_lungs`, whose result is kept on the original grid in
 ``<preprocessed dataset>/lung_masks/<case>.npz`` (bit-packed, with the image file's :func:`~dscovid.io.stamps.file_stamp`
 so that a changed image is segmented again).
 """
@@ -69,7 +69,7 @@ def segment_and_cache(case: Case, image_hu: np.ndarray, geometry: Geometry, cach
         path = _cache_path(cache_dir, case.name) if cache_dir is not None else None
         lung = _read_cached(path, stamp, geometry.shape_zyx) if path is not None and path.exists() else None
         if lung is None:
-            from dscovid.preprocessing.lung_mask import segment_lungs  # imported late: heavy, optional for lungsTr
+            from dscovid.preprocessing.lung import segment_lungs  # imported late: heavy, optional for lungsTr
 
             lung = np.asarray(segment_lungs(image_hu, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
             if path is not None:

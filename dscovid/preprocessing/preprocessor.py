@@ -144,7 +144,7 @@ def preprocess_image(
     geometry : the image's voxel grid (from :func:`dscovid.io.image_io.read_image`).
     plans_configuration : one configuration of a plans file (dict or :class:`Configuration`).
     lung : optional (Z, Y, X) 0/1 lung mask on the same grid; when absent,
-        :func:`dscovid.preprocessing.lung_mask.segment_lungs` makes one.
+        :func:`dscovid.preprocessing.lung.segment_lungs` makes one.
     lesion : optional (Z, Y, X) 0/1 lesion mask on the same grid (training); absent means all zero.
     case_name : used in messages and to seed the lesion voxel sampling.
 
@@ -170,7 +170,7 @@ def preprocess_image(
         clock = now
 
     if lung is None:
-        from dscovid.preprocessing.lung_mask import segment_lungs  # imported late: heavy
+        from dscovid.preprocessing.lung import segment_lungs  # imported late: heavy
 
         lung = np.asarray(segment_lungs(image_hu, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
         lap("lung_mask")

@@ -40,13 +40,7 @@ from dscovid.results.checkpoint import (
 from dscovid.training.augmentation import AugmentationSettings
 from dscovid.training.data import CacheCase
 from dscovid.training.distributed import DistributedContext, average_gradients, sum_over_ranks
-from dscovid.training.lesion_context import (
-    CONTEXT_FOLDER,
-    HARD_NEGATIVE_FOLDER,
-    clear_contexts,
-    context_file,
-    refresh_contexts,
-)
+from dscovid.training.lesion_context import GroundTruthContext, lesion_context_for
 from dscovid.training.loader import build_loader, close_loader
 from dscovid.training.progress import History, plot_progress
 from dscovid.training.schedule import learning_rate, make_optimizer, stage_at, stages_with_overrides
@@ -106,26 +100,9 @@ class Trainer:
         self.total_epochs = count_epochs(self.stages)
         torch.manual_seed(setup.seed)  # identical initial weights on every rank and in every seeded run
         self.network = build_network(self.configuration).to(self.device)
-        # network.lesion_context "prediction": the classifier's Ŝ outside the patch is the network's own cached
-        # whole-scan prediction in the joint stages (dscovid.training.lesion_context).
-        self.context_dir: Path | None = None
-        if self.network.config.tasks == "joint" and self.network.config.lesion_context == "prediction":
-            self.context_dir = self.output_dir / CONTEXT_FOLDER
-        self.context_refresh_epochs = training.lesion_context_refresh_epochs
-        self._unused_notes: list[str] = []  # settings of the plans this trainer does not use (logged at the start)
-        self.hard_negative_fraction = training.hard_negative_fraction
+        # What the classifier's Ŝ outside the patch is, and the hard negatives (dscovid.training.lesion_context).
+        self.lesion_context, self._unused_notes = self.make_lesion_context()
         self.findings_lr_scale = training.findings_head_lr_scale
-        self.hard_negative_dir: Path | None = None
-        if self.hard_negative_fraction > 0:
-            if self.context_dir is None:
-                # The false positives are mined while the joint network's lesion context is refreshed; a
-                # single-task or ground-truth-context run of the same plans trains without them.
-                self._unused_notes.append(
-                    f"training.hard_negative_fraction {self.hard_negative_fraction:.2f} not used: hard negatives are "
-                    "mined by the lesion-context refresh of a joint network with network.lesion_context 'prediction'")
-                self.hard_negative_fraction = 0.0
-            else:
-                self.hard_negative_dir = self.output_dir / HARD_NEGATIVE_FOLDER
         self.loss = build_loss(self.configuration)
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -147,6 +124,10 @@ class Trainer:
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def make_lesion_context(self) -> tuple[GroundTruthContext, list[str]]:
+        """The lesion-context component (a hook), and notes on the plans settings it leaves unused."""
+        return lesion_context_for(self.configuration, self.output_dir)
 
     def resume(self, path: Path) -> None:
         """Restore weights, stage, optimiser, scaler, epoch and history from a checkpoint."""
@@ -176,19 +157,18 @@ class Trainer:
         spacing = self.configuration.preprocessing.target_spacing_zyx_mm
         # A resumed run must not replay the batches of the first epochs: the stream depends on the start epoch.
         stream = int(np.random.SeedSequence([s.seed, self.context.rank, self.epoch]).generate_state(1)[0])
-        if self.context_dir is not None and (
-                self.epoch >= self.total_epochs
-                or self.step_mode(self.stages[stage_at(self.stages, self.epoch)[0]]) == "separate"):
-            clear_contexts(self.context_dir, self.context)  # stage 1 trains on the ground truth: no old maps
-            if self.hard_negative_dir is not None:
-                clear_contexts(self.hard_negative_dir, self.context)
+        # Stage 1 trains on the ground truth: no old maps. Nor when there is nothing left to train.
+        fresh = (self.epoch >= self.total_epochs
+                 or self.step_mode(self.stages[stage_at(self.stages, self.epoch)[0]]) == "separate")
+        self.lesion_context.on_train_start(fresh, self.context)
+        context = self.lesion_context
         self.train_loader = build_loader(s.train_cases, self.batch_size, patch, spacing, self.oversample,
-                                         self.augmentation(), stream, s.num_workers, self.context_dir,
-                                         self.hard_negative_dir, self.hard_negative_fraction)
+                                         self.augmentation(), stream, s.num_workers, context.folder,
+                                         context.hard_negative_folder, context.hard_negative_fraction)
         val_cases = s.val_cases or s.train_cases
         self.val_loader = build_loader(val_cases, self.batch_size, patch, spacing, self.oversample,
                                        AugmentationSettings.none(), stream + 1, 1 if s.num_workers >= 2 else 0,
-                                       self.context_dir)
+                                       context.folder)
         log.info("%s on %s, fold folder %s: %d training / %d validation cases, batch %d x %d process(es), "
                  "%d epochs in %d stage(s)", self.name, self.device, self.output_dir, len(s.train_cases),
                  len(s.val_cases), self.batch_size, self.context.world_size, self.total_epochs, len(self.stages))
@@ -382,12 +362,9 @@ class Trainer:
         lr = learning_rate(self.stages[index], in_stage)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        if self.context_dir is not None and self.step_mode(self.stages[index]) == "total":
-            cases = list({case.name: case for case in [*self.setup.train_cases, *self.setup.val_cases]}.values())
-            missing = any(not context_file(self.context_dir, case.name).exists() for case in cases)
-            if missing or in_stage % max(self.context_refresh_epochs, 1) == 0:
-                refresh_contexts(self.network, cases, self.context_dir, self.configuration, self.device, self.context,
-                                 self.hard_negative_dir, [case.name for case in self.setup.train_cases])
+        self.lesion_context.on_epoch_start(self.network, self.setup.train_cases, self.setup.val_cases, in_stage,
+                                           self.step_mode(self.stages[index]) == "total", self.configuration,
+                                           self.device, self.context)
         return lr
 
     def run_epoch(self) -> None:

@@ -151,3 +151,85 @@ def clear_contexts(folder: Path, context: DistributedContext) -> None:
     if context.is_main and Path(folder).exists():
         shutil.rmtree(folder)
     context.barrier()
+
+
+# ------------------------------------------------------------------------------- the component a trainer holds
+
+
+class GroundTruthContext:
+    """The classifier sees the ground truth (``cls_lesion``) outside the patch: nothing is cached or refreshed.
+
+    What a trainer holds for ``network.lesion_context`` ``"ground_truth"`` or ``"none"``, and for single-task
+    networks.
+    """
+
+    folder: Path | None = None
+    hard_negative_folder: Path | None = None
+    hard_negative_fraction: float = 0.0
+
+    def on_train_start(self, fresh: bool, context: DistributedContext) -> None:
+        """Nothing to prepare."""
+
+    def on_epoch_start(self, network: torch.nn.Module, train_cases: Sequence[CacheCase],
+                       val_cases: Sequence[CacheCase], epoch_in_stage: int, joint: bool, configuration: Configuration,
+                       device: torch.device, context: DistributedContext) -> None:
+        """Nothing to refresh."""
+
+
+class PredictedContext(GroundTruthContext):
+    """The network's own cached whole-scan Ŝ in place of the ground truth, refreshed during the joint stages, and
+    optionally the false positives it mines on the way (the hard negatives).
+
+    Parameters
+    ----------
+    folder : where the context maps are cached (``fold_K/lesion_context``).
+    refresh_epochs : epochs between two refreshes within a joint stage (``training.lesion_context_refresh_epochs``).
+    hard_negative_folder : where the mined false positives go (``fold_K/hard_negatives``), or None for none.
+    hard_negative_fraction : fraction of the patches not forced onto a lesion that are centred on one of them.
+    """
+
+    def __init__(self, folder: Path, refresh_epochs: int, hard_negative_folder: Path | None = None,
+                 hard_negative_fraction: float = 0.0):
+        self.folder = Path(folder)
+        self.refresh_epochs = max(int(refresh_epochs), 1)
+        self.hard_negative_folder = hard_negative_folder
+        self.hard_negative_fraction = hard_negative_fraction if hard_negative_folder is not None else 0.0
+
+    def on_train_start(self, fresh: bool, context: DistributedContext) -> None:
+        """A run that starts in a separate-parts stage (or has nothing left to train) removes an old run's maps."""
+        if fresh:
+            clear_contexts(self.folder, context)
+            if self.hard_negative_folder is not None:
+                clear_contexts(self.hard_negative_folder, context)
+
+    def on_epoch_start(self, network: torch.nn.Module, train_cases: Sequence[CacheCase],
+                       val_cases: Sequence[CacheCase], epoch_in_stage: int, joint: bool, configuration: Configuration,
+                       device: torch.device, context: DistributedContext) -> None:
+        """In a joint stage: remake the maps at its start, every ``refresh_epochs`` and whenever one is missing."""
+        if not joint:
+            return
+        cases = list({case.name: case for case in [*train_cases, *val_cases]}.values())
+        missing = any(not context_file(self.folder, case.name).exists() for case in cases)
+        if missing or epoch_in_stage % self.refresh_epochs == 0:
+            refresh_contexts(network, cases, self.folder, configuration, device, context, self.hard_negative_folder,
+                             [case.name for case in train_cases])
+
+
+def lesion_context_for(configuration: Configuration, fold_dir: Path) -> tuple[GroundTruthContext, list[str]]:
+    """The lesion-context component a trainer of ``configuration`` holds, and notes on plans settings it leaves unused.
+
+    A joint network with ``network.lesion_context`` ``"prediction"`` gets a :class:`PredictedContext` (with hard
+    negatives when ``training.hard_negative_fraction`` > 0); any other a :class:`GroundTruthContext`, and the hard
+    negatives, which are mined by the context refresh, are then not used.
+    """
+    training, notes = configuration.training, []
+    if configuration.network.tasks == "joint" and configuration.network.lesion_context == "prediction":
+        hard_negatives = fold_dir / HARD_NEGATIVE_FOLDER if training.hard_negative_fraction > 0 else None
+        return PredictedContext(fold_dir / CONTEXT_FOLDER, training.lesion_context_refresh_epochs, hard_negatives,
+                                training.hard_negative_fraction), notes
+    if training.hard_negative_fraction > 0:
+        # A single-task or ground-truth-context run of the same plans trains without them.
+        notes.append(f"training.hard_negative_fraction {training.hard_negative_fraction:.2f} not used: hard "
+                     "negatives are mined by the lesion-context refresh of a joint network with "
+                     "network.lesion_context 'prediction'")
+    return GroundTruthContext(), notes
