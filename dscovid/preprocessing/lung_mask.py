@@ -51,12 +51,12 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import CHANNEL_SUFFIX
 from dscovid.io.image_io import is_volume_file, read_image, strip_ending, write_image
+from dscovid.parallel import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -854,7 +854,7 @@ def write_lung_masks(
     output_dir = Path(output_dir)
     failures = []
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-        for case, scan in tqdm(scans, desc="lung masks", unit="scan", disable=not progress):
+        for case, scan in progress_bar(scans, desc="lung masks", unit="scan", disable=not progress):
             try:
                 image, geometry = read_image(scan)
                 started = time.perf_counter()

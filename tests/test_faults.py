@@ -1,0 +1,563 @@
+"""Fault injection: dscovid under a full disk, kill -9, concurrent runs, misuse and bad input (issue 16).
+
+The rule every test here checks: no user file is changed or deleted unless the user asked for it, no file under a
+final name is ever incomplete, and every failure is one line naming the file (or case) and the reason, with a
+non-zero exit. docs/reliability.md lists each guarantee with the test that shows it.
+
+A full disk is simulated two ways: portably, by replacing the one function every writer opens its files with
+(:func:`dscovid.io.atomic.open_for_writing`) by one whose writes fail with ENOSPC, and by ITK writing short files
+without an error (what ITK does on a full disk); and for real on a 256 KiB tmpfs where the tests run as root and
+may mount (skipped elsewhere).
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from test_preprocessing import make_raw_dataset, phantom, small_plans
+
+from dscovid.errors import DscovidError
+from dscovid.io import atomic
+from dscovid.io.atomic import write_bytes_atomic, write_text_atomic
+from dscovid.io.dataset import load_raw_dataset, make_dataset_json, write_json_atomic
+from dscovid.io.image_io import Geometry, read_image, write_image
+from dscovid.io.validate import verify_dataset
+from dscovid.preprocessing.lung_cache import save_npz_atomic
+from dscovid.preprocessing.preprocessor import preprocess_dataset
+from dscovid.training.checkpoint import save_checkpoint
+
+GEOMETRY = Geometry((24, 48, 48), (2.5, 1.5, 1.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+# ------------------------------------------------------------------------------------------- fault injectors
+
+
+class _FullDisk(io.RawIOBase):
+    """A file whose writes fail with ENOSPC once ``room`` bytes are written (as a full disk does)."""
+
+    def __init__(self, path, room: int) -> None:
+        self._stream = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if len(data) > self._room:
+            self._stream.write(data[: self._room])
+            self._room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._stream.write(data)
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+        super().close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk(room=0, only=None)``: from now on, writes of files whose name contains ``only`` fail."""
+    real = atomic.open_for_writing
+
+    def install(room: int = 0, only: str | None = None) -> None:
+        def failing(path):
+            return _FullDisk(path, room) if only is None or only in Path(path).name else real(path)
+
+        monkeypatch.setattr(atomic, "open_for_writing", failing)
+
+    return install
+
+
+@pytest.fixture
+def itk_short_writes(monkeypatch):
+    """ITK on a full disk: ``WriteImage`` leaves a short file and raises nothing."""
+    real = sitk.WriteImage
+
+    def short(image, path, *args, **kwargs):
+        real(image, path, *args, **kwargs)
+        size = os.path.getsize(path)
+        with open(path, "r+b") as stream:
+            stream.truncate(size * 2 // 5)
+
+    monkeypatch.setattr(sitk, "WriteImage", short)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 256 KiB tmpfs (only where the tests run as root and may mount; skipped elsewhere)."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real full disk needs root and mount (the portable simulation runs everywhere)")
+    mount_point = tmp_path / "tiny_fs"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def _ct(seed: int = 0) -> np.ndarray:
+    image, _, _ = phantom(GEOMETRY.shape_zyx, seed=seed)
+    return image
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ----------------------------------------------------------------------- 2. a full disk: writers outside the predictor
+
+
+def test_disk_full_in_a_json_write_is_one_line_and_keeps_the_old_file(tmp_path, full_disk):
+    target = write_json_atomic({"old": True}, tmp_path / "plans.json")
+    full_disk(room=10)
+    with pytest.raises(DscovidError) as caught:
+        write_json_atomic({"new": "x" * 10_000}, target)
+    assert str(caught.value) == f"{target}: cannot write (disk full: no space left on device)"
+    assert json.loads(target.read_text(encoding="utf-8")) == {"old": True}
+    assert _names(tmp_path) == ["plans.json"]  # no temporary file left
+
+
+def test_disk_full_in_a_csv_text_and_checkpoint_write(tmp_path, full_disk):
+    full_disk(room=100)
+    for write in (lambda: write_text_atomic("a,b\n" * 1000, tmp_path / "predictions.csv"),
+                  lambda: write_bytes_atomic(b"\0" * 5000, tmp_path / "context.npy"),
+                  lambda: save_checkpoint({"weights": torch.zeros(2000)}, tmp_path / "checkpoint_latest.pt")):
+        with pytest.raises(DscovidError, match="disk full"):
+            write()
+    assert _names(tmp_path) == []
+
+
+def test_disk_full_in_the_preprocessing_cache_fails_that_case_only(tmp_path, full_disk):
+    folder = make_raw_dataset(tmp_path / "raw", [{"class": "covid"}, {"class": "cap"}, {"class": "covid"}])
+    out = tmp_path / "pre" / folder.name
+    full_disk(room=1000, only="case_001.npz")
+    result = preprocess_dataset(load_raw_dataset(folder), out, small_plans(), ["3d_test"], progress=False)
+    assert result["failed"] == ["case_001"] and result["processed"] == ["case_000", "case_002"]
+    assert _names(out / "3d_test") == ["case_000.json", "case_000.npz", "case_002.json", "case_002.npz"]
+
+
+def test_an_image_written_short_without_an_error_never_gets_its_final_name(tmp_path, itk_short_writes, full_disk):
+    """ITK prints "wrote only N of M bytes" and goes on; the read-back catches it, the probe names the full disk."""
+    target = tmp_path / "case_evidence.nii.gz"
+    target.write_bytes(b"the user's own file")
+    with pytest.raises(DscovidError) as caught:
+        write_image(np.random.default_rng(0).random(GEOMETRY.shape_zyx, dtype=np.float32), GEOMETRY, target)
+    message = str(caught.value)
+    assert message.startswith(f"{target}: cannot write (the file written is incomplete or corrupt") and "\n" not in message
+    full_disk(room=0)  # now the disk is full too: the error says so
+    for ending in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        with pytest.raises(DscovidError, match=r"cannot write \(disk full"):
+            write_image(np.ones(GEOMETRY.shape_zyx, np.uint8), GEOMETRY, tmp_path / f"mask{ending}")
+    assert target.read_bytes() == b"the user's own file"
+    assert _names(tmp_path) == ["case_evidence.nii.gz"]
+
+
+def test_a_header_and_data_pair_appears_whole_or_not_at_all(tmp_path, itk_short_writes):
+    with pytest.raises(DscovidError, match="incomplete"):
+        write_image(_ct(), GEOMETRY, tmp_path / "scan.mhd", compress=False)
+    assert _names(tmp_path) == []
+
+
+def test_a_real_full_disk(tiny_filesystem):
+    """256 KiB of tmpfs: ITK's short write, np.savez, JSON and a checkpoint all fail with 'disk full', leave nothing."""
+    kept = write_json_atomic({"kept": True}, tiny_filesystem / "kept.json")
+    noise = np.random.default_rng(1).random((32, 64, 64), dtype=np.float32)  # 512 KiB that gzip cannot shrink
+    writes = {
+        "evidence.nii.gz": lambda path: write_image(noise, GEOMETRY.__class__((32, 64, 64), (1, 1, 1), (0, 0, 0),
+                                                                             GEOMETRY.direction), path),
+        "case.npz": lambda path: save_npz_atomic(path, image=noise),
+        "kept.json": lambda path: write_json_atomic({"values": noise.ravel()[:40_000].tolist()}, path),
+        "checkpoint.pt": lambda path: save_checkpoint({"weights": torch.from_numpy(noise)}, path),
+    }
+    for name, write in writes.items():
+        with pytest.raises(DscovidError) as caught:
+            write(tiny_filesystem / name)
+        assert str(caught.value).startswith(f"{tiny_filesystem / name}: cannot write (disk full"), caught.value
+    assert _names(tiny_filesystem) == ["kept.json"]
+    assert json.loads(kept.read_text(encoding="utf-8")) == {"kept": True}
+
+
+def test_a_truncated_npz_beside_a_whole_json_is_not_up_to_date(tmp_path):
+    folder = make_raw_dataset(tmp_path / "raw", [{"class": "covid"}, {"class": "cap"}])
+    out = tmp_path / "pre" / folder.name
+    dataset = load_raw_dataset(folder)
+    preprocess_dataset(dataset, out, small_plans(), ["3d_test"], progress=False)
+    npz = out / "3d_test" / "case_001.npz"
+    with open(npz, "r+b") as stream:  # a copy cut short, or a disk that filled up before the fsync existed
+        stream.truncate(npz.stat().st_size // 2)
+    again = preprocess_dataset(dataset, out, small_plans(), ["3d_test"], progress=False)
+    assert again["processed"] == ["case_001"] and again["skipped"] == ["case_000"]
+    with np.load(npz) as data:
+        assert data["image"].size > 0
+
+
+def test_a_damaged_cache_file_is_named_when_training_reads_it(tmp_path):
+    from dscovid.training.data import list_cache_cases
+
+    folder = make_raw_dataset(tmp_path / "raw", [{"class": "covid"}, {"class": "cap"}])
+    out = tmp_path / "pre" / folder.name
+    preprocess_dataset(load_raw_dataset(folder), out, small_plans(), ["3d_test"], progress=False)
+    npz = out / "3d_test" / "case_000.npz"
+    data = npz.read_bytes()
+    npz.write_bytes(data[: len(data) // 3])
+    with pytest.raises(DscovidError) as caught:
+        list_cache_cases(out / "3d_test")
+    assert str(caught.value).startswith(f"{npz}: damaged preprocessed file") and "dscovid_plan_and_preprocess" in str(caught.value)
+    # A member whose bytes were damaged in place (same size, CRC wrong) is named when it is read.
+    npz.write_bytes(data)
+    cases = list_cache_cases(out / "3d_test")
+    with zipfile.ZipFile(npz) as archive:
+        offset = archive.getinfo("image.npy").header_offset + 200
+    damaged = bytearray(data)
+    damaged[offset:offset + 64] = b"\xff" * 64
+    npz.write_bytes(bytes(damaged))
+    with pytest.raises(DscovidError, match=f"{npz}: damaged preprocessed file.*BadZipFile"):
+        cases["case_000"].load()
+
+
+def test_a_truncated_gzip_reports_how_much_it_holds(tmp_path):
+    """Not "0 of N bytes" for every truncation: the bytes that could be decompressed."""
+    path = write_image(np.random.default_rng(2).integers(-1000, 400, GEOMETRY.shape_zyx).astype(np.int16), GEOMETRY,
+                       tmp_path / "scan.nii.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 5])
+    with pytest.raises(DscovidError) as caught:
+        read_image(path)
+    expected = 352 + 2 * int(np.prod(GEOMETRY.shape_zyx))
+    message = str(caught.value)
+    assert f"of {expected} bytes of image data" in message and "truncated" in message
+    recovered = int(message.split("(")[-1].split(" of ")[0])
+    assert 0.4 * expected < recovered < expected
+    with gzip.open(path, "rb") as stream:  # what Python itself recovers, as a cross-check
+        try:
+            stream.read()
+        except EOFError:
+            pass
+
+
+def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
+    from dscovid.io.atomic import remove_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = atomic._host()
+    dead_file = tmp_path / f".case.nii.gz.{dead_pid}@{host}.abcd1234.nii.gz"
+    live_file = tmp_path / f".case2.nii.gz.{os.getpid()}@{host}.abcd1234.nii.gz"
+    old_foreign = tmp_path / ".case3.npz.77@otherhost.abcd1234.tmp"
+    fresh_foreign = tmp_path / ".case4.npz.77@otherhost.abcd1234.tmp"
+    old_legacy = tmp_path / ".case5.npz.abcd1234.tmp"  # an older dscovid's name, without the writer
+    old_user_files = [tmp_path / ".hidden_by_the_user", tmp_path / ".config.settings", tmp_path / ".notes.abcdefgh.txt"]
+    for path in (dead_file, live_file, old_foreign, fresh_foreign, old_legacy, *old_user_files):
+        path.write_bytes(b"x")
+    for path in (old_foreign, old_legacy, *old_user_files):
+        os.utime(path, (time.time() - 7 * 3600,) * 2)
+    removed = remove_stale_temporaries(tmp_path, legacy_endings=(".tmp",))
+    assert sorted(p.name for p in removed) == sorted([dead_file.name, old_foreign.name, old_legacy.name])
+    assert _names(tmp_path) == sorted([live_file.name, fresh_foreign.name, *(p.name for p in old_user_files)])
+
+
+# ------------------------------------------------------------------------- 4. workers end when their parent dies
+
+_SLOW_PREPROCESSING = textwrap.dedent("""
+    import sys, time
+    import dscovid.preprocessing.preprocessor as pre
+    original = pre.preprocess_image
+    def slow(*args, **kwargs):  # spawned workers import this file too: they are slowed the same way
+        time.sleep(1.5)
+        return original(*args, **kwargs)
+    pre.preprocess_image = slow
+    if __name__ == "__main__":
+        from dscovid.cli.plan_and_preprocess import main
+        sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_minus_nine_of_plan_and_preprocess_leaves_no_worker_and_the_rerun_finishes(tmp_path):
+    folder = make_raw_dataset(tmp_path / "raw", [{"class": c} for c in ("covid", "cap", "non_pneumonia") * 3])
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps(small_plans()))
+    script = tmp_path / "slow_preprocessing.py"
+    script.write_text(_SLOW_PREPROCESSING)
+    args = ["-d", str(folder), "--preprocessed", str(tmp_path / "pre"), "--plans", str(plans), "-np", "2", "-q"]
+    process = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    target = tmp_path / "pre" / folder.name / "3d_test"
+    try:
+        deadline = time.monotonic() + 180
+        while not list(target.glob("*.json")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+        workers = _children(process.pid)
+        assert len(workers) >= 2  # the two workers (and the resource tracker)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    deadline = time.monotonic() + 20
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in workers if _running(pid)]
+    for pid in survivors:  # do not leave them to other tests
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "workers outlived their parent"
+    written = {p.name: p.stat().st_mtime_ns for p in target.iterdir() if not p.name.startswith(".")}
+    time.sleep(2.0)  # a surviving worker would write (or rewrite) a case in this time
+    assert {p.name: p.stat().st_mtime_ns for p in target.iterdir() if not p.name.startswith(".")} == written
+
+    from dscovid.cli.plan_and_preprocess import main
+
+    assert main(args[:-3] + ["-np", "1", "-q"]) == 0
+    assert sorted(p.stem for p in target.glob("*.npz")) == sorted(f"case_{i:03d}" for i in range(9))
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------- 6. case names checked where paths are built
+
+
+def test_a_case_id_with_dot_dot_writes_nothing_outside_even_without_the_validator(tmp_path, capsys):
+    from dscovid.cli.plan_and_preprocess import main
+
+    folder = make_raw_dataset(tmp_path / "raw" / "a" / "b", [{"class": "covid"}, {"class": "cap"}])
+    evil = "../../../x/evil"
+    outside = folder / "imagesTr" / f"{evil}_0000.nii.gz"  # raw/a/x/evil_0000.nii.gz: the image exists there
+    outside.parent.mkdir(parents=True)
+    shutil.copy(folder / "imagesTr" / "case_000_0000.nii.gz", outside)
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    meta["cases"][evil] = {"class": "covid", "lesion_annotated": False}
+    meta["numTraining"] = 3
+    (folder / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code = main(["-d", str(folder), "--preprocessed", str(tmp_path / "pre"), "--no-verify", "-np", "1", "-q",
+                 "-c", "3d_cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"{evil}: case name is not a safe file name" in err
+    assert [p.name for p in tmp_path.rglob("evil*")] == ["evil_0000.nii.gz"]  # the user's file only
+    assert not [p for p in map(str, tmp_path.rglob("*")) if p not in before and not p.startswith(str(tmp_path / "pre"))]
+
+
+def test_every_per_case_path_builder_refuses_an_unsafe_name(tmp_path):
+    from dscovid.io.dataset import case_file
+    from dscovid.preprocessing.lung_cache import _cache_path
+
+    dataset = load_raw_dataset(make_raw_dataset(tmp_path, [{"class": "covid"}]))
+    for build in (lambda n: case_file(tmp_path, n, ".npz"), lambda n: _cache_path(tmp_path, n),
+                  dataset.image_path, dataset.label_path, dataset.lung_path):
+        for name in ("../evil", "a/b", ".hidden", "..", "", "x" * 300):
+            with pytest.raises(DscovidError, match="not a safe file name"):
+                build(name)
+
+
+# --------------------------------------------------------------------------------------------- 8. the validator
+
+
+def _tiny_dataset(tmp_path: Path) -> Path:
+    folder = tmp_path / "Dataset950_Faults"
+    cases = {}
+    for index, class_name in enumerate(("covid", "cap", "non_pneumonia")):
+        name = f"case_{index:03d}"
+        write_image(_ct(index), GEOMETRY, folder / "imagesTr" / f"{name}_0000.nii.gz")
+        cases[name] = {"class": class_name, "lesion_annotated": False}
+    write_json_atomic(make_dataset_json(folder.name, cases), folder / "dataset.json")
+    return folder
+
+
+def test_a_case_listed_twice_is_refused_with_its_name(tmp_path, capsys):
+    from dscovid.cli.plan_and_preprocess import main as preprocess_main
+    from dscovid.cli.verify_dataset import main as verify_main
+
+    folder = _tiny_dataset(tmp_path)
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    entries = [f'"{name}": {json.dumps(entry)}' for name, entry in meta["cases"].items()]
+    # The same case twice with two classes: JSON would keep the last and the case would silently change class.
+    entries.append('"case_000": {"class": "cap", "lesion_annotated": false}')
+    meta["cases"] = "@CASES@"
+    text = json.dumps(meta).replace('"@CASES@"', "{" + ", ".join(entries) + "}")
+    (folder / "dataset.json").write_text(text, encoding="utf-8")
+    problems = verify_dataset(folder)
+    assert len(problems) == 1 and "'case_000'" in problems[0] and "given twice" in problems[0]
+    assert verify_main([str(folder), "-q"]) == 1
+    assert preprocess_main(["-d", str(folder), "--preprocessed", str(tmp_path / "pre"), "--no-verify", "-q"]) == 1
+    shown = capsys.readouterr()
+    assert "Traceback" not in shown.err and (shown.out + shown.err).count("'case_000'") == 2
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("class", ["covid"], "case_001: class must be a class name (a string), found list ['covid']"),
+    ("class", 0, "case_001: class must be a class name (a string), found int 0"),
+    ("class", None, "case_001: class must be a class name (a string), found NoneType None"),
+    ("lesion_annotated", "yes", "case_001: lesion_annotated must be true or false, found 'yes'"),
+    ("metadata", [1, 2], "case_001: metadata must be an object, found list"),
+])
+def test_every_case_value_is_type_checked_in_verify_and_in_preprocessing(tmp_path, capsys, key, value, expected):
+    from dscovid.cli.plan_and_preprocess import main as preprocess_main
+
+    folder = _tiny_dataset(tmp_path)
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    meta["cases"]["case_001"][key] = value
+    (folder / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert expected in verify_dataset(folder)
+    code = preprocess_main(["-d", str(folder), "--preprocessed", str(tmp_path / "pre"), "--no-verify", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and expected in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("numTraining", "3", "numTraining must be a whole number, found '3'"),
+    ("numTraining", True, "numTraining must be a whole number, found True"),
+    ("classes", ["covid", "cap"], "classes must map at least two names to consecutive indices"),
+    ("classes", {"covid": 0, "cap": True, "non_pneumonia": 2}, "classes must map at least two names"),
+    ("labels", {"background": False, "lesion": True}, "labels must be"),
+    ("channel_names", ["CT"], "channel_names must be"),
+    ("file_ending", 7, "file_ending must be one of"),
+    ("file_ending", ".png", "file_ending must be one of"),
+    ("intensity_unit", ["HU"], "intensity_unit must be"),
+    ("name", 12, "name must be a string"),
+    ("cases", [], "cases must be an object"),
+])
+def test_every_dataset_json_value_is_type_checked(tmp_path, key, value, expected):
+    folder = _tiny_dataset(tmp_path)
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    meta[key] = value
+    (folder / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    problems = verify_dataset(folder)
+    assert any(expected in p and str(folder / "dataset.json") in p for p in problems), problems
+
+
+# ----------------------------------------------------------------------------------------- 9. plausibility
+
+
+def test_the_plausibility_rule_refuses_a_slab_and_fifty_mm_slices_and_flags_the_unusual():
+    from dscovid.io.plausibility import check_plausibility
+
+    chest = Geometry((120, 512, 512), (2.5, 0.7, 0.7), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert check_plausibility(chest, 5200.0).verdict == "plausible"
+    slab = Geometry((2, 512, 512), (5.0, 0.6, 0.6), (0, 0, 0), chest.direction)
+    found = check_plausibility(slab)
+    assert found.verdict == "refused" and found.refusals[0].startswith("2 slices along the body axis")
+    thick = Geometry((8, 512, 512), (50.0, 0.7, 0.7), (0, 0, 0), chest.direction)
+    found = check_plausibility(thick, 32500.0)
+    assert any("50 mm apart" in r for r in found.refusals) and any("lung volume 32.5 l" in r for r in found.refusals)
+    mosmed_like = Geometry((40, 512, 512), (8.0, 0.7, 0.7), (0, 0, 0), chest.direction)
+    found = check_plausibility(mosmed_like, 4000.0)
+    assert found.verdict == "flagged" and found.flags == ["thick slices: 8 mm apart (above 5 mm, small lesions may be "
+                                                          "missed)"]
+    cropped = Geometry((112, 102, 122), (1.5, 1.5, 1.5), (0, 0, 0), chest.direction)
+    assert check_plausibility(cropped, 600.0).verdict == "flagged"
+
+
+def test_the_body_axis_is_found_in_a_scan_stored_sideways():
+    from dscovid.io.plausibility import check_plausibility, lung_volume_ml
+
+    # z index axis along world x, x index axis along world z: the body axis is index axis x (2).
+    direction = (0, 0, 1, 0, 1, 0, 1, 0, 0)
+    sideways = Geometry((512, 512, 3), (0.7, 0.7, 5.0), (0, 0, 0), direction)
+    found = check_plausibility(sideways)
+    assert found.measured["slices"] == 3 and found.verdict == "refused"
+    lung = np.zeros((512, 512, 3), np.uint8)
+    lung[:100, :100, :] = 1
+    assert lung_volume_ml(lung, sideways) == pytest.approx(100 * 100 * 3 * 0.7 * 0.7 * 5.0 / 1000)
+
+
+# ------------------------------------------------------------------------------------------- 10. small items
+
+
+@pytest.mark.realdata
+def test_the_multi_series_warning_names_the_series(test_data, tmp_path, caplog):
+    folder = tmp_path / "two_series"
+    folder.mkdir()
+    for source in (test_data / "lungmask_testdata").glob("*.dcm"):
+        shutil.copy(source, folder / source.name)
+    for source in (test_data / "totalsegmentator" / "example_ct_dicom").iterdir():
+        shutil.copy(source, folder / source.name)
+    with caplog.at_level(logging.WARNING):
+        read_image(folder)
+    message = next(r.getMessage() for r in caplog.records if "DICOM series found" in r.getMessage())
+    assert "using  " not in message and "(20 slices, first file" in message
+    assert 'the series "CT Body 3.0" without a SeriesInstanceUID' in message
+
+
+def test_the_model_error_names_the_dataset_folder_not_the_number_typed(tmp_path):
+    from dscovid.inference.model_loading import find_model_folder
+
+    (tmp_path / "Dataset001_X" / "DeepSCCOVIDTrainer__3d_cpu").mkdir(parents=True)
+    with pytest.raises(DscovidError) as caught:
+        find_model_folder(tmp_path, "1", "3d_paper")
+    assert str(caught.value).startswith(f"{tmp_path / 'Dataset001_X'}: no trained model")
+
+
+def test_a_failure_line_starts_its_own_line_in_a_log_file(tmp_path):
+    """Off a terminal (a cluster job's log) progress is printed as whole lines; no case line is glued to a bar."""
+    folder = make_raw_dataset(tmp_path / "raw", [{"class": "covid"}, {"class": "cap"}, {"class": "covid"}])
+    lung = folder / "lungsTr" / "case_001.nii.gz"
+    write_image(np.zeros(read_image(lung, check_hu=False)[0].shape, np.uint8), read_image(lung, check_hu=False)[1], lung)
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps(small_plans()))
+    done = subprocess.run([sys.executable, "-m", "dscovid.cli.plan_and_preprocess", "-d", str(folder), "--preprocessed",
+                           str(tmp_path / "pre"), "--plans", str(plans), "-np", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert any(line.startswith("dscovid_plan_and_preprocess: error: case_001: no lung found") for line in lines), \
+        done.stderr
+    assert "\r" not in done.stderr
+    assert any(line.startswith("fingerprint:") for line in lines)  # progress, on lines of its own
