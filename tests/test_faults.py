@@ -561,3 +561,264 @@ def test_a_failure_line_starts_its_own_line_in_a_log_file(tmp_path):
         done.stderr
     assert "\r" not in done.stderr
     assert any(line.startswith("fingerprint:") for line in lines)  # progress, on lines of its own
+
+
+# ------------------------------------------------------------------------------------- bad input, kind by kind
+#
+# Every kind of bad input a user can hand a command, each answered with one line that names the file (or case)
+# and the reason, and a non-zero exit; no traceback. docs/reliability.md counts these kinds.
+
+
+def _verify(folder: Path) -> tuple:
+    from dscovid.cli.verify_dataset import main
+
+    return main, [str(folder), "-q"]
+
+
+def _preprocess(folder: Path, *extra: str) -> tuple:
+    from dscovid.cli.plan_and_preprocess import main
+
+    return main, ["-d", str(folder), "--preprocessed", str(folder.parent / "pre"), "-np", "1", "-q", *extra]
+
+
+def _edit_meta(folder: Path, edit) -> Path:
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    edit(meta)
+    (folder / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+def _image(folder: Path, case: str = "case_001") -> Path:
+    return folder / "imagesTr" / f"{case}_0000.nii.gz"
+
+
+def _with_labels(folder: Path) -> Path:
+    def annotate(meta):
+        for entry in meta["cases"].values():
+            entry["lesion_annotated"] = True
+
+    for case in ("case_000", "case_001", "case_002"):
+        write_image(np.zeros(GEOMETRY.shape_zyx, np.uint8), GEOMETRY, folder / "labelsTr" / f"{case}.nii.gz")
+    return _edit_meta(folder, annotate)
+
+
+def _write_sitk(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path), True)
+    return path
+
+
+def _truncate(path: Path, fraction: float = 0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+def _dataset_kind(kind: str, tmp_path: Path):
+    folder = _tiny_dataset(tmp_path)
+    json_path = folder / "dataset.json"
+    if kind == "dataset folder missing":
+        return (*_verify(tmp_path / "Dataset951_Nowhere"), "Dataset951_Nowhere")
+    if kind == "dataset.json missing":
+        json_path.unlink()
+        return (*_verify(folder), f"{json_path}: not found")
+    if kind == "dataset.json not JSON":
+        json_path.write_text("{'cases': }", encoding="utf-8")
+        return (*_verify(folder), f"{json_path}: not valid JSON")
+    if kind == "dataset.json not UTF-8":
+        json_path.write_bytes(b'{"name": "\xff\xfe"}')
+        return (*_verify(folder), f"{json_path}: not valid JSON (not UTF-8")
+    if kind == "dataset.json not an object":
+        json_path.write_text("[1, 2]", encoding="utf-8")
+        return (*_verify(folder), f"{json_path}: must hold a JSON object")
+    if kind == "dataset.json a folder":
+        json_path.unlink()
+        json_path.mkdir()
+        return (*_verify(folder), f"{json_path}: is a folder")
+    if kind == "required key missing":
+        _edit_meta(folder, lambda m: m.pop("classes"))
+        return (*_verify(folder), f"{json_path}: missing key 'classes'")
+    if kind == "case listed twice":
+        json_path.write_text(json_path.read_text(encoding="utf-8").replace(
+            '"cases": {', '"cases": {"case_002": {"class": "covid"}, ', 1), encoding="utf-8")
+        return (*_verify(folder), "given twice in one object: 'case_002'")
+    if kind == "class of a wrong type":
+        _edit_meta(folder, lambda m: m["cases"]["case_001"].update({"class": ["covid"]}))
+        return (*_preprocess(folder, "--no-verify"), "case_001: class must be a class name (a string)")
+    if kind == "unknown class":
+        _edit_meta(folder, lambda m: m["cases"]["case_001"].update({"class": "flu"}))
+        return (*_verify(folder), "case_001: unknown class 'flu'")
+    if kind == "lesion_annotated not true/false":
+        _edit_meta(folder, lambda m: m["cases"]["case_001"].update({"lesion_annotated": "no"}))
+        return (*_verify(folder), "case_001: lesion_annotated must be true or false")
+    if kind == "numTraining wrong":
+        _edit_meta(folder, lambda m: m.update({"numTraining": 7}))
+        return (*_verify(folder), "numTraining is 7 but 3 cases are listed")
+    if kind == "classes not consecutive":
+        _edit_meta(folder, lambda m: m.update({"classes": {"covid": 0, "cap": 2, "non_pneumonia": 3}}))
+        return (*_verify(folder), "classes must map at least two names to consecutive indices")
+    if kind == "file_ending unsupported":
+        _edit_meta(folder, lambda m: m.update({"file_ending": ".jpg"}))
+        return (*_verify(folder), "file_ending must be one of")
+    if kind == "case name unsafe":
+        _edit_meta(folder, lambda m: (m["cases"].update({"../x": {"class": "covid"}}), m.update({"numTraining": 4})))
+        return (*_verify(folder), "../x: case name is not a safe file name")
+    if kind == "image missing":
+        _image(folder).unlink()
+        return (*_verify(folder), f"case_001: image missing ({_image(folder)})")
+    if kind == "image not listed":
+        shutil.copy(_image(folder), _image(folder, "stray"))
+        return (*_verify(folder), f"stray: image {_image(folder, 'stray')} is not listed")
+    if kind == "file of another channel or format in imagesTr":
+        shutil.copy(_image(folder), folder / "imagesTr" / "case_001_0001.nii.gz")
+        return (*_verify(folder), "case_001_0001.nii.gz: file in imagesTr does not end in _0000.nii.gz")
+    if kind == "image unreadable":
+        _image(folder).write_bytes(b"not an image at all" * 50)
+        return (*_verify(folder), f"case_001: {_image(folder)}: cannot read the image")
+    if kind == "image empty (0 bytes)":
+        _image(folder).write_bytes(b"")
+        return (*_verify(folder), f"case_001: {_image(folder)}: cannot read the image")
+    if kind == "image truncated":
+        _truncate(_image(folder), 0.6)
+        return (*_verify(folder), f"case_001: {_image(folder)}:")
+    if kind == "image 2D":
+        _write_sitk(sitk.Image(64, 64, sitk.sitkInt16), _image(folder))
+        return (*_verify(folder), "is a 2D image of size 64x64")
+    if kind == "image 4D":
+        _write_sitk(sitk.Image([8, 8, 8, 3], sitk.sitkInt16), _image(folder))
+        return (*_verify(folder), "is a 4D image")
+    if kind == "image with colour components":
+        _write_sitk(sitk.Image([16, 16, 16], sitk.sitkVectorUInt8, 3), _image(folder))
+        return (*_verify(folder), "has 3 components per voxel")
+    if kind == "image with NaN":
+        array = _ct(1).astype(np.float32)
+        array[3, 4, 5] = np.nan
+        write_image(array, GEOMETRY, _image(folder))
+        return (*_verify(folder), "contains 1 NaN or infinite voxels")
+    if kind == "image not in HU":
+        write_image((_ct(1) + 1024).astype(np.int16), GEOMETRY, _image(folder))
+        return (*_verify(folder), "do not look like Hounsfield units")
+    if kind == "label on another grid":
+        _with_labels(folder)
+        moved = Geometry(GEOMETRY.shape_zyx, GEOMETRY.spacing_zyx_mm, (5.0, 0.0, 0.0), GEOMETRY.direction)
+        write_image(np.zeros(GEOMETRY.shape_zyx, np.uint8), moved, folder / "labelsTr" / "case_001.nii.gz")
+        return (*_verify(folder), "case_001: label geometry does not match the image")
+    if kind == "label values not 0/1":
+        _with_labels(folder)
+        write_image(np.full(GEOMETRY.shape_zyx, 2, np.uint8), GEOMETRY, folder / "labelsTr" / "case_001.nii.gz")
+        return (*_verify(folder), "case_001: label values must be 0 or 1, found 2")
+    if kind == "non-pneumonia case with lesion voxels":
+        _with_labels(folder)
+        write_image(np.ones(GEOMETRY.shape_zyx, np.uint8), GEOMETRY, folder / "labelsTr" / "case_002.nii.gz")
+        return (*_verify(folder), "case_002: a non_pneumonia case has lesion voxels in its label")
+    if kind == "annotated case without label":
+        _with_labels(folder)
+        (folder / "labelsTr" / "case_001.nii.gz").unlink()
+        return (*_verify(folder), "case_001: lesion_annotated is true but the label")
+    if kind == "lung mask on another grid":
+        small = Geometry((4, 4, 4), (1, 1, 1), (0, 0, 0), GEOMETRY.direction)
+        write_image(np.ones((4, 4, 4), np.uint8), small, folder / "lungsTr" / "case_001.nii.gz")
+        return (*_verify(folder), "case_001: lung mask geometry does not match the image")
+    if kind == "scan without lungs":
+        write_image(np.full(GEOMETRY.shape_zyx, -1000, np.int16), GEOMETRY, folder / "imagesTr" / "case_001_0000.nii.gz")
+        array = np.full(GEOMETRY.shape_zyx, -1000, np.int16)
+        array[:, 8:40, 8:40] = 40  # a block of soft tissue in air: no lung anywhere
+        write_image(array, GEOMETRY, _image(folder))
+        return (*_preprocess(folder, "-c", "3d_cpu"), "case_001: no lung found")
+    if kind == "plans file of another dataset":
+        plans = tmp_path / "plans.json"
+        plans.write_text(json.dumps(small_plans()), encoding="utf-8")
+        return (*_preprocess(folder, "--plans", str(plans)), "the plans are for Dataset900_Tiny, not Dataset950_Faults")
+    if kind == "plans file with a wrong value":
+        bad = small_plans()
+        bad["dataset_name"] = folder.name
+        bad["configurations"]["3d_test"]["segmentation"]["patch_size_zyx"] = [8, -16, 16]
+        plans = tmp_path / "plans.json"
+        plans.write_text(json.dumps(bad), encoding="utf-8")
+        return (*_preprocess(folder, "--plans", str(plans)), f"{plans}: configurations.3d_test.segmentation.patch_size_zyx")
+    if kind == "-np below 1":
+        return (*_preprocess(folder, "-np", "0"), "-np must be at least 1, got 0")
+    if kind == "preprocessed root under a file":
+        (tmp_path / "a_file").write_text("x", encoding="utf-8")
+        main, argv = _preprocess(folder)
+        argv[argv.index("--preprocessed") + 1] = str(tmp_path / "a_file" / "pre")
+        return main, argv, "a_file"
+    raise AssertionError(kind)
+
+
+DATASET_KINDS = [
+    "dataset folder missing", "dataset.json missing", "dataset.json not JSON", "dataset.json not UTF-8",
+    "dataset.json not an object", "dataset.json a folder", "required key missing", "case listed twice",
+    "class of a wrong type", "unknown class", "lesion_annotated not true/false", "numTraining wrong",
+    "classes not consecutive", "file_ending unsupported", "case name unsafe", "image missing", "image not listed",
+    "file of another channel or format in imagesTr", "image unreadable", "image empty (0 bytes)", "image truncated",
+    "image 2D", "image 4D", "image with colour components", "image with NaN", "image not in HU",
+    "label on another grid", "label values not 0/1", "non-pneumonia case with lesion voxels",
+    "annotated case without label", "lung mask on another grid", "scan without lungs",
+    "plans file of another dataset", "plans file with a wrong value", "-np below 1", "preprocessed root under a file",
+]
+
+
+def _one_line_failure(main, argv, expected, capsys) -> None:
+    code = main(argv)
+    shown = capsys.readouterr()
+    text = shown.out + shown.err
+    assert code != 0, text
+    assert "Traceback" not in text, text
+    assert any(expected in line for line in text.splitlines()), f"{expected!r} not on one line of:\n{text}"
+
+
+@pytest.mark.parametrize("kind", DATASET_KINDS)
+def test_bad_dataset_input_is_one_line(tmp_path, capsys, kind):
+    main, argv, expected = _dataset_kind(kind, tmp_path)
+    _one_line_failure(main, argv, expected, capsys)
+
+
+@pytest.fixture(scope="module")
+def preprocessed_tiny(tmp_path_factory) -> Path:
+    """A preprocessed root holding Dataset900_Tiny (3d_test), made once for the training kinds."""
+    root = tmp_path_factory.mktemp("preprocessed_tiny")
+    folder = make_raw_dataset(root / "raw", [{"class": c} for c in ("covid", "cap", "non_pneumonia", "covid")])
+    out = root / "pre" / folder.name
+    preprocess_dataset(load_raw_dataset(folder), out, small_plans(), ["3d_test"], progress=False)
+    write_json_atomic(small_plans(), out / "plans.json")
+    write_json_atomic(load_raw_dataset(folder).meta, out / "dataset.json")
+    return root
+
+
+def _training_kind(kind: str, tmp_path: Path, source: Path):
+    from dscovid.cli.train import main
+
+    shutil.copytree(source / "pre", tmp_path / "pre")
+    argv = ["0", "-d", "Dataset900_Tiny", "-c", "3d_test", "--preprocessed", str(tmp_path / "pre"), "--results",
+            str(tmp_path / "res"), "--device", "cpu", "--no-validation", "--workers", "0", "-q"]
+    cache = tmp_path / "pre" / "Dataset900_Tiny" / "3d_test"
+    if kind == "preprocessed case damaged":
+        _truncate(cache / "case_002.npz", 0.5)
+        return main, argv, f"{cache / 'case_002.npz'}: damaged preprocessed file"
+    if kind == "preprocessed case properties not JSON":
+        (cache / "case_002.json").write_text("{", encoding="utf-8")
+        return main, argv, f"{cache / 'case_002.json'}: not valid JSON"
+    if kind == "fold unknown":
+        return main, ["eleven", *argv[1:]], "fold must be a number or 'all', got 'eleven'"
+    if kind == "configuration not planned":
+        argv[argv.index("3d_test")] = "3d_huge"
+        return main, argv, "no configuration '3d_huge'"
+    if kind == "no preprocessed data":
+        shutil.rmtree(cache)
+        return main, argv, "preprocessed data not found"
+    if kind == "checkpoint to continue from damaged":
+        fold = tmp_path / "res" / "Dataset900_Tiny" / "DeepSCCOVIDTrainer__3d_test" / "fold_all"
+        fold.mkdir(parents=True)
+        (fold / "checkpoint_latest.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
+        return main, ["all", *argv[1:], "--continue"], f"{fold / 'checkpoint_latest.pt'}: not a readable dscovid checkpoint"
+    raise AssertionError(kind)
+
+
+TRAINING_KINDS = ["preprocessed case damaged", "preprocessed case properties not JSON", "fold unknown",
+                  "configuration not planned", "no preprocessed data", "checkpoint to continue from damaged"]
+
+
+@pytest.mark.parametrize("kind", TRAINING_KINDS)
+def test_bad_training_input_is_one_line(tmp_path, capsys, preprocessed_tiny, kind):
+    main, argv, expected = _training_kind(kind, tmp_path, preprocessed_tiny)
+    _one_line_failure(main, argv, expected, capsys)

@@ -123,7 +123,10 @@ def segment_and_cache(case: Case, image_hu: np.ndarray, geometry: Geometry, cach
         if lung is None:
             from dscovid.preprocessing.lung_mask import segment_lungs  # imported late: heavy, optional for lungsTr
 
-            lung = np.asarray(segment_lungs(image_hu, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
+            try:
+                lung = np.asarray(segment_lungs(image_hu, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
+            except DscovidError as error:  # the segmenter's message names no file: this case's line must
+                raise DscovidError(f"{case.name}: {error} ({case.image})") from None
             if path is not None:
                 save_npz_atomic(path, packed=np.packbits(lung.reshape(-1) != 0),
                                 shape_zyx=np.asarray(geometry.shape_zyx), source=np.asarray(json.dumps(stamp)))
