@@ -806,16 +806,11 @@ def _training_kind(kind: str, tmp_path: Path, source: Path):
     if kind == "no preprocessed data":
         shutil.rmtree(cache)
         return main, argv, "preprocessed data not found"
-    if kind == "checkpoint to continue from damaged":
-        fold = tmp_path / "res" / "Dataset900_Tiny" / "DeepSCCOVIDTrainer__3d_test" / "fold_all"
-        fold.mkdir(parents=True)
-        (fold / "checkpoint_latest.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
-        return main, ["all", *argv[1:], "--continue"], f"{fold / 'checkpoint_latest.pt'}: not a readable dscovid checkpoint"
     raise AssertionError(kind)
 
 
 TRAINING_KINDS = ["preprocessed case damaged", "preprocessed case properties not JSON", "fold unknown",
-                  "configuration not planned", "no preprocessed data", "checkpoint to continue from damaged"]
+                  "configuration not planned", "no preprocessed data"]
 
 
 @pytest.mark.parametrize("kind", TRAINING_KINDS)
