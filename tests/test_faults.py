@@ -370,6 +370,33 @@ def test_kill_minus_nine_of_plan_and_preprocess_leaves_no_worker_and_the_rerun_f
     assert not [p for p in target.iterdir() if p.name.startswith(".")]
 
 
+def _parent_death_signal(_: object = None) -> int:
+    """The signal this process gets when its parent dies (Linux prctl PR_GET_PDEATHSIG); 0 for none."""
+    import ctypes
+
+    value = ctypes.c_int(0)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value))
+    return value.value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+def test_map_cases_workers_ask_for_the_parent_death_signal():
+    """map_cases: the validator's, the evaluation's and the analysis's workers."""
+    from dscovid.parallel import map_cases
+
+    assert map_cases(_parent_death_signal, [0, 1], num_processes=2, progress=False) == [signal.SIGKILL] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+def test_spawned_workers_ask_for_the_parent_death_signal():
+    """The spawn pools: fingerprint, preprocessing and prediction."""
+    from dscovid.parallel import process_pool
+
+    with process_pool(1) as pool:
+        assert pool.submit(_parent_death_signal).result() == signal.SIGKILL
+
+
 # --------------------------------------------------------------- 6. case names checked where paths are built
 
 
