@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -127,7 +128,8 @@ def remove_stale_temporaries(folder: str | os.PathLike, legacy_endings: tuple[st
                              max_age_s: float = STALE_AFTER_S) -> list[Path]:
     """Remove the temporary files that writers which died left in ``folder``; never a live writer's.
 
-    A temporary file (``.<target>.<pid>@<host>.<random><ending>``) is stale when its writer was a process of
+    A temporary file (``.<target>.<pid>@<host>.<random><ending>``) or staging folder (:func:`staged_folder`) is
+    stale when its writer was a process of
     this host that no longer runs, or when nobody has written to it for ``max_age_s`` seconds (a writer on
     another machine of a cluster). Files of an older dscovid, without the writer's tag
     (``.<target>.<random><ending>``), are removed only when they end in one of ``legacy_endings`` and are that old.
@@ -144,15 +146,17 @@ def remove_stale_temporaries(folder: str | os.PathLike, legacy_endings: tuple[st
                                    and _UNTAGGED.match(candidate.name)):
             continue
         try:
-            if not candidate.is_file():
-                continue
-            idle = now - candidate.stat().st_mtime
+            is_folder = candidate.is_dir() and not candidate.is_symlink()
+            if is_folder and tagged is None or not (is_folder or candidate.is_file()):
+                continue  # a staging folder always carries its writer's tag
+            idle = now - max([candidate.stat().st_mtime] + [p.stat().st_mtime for p in candidate.iterdir()]
+                             if is_folder else [candidate.stat().st_mtime])
         except OSError:
             continue  # renamed or removed by its writer meanwhile
         dead = tagged is not None and tagged.group(2) == host and not _process_alive(int(tagged.group(1)))
         if dead or idle > max_age_s:
             try:
-                candidate.unlink(missing_ok=True)
+                shutil.rmtree(candidate) if is_folder else candidate.unlink(missing_ok=True)
             except OSError as error:
                 log.warning("%s: could not remove a stale temporary file (%s)", candidate, describe_os_error(error))
                 continue
@@ -251,3 +255,36 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike, sync: bool = True) 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return write_bytes_atomic(text.encode("utf-8"), path)
+
+
+@contextmanager
+def staged_folder(folder: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A hidden folder in ``folder`` whose contents move into ``folder`` together when the block succeeds.
+
+    For the several files of one case: each is written (atomically) into the staging folder, and only when all
+    of them are written and checked are they renamed to their final names, one after the other, and the staging
+    folder removed. If the block fails, the staging folder is removed and no file under a final name was touched:
+    an earlier result of the same case stays whole. A kill leaves the staging folder, named
+    ``.<name>.staging.<pid>@<host>.<random>``, which :func:`remove_stale_temporaries` removes later.
+    """
+    folder = make_folder(folder)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{name}.staging.{_writer_tag()}.", dir=folder))
+    except OSError as error:
+        raise write_error(folder / name, error) from None
+    try:
+        yield stage
+        for produced in sorted(stage.iterdir()):
+            target = folder / produced.name
+            if produced.is_dir() and target.is_dir():  # a folder output (a DICOM series) replaces the old one
+                old = Path(tempfile.mkdtemp(prefix=f".{produced.name}.old.{_writer_tag()}.", dir=folder))
+                os.replace(target, old / produced.name)
+                os.replace(produced, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(produced, target)
+        _sync_folder(folder)
+    except OSError as error:
+        raise write_error(folder / name, error) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
