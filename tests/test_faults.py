@@ -41,7 +41,7 @@ from dscovid.io.image_io import Geometry, read_image, write_image
 from dscovid.io.validate import verify_dataset
 from dscovid.preprocessing.lung_cache import save_npz_atomic
 from dscovid.preprocessing.preprocessor import preprocess_dataset
-from dscovid.training.checkpoint import save_checkpoint
+from dscovid.results.checkpoint import save_checkpoint
 
 GEOMETRY = Geometry((24, 48, 48), (2.5, 1.5, 1.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
 
@@ -564,7 +564,7 @@ def test_the_multi_series_warning_names_the_series(test_data, tmp_path, caplog):
 
 
 def test_the_model_error_names_the_dataset_folder_not_the_number_typed(tmp_path):
-    from dscovid.inference.model_loading import find_model_folder
+    from dscovid.results.model_folder import find_model_folder
 
     (tmp_path / "Dataset001_X" / "DeepSCCOVIDTrainer__3d_cpu").mkdir(parents=True)
     with pytest.raises(DscovidError) as caught:
