@@ -844,3 +844,358 @@ TRAINING_KINDS = ["preprocessed case damaged", "preprocessed case properties not
 def test_bad_training_input_is_one_line(tmp_path, capsys, preprocessed_tiny, kind):
     main, argv, expected = _training_kind(kind, tmp_path, preprocessed_tiny)
     _one_line_failure(main, argv, expected, capsys)
+
+
+# ============================================================================================ the predictor
+#
+# A model with random weights (test_predict.save_fake_model) and small synthetic chest CTs; what is checked holds for
+# any weights.
+
+
+@pytest.fixture(scope="module")
+def fake_model(tmp_path_factory) -> Path:
+    from test_predict import save_fake_model
+
+    return save_fake_model(tmp_path_factory.mktemp("fault_results"), folds=(0,))
+
+
+@pytest.fixture(scope="module")
+def chest_scan(tmp_path_factory) -> Path:
+    """A small synthetic chest CT (.nii.gz) that passes every check."""
+    synthetic = pytest.importorskip("dataset_conversion.synthetic")
+    case = synthetic.generate_case(seed=7, index=1, scale=0.5)
+    return write_image(case.image_hu, case.geometry, tmp_path_factory.mktemp("scans") / "chest.nii.gz")
+
+
+def _pelvis(path: Path) -> Path:
+    """A scan without lungs: a block of soft tissue in air (the case fails in the lung mask)."""
+    array = np.full((40, 64, 64), -1000, np.int16)
+    array[:, 10:54, 10:54] = 40
+    return write_image(array, Geometry((40, 64, 64), (5.0, 5.0, 5.0), (0, 0, 0), GEOMETRY.direction), path)
+
+
+def _predict(model: Path, inputs, output: Path, *extra: str, capsys=None) -> tuple[int, str]:
+    from dscovid.cli.predict import main
+
+    argv = ["-i", *[str(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])], "-o", str(output),
+            "-m", str(model), "--device", "cpu", "--step", "1", "-q", *extra]  # non-overlapping tiles: fast
+    code = main(argv)
+    text = ""
+    if capsys is not None:
+        shown = capsys.readouterr()
+        text = shown.out + shown.err
+    return code, text
+
+
+def _fingerprints(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------- 1. the output folder and the inputs
+
+
+@pytest.mark.parametrize("layout", ["equal", "inside", "contains", "contains a file input"])
+def test_an_output_folder_that_equals_lies_inside_or_contains_an_input_is_refused(fake_model, chest_scan, tmp_path,
+                                                                                  capsys, layout):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(chest_scan, scans / "scan.nii.gz")
+    _pelvis(scans / "pelvis.nii.gz")
+    before = _fingerprints(tmp_path)
+    inputs, output = {"equal": (scans, scans), "inside": (scans, scans / "predictions"),
+                      "contains": (scans, tmp_path), "contains a file input": (scans / "scan.nii.gz", scans)}[layout]
+    code, text = _predict(fake_model, inputs, output, capsys=capsys)
+    assert code == 1 and "Traceback" not in text
+    lines = [line for line in text.splitlines() if "error:" in line]
+    assert len(lines) == 1 and str(output) in lines[0] and "input" in lines[0], text
+    assert _fingerprints(tmp_path) == before  # the scans untouched, nothing written
+
+
+def test_a_failed_case_removes_only_what_this_run_wrote(fake_model, tmp_path, capsys):
+    """The output folder holds a user's file named like the failing case's output: it stays."""
+    scans, output = tmp_path / "scans", tmp_path / "out"
+    _pelvis(scans / "pelvis.nii.gz")
+    output.mkdir()
+    (output / "pelvis.nii.gz").write_bytes(b"the user's own file")
+    (output / "pelvis_montage.png").write_bytes(b"another")
+    code, text = _predict(fake_model, scans, output, capsys=capsys)
+    assert code == 1 and "pelvis: failed:" in text
+    assert (output / "pelvis.nii.gz").read_bytes() == b"the user's own file"
+    assert (output / "pelvis_montage.png").read_bytes() == b"another"
+
+
+def test_a_case_that_fails_again_keeps_its_earlier_result(fake_model, chest_scan, tmp_path, monkeypatch, capsys):
+    """A rerun whose export of a case fails (here ITK writes a short file) leaves the earlier files and record."""
+    scans, output = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    shutil.copy(chest_scan, scans / "chest.nii.gz")
+    assert _predict(fake_model, scans, output, capsys=capsys)[0] == 0
+    before = _fingerprints(output)
+    real = sitk.WriteImage
+
+    def short(image, path, *args, **kwargs):
+        real(image, path, *args, **kwargs)
+        with open(path, "r+b") as stream:
+            stream.truncate(os.path.getsize(path) // 2)
+
+    monkeypatch.setattr(sitk, "WriteImage", short)
+    code, text = _predict(fake_model, scans, output, capsys=capsys)
+    assert code == 1 and "chest: failed:" in text and "incomplete" in text
+    after = _fingerprints(output)
+    for name, data in before.items():
+        if name.endswith((".nii.gz", ".result.json")):
+            assert after[name] == data, name  # the earlier files and record, byte for byte
+    summary = json.loads((output / "predictions.json").read_text(encoding="utf-8"))
+    assert [c["case"] for c in summary["cases"]] == ["chest"]
+    assert summary["failed"][0]["case"] == "chest" and summary["failed"][0]["earlier_result_kept"] is True
+    assert not [p for p in output.iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------- 2. a full disk in the predictor
+
+
+def test_disk_full_during_export_fails_that_case_in_one_line_and_the_summary_is_written(fake_model, chest_scan,
+                                                                                         tmp_path, monkeypatch,
+                                                                                         full_disk, capsys):
+    scans, output = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    shutil.copy(chest_scan, scans / "good.nii.gz")
+    shutil.copy(chest_scan, scans / "full.nii.gz")
+    real = sitk.WriteImage
+
+    def short_for_one_case(image, path, *args, **kwargs):  # ITK on a full disk: a short file, no error
+        real(image, path, *args, **kwargs)
+        if Path(path).name.startswith(".full_evidence"):
+            with open(path, "r+b") as stream:
+                stream.truncate(os.path.getsize(path) // 3)
+
+    monkeypatch.setattr(sitk, "WriteImage", short_for_one_case)
+    full_disk(only=".probe")  # and the probe finds the disk full
+    code, text = _predict(fake_model, scans, output, capsys=capsys)
+    assert code == 1
+    lines = [line for line in text.splitlines() if line.startswith("full: failed:")]
+    assert len(lines) == 1 and "disk full" in lines[0] and "full_evidence.nii.gz" in lines[0], text
+    summary = json.loads((output / "predictions.json").read_text(encoding="utf-8"))
+    assert [c["case"] for c in summary["cases"]] == ["good"]
+    assert [f["case"] for f in summary["failed"]] == ["full"] and "disk full" in summary["failed"][0]["reason"]
+    assert not list(output.glob("full*")) and not [p for p in output.iterdir() if p.name.startswith(".")]
+    assert (output / "good.nii.gz").exists() and (output / "good_evidence.nii.gz").exists()
+
+
+# ------------------------------------------------------------------ 3. two runs into one output folder at once
+
+
+def test_a_run_that_ends_while_another_is_running_loses_none_of_its_cases(fake_model, chest_scan, tmp_path):
+    """Run B starts and ends inside run A (called from A's per-case hook); both runs' cases are listed at the end."""
+    from dscovid.prediction.predict import predict_cases
+
+    first, second, output = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    for folder, names in ((first, ("a1", "a2")), (second, ("b1",))):
+        folder.mkdir()
+        for name in names:
+            shutil.copy(chest_scan, folder / f"{name}.nii.gz")
+    host = atomic._host()
+    live = output / f".a2.nii.gz.{os.getpid()}@{host}.abcd1234.nii.gz"  # a live writer's temporary file
+    output.mkdir()
+    live.write_bytes(b"being written")
+    ran = []
+
+    def run_b_inside_a(entry: dict) -> None:
+        if not ran:
+            ran.append(predict_cases(fake_model, second, output, device="cpu", progress=False, step_fraction=1.0))
+
+    summary_a = predict_cases(fake_model, first, output, device="cpu", progress=False, step_fraction=1.0,
+                              on_case=run_b_inside_a)
+    assert [c["case"] for c in ran[0]["cases"]] == ["a1", "b1"]  # B saw A's finished case
+    stored = json.loads((output / "predictions.json").read_text(encoding="utf-8"))
+    assert [c["case"] for c in stored["cases"]] == ["a1", "a2", "b1"] == [c["case"] for c in summary_a["cases"]]
+    rows = (output / "predictions.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["a1", "a2", "b1"]
+    assert live.read_bytes() == b"being written"  # neither run removed a live writer's file
+
+
+@pytest.mark.slow
+def test_two_predict_processes_into_one_folder_both_finish_and_both_are_listed(fake_model, chest_scan, tmp_path):
+    output = tmp_path / "out"
+    runs = []
+    for part in ("a", "b"):
+        folder = tmp_path / part
+        folder.mkdir()
+        for index in range(2):
+            shutil.copy(chest_scan, folder / f"{part}{index}.nii.gz")
+        runs.append(subprocess.Popen([sys.executable, "-m", "dscovid.cli.predict", "-i", str(folder), "-o", str(output),
+                                      "-m", str(fake_model), "--device", "cpu", "--step", "1", "-q"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err
+    stored = json.loads((output / "predictions.json").read_text(encoding="utf-8"))
+    assert [c["case"] for c in stored["cases"]] == ["a0", "a1", "b0", "b1"] and stored["failed"] == []
+    for case in ("a0", "a1", "b0", "b1"):
+        assert read_image(output / f"{case}.nii.gz", check_hu=False)[0].shape
+
+
+# ------------------------------------------------------------------- 4. predict's workers end with their parent
+
+
+_SLOW_PREDICTION = textwrap.dedent("""
+    import sys, time
+    import dscovid.prediction.inputs as inputs
+    original = inputs.load_case
+    def slow(*args, **kwargs):  # the spawned readers import this file too: they are slowed the same way
+        time.sleep(2.0)
+        return original(*args, **kwargs)
+    inputs.load_case = slow
+    import dscovid.prediction.predict as predict
+    predict.load_case = slow
+    if __name__ == "__main__":
+        from dscovid.cli.predict import main
+        sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_minus_nine_of_predict_leaves_no_worker(fake_model, chest_scan, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for index in range(6):
+        shutil.copy(chest_scan, scans / f"c{index}.nii.gz")
+    script = tmp_path / "slow_prediction.py"
+    script.write_text(_SLOW_PREDICTION)
+    process = subprocess.Popen([sys.executable, str(script), "-i", str(scans), "-o", str(tmp_path / "out"), "-m",
+                                str(fake_model), "--device", "cpu", "-np", "2", "-q"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[int] = []
+        while len(workers) < 2 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            workers = _children(process.pid)
+        assert process.poll() is None and len(workers) >= 2
+        time.sleep(1.0)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    deadline = time.monotonic() + 20
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in workers if _running(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "prediction workers outlived their parent"
+
+
+# --------------------------------------------------------------------------------- 5. parts of one input folder
+
+
+def test_parts_share_one_input_and_one_output_folder_and_every_case_is_listed_once(fake_model, chest_scan, tmp_path,
+                                                                                   capsys):
+    scans, output = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    for name in ("c0", "c1", "c2"):
+        shutil.copy(chest_scan, scans / f"{name}.nii.gz")
+    seen = []
+    for part in (1, 0):
+        code, _ = _predict(fake_model, scans, output, "--num-parts", "2", "--part-id", str(part), capsys=capsys)
+        assert code == 0
+        seen.append([c["case"] for c in json.loads((output / "predictions.json").read_text(encoding="utf-8"))["cases"]])
+    assert seen == [["c1"], ["c0", "c1", "c2"]]  # part 1: every second case from the second on
+    code, text = _predict(fake_model, scans, output, "--num-parts", "2", "--part-id", "2", capsys=capsys)
+    assert code == 1 and "--part-id must be in 0..1, got 2" in text
+
+
+# ----------------------------------------------------------------------------------- 7. unwritable output folders
+
+
+@pytest.mark.parametrize("where", ["an existing file", "under a file", "under /proc", "under /sys"])
+def test_an_unwritable_output_folder_is_one_line(fake_model, chest_scan, tmp_path, capsys, where):
+    (tmp_path / "a_file").write_text("x", encoding="utf-8")
+    output = {"an existing file": tmp_path / "a_file", "under a file": tmp_path / "a_file" / "out",
+              "under /proc": Path("/proc/dscovid_out"), "under /sys": Path("/sys/dscovid_out")}[where]
+    if not output.parent.exists():
+        pytest.skip(f"{output.parent} does not exist here")
+    code, text = _predict(fake_model, chest_scan, output, capsys=capsys)
+    lines = [line for line in text.splitlines() if "error:" in line]
+    assert code == 1 and "Traceback" not in text and len(lines) == 1 and str(output) in lines[0], text
+    assert (tmp_path / "a_file").read_text(encoding="utf-8") == "x"
+
+
+@pytest.fixture
+def read_only_folder(tiny_filesystem):
+    """A folder on a read-only file system (a tmpfs remounted read-only)."""
+    (tiny_filesystem / "out").mkdir()
+    (tiny_filesystem / "out" / "earlier.txt").write_text("kept", encoding="utf-8")
+    done = subprocess.run(["mount", "-o", "remount,ro", str(tiny_filesystem)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot remount read-only ({done.stderr.strip()})")
+    return tiny_filesystem / "out"
+
+
+def test_a_read_only_output_folder_is_one_line(fake_model, chest_scan, read_only_folder, capsys):
+    code, text = _predict(fake_model, chest_scan, read_only_folder, capsys=capsys)
+    lines = [line for line in text.splitlines() if "error:" in line]
+    assert code == 1 and "Traceback" not in text and len(lines) == 1, text
+    assert str(read_only_folder) in lines[0] and "read-only file system" in lines[0]
+
+
+# ---------------------------------------------------------------------------------- 9. implausible scans
+
+
+def _resampled(chest_scan: Path, path: Path, spacing_z_mm: float | None = None, slices: int | None = None) -> Path:
+    image, geometry = read_image(chest_scan)
+    if slices is not None:
+        start = image.shape[0] // 2
+        image = image[start:start + slices]
+        geometry = Geometry(tuple(image.shape), geometry.spacing_zyx_mm, geometry.origin_xyz_mm, geometry.direction)
+    if spacing_z_mm is not None:
+        step = max(1, round(spacing_z_mm / geometry.spacing_zyx_mm[0]))
+        image = image[::step]
+        geometry = Geometry(tuple(image.shape), (geometry.spacing_zyx_mm[0] * step, *geometry.spacing_zyx_mm[1:]),
+                            geometry.origin_xyz_mm, geometry.direction)
+    return write_image(image, geometry, path)
+
+
+def test_implausible_scans_are_refused_and_unusual_ones_flagged(fake_model, chest_scan, tmp_path, capsys):
+    scans, output = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    _resampled(chest_scan, scans / "slab.nii.gz", slices=2)
+    _resampled(chest_scan, scans / "thick.nii.gz", spacing_z_mm=50.0)
+    shutil.copy(chest_scan, scans / "chest.nii.gz")  # 7 mm slices: flagged, predicted
+    code, text = _predict(fake_model, scans, output, capsys=capsys)
+    assert code == 1
+    assert any(line.startswith("slab: failed:") and "implausible chest CT: 2 slices" in line for line in text.splitlines())
+    assert any(line.startswith("thick: failed:") and "mm apart" in line for line in text.splitlines())
+    assert any(line.startswith("chest: flagged:") and "thick slices" in line for line in text.splitlines())
+    summary = json.loads((output / "predictions.json").read_text(encoding="utf-8"))
+    (entry,) = summary["cases"]
+    assert entry["case"] == "chest" and entry["plausibility"]["verdict"] == "flagged"
+    assert entry["plausibility"]["measured"]["lung_volume_ml"] > 1000
+    assert sorted(f["case"] for f in summary["failed"]) == ["slab", "thick"]
+    header, row = (output / "predictions.csv").read_text(encoding="utf-8").splitlines()
+    assert "plausibility" in header.split(",") and "flagged" in row
+    # Asked for, the refused ones are predicted too, with what is wrong as flags.
+    code, _ = _predict(fake_model, scans / "slab.nii.gz", output, "--accept-implausible", capsys=capsys)
+    assert code == 0
+    summary = json.loads((output / "predictions.json").read_text(encoding="utf-8"))
+    slab = next(c for c in summary["cases"] if c["case"] == "slab")
+    assert slab["plausibility"]["verdict"] == "refused" and slab["plausibility"]["accepted"] is True
+
+
+# -------------------------------------------------------------------------------------- 10. the predictor's lines
+
+
+@pytest.mark.slow
+def test_predict_failure_lines_are_not_glued_to_the_progress_bar(fake_model, chest_scan, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _pelvis(scans / "a_pelvis.nii.gz")
+    shutil.copy(chest_scan, scans / "b_chest.nii.gz")
+    done = subprocess.run([sys.executable, "-m", "dscovid.cli.predict", "-i", str(scans), "-o", str(tmp_path / "out"),
+                           "-m", str(fake_model), "--device", "cpu", "--step", "1"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 1
+    assert "\r" not in done.stderr
+    assert any(line.startswith("a_pelvis: failed: ") for line in done.stderr.splitlines()), done.stderr

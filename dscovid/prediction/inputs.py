@@ -9,7 +9,9 @@ A case is one 3D CT, named for the output files:
 - a folder given directly that holds DICOM files and no volumes → one case named for that folder;
 - a loose ``.dcm`` file next to volumes → its name without ``.dcm`` (a single DICOM slice is refused later as 2D).
 
-:func:`load_case` reads one case and preprocesses it exactly as the training data was.
+:func:`select_part` picks one part of the cases for ``--num-parts K --part-id I``; :func:`load_case` reads one case,
+checks that it is a plausible chest CT (:mod:`dscovid.io.plausibility`) and preprocesses it exactly as the training
+data was.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import CHANNEL_SUFFIX, is_safe_case_name
 from dscovid.io.image_io import VOLUME_ENDINGS, Geometry, read_image, strip_ending
+from dscovid.io.plausibility import Plausibility, check_plausibility, lung_volume_ml
 from dscovid.plans.schema import Configuration
 from dscovid.preprocessing.lung_mask import segment_lungs
 from dscovid.preprocessing.preprocessor import preprocess_image
@@ -134,6 +137,18 @@ def case_name_problems(cases: Sequence[CaseInput]) -> list[str | None]:
     return problems
 
 
+def select_part(cases: Sequence, num_parts: int = 1, part_id: int = 0) -> list:
+    """Part ``part_id`` of ``num_parts`` of ``cases`` (sorted by name): every ``num_parts``-th case from ``part_id`` on.
+
+    As nnU-Net's ``-num_parts``/``-part_id``: K jobs given the same inputs and parts 0..K-1 predict every case once.
+    """
+    if num_parts < 1:
+        raise DscovidError(f"--num-parts must be at least 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise DscovidError(f"--part-id must be in 0..{num_parts - 1}, got {part_id}")
+    return list(cases)[part_id::num_parts]
+
+
 @dataclass
 class LoadedCase:
     """A case read and preprocessed: the original scan and lung, and the arrays the networks need."""
@@ -149,21 +164,43 @@ class LoadedCase:
     cls_image: np.ndarray  # (N, H, W) float32
     properties: dict
     timing_s: dict = field(default_factory=dict)
+    plausibility: dict | None = None  # Plausibility.to_dict(), plus "accepted" when a refused scan was predicted
 
 
-def load_case(case: CaseInput, preprocessing: Configuration) -> LoadedCase:
-    """Read one scan and preprocess it exactly as the training data was (runs in a background worker).
+def _refuse_implausible(case: CaseInput, found: Plausibility, accept: bool) -> None:
+    if found.refusals and not accept:
+        raise DscovidError(f"{case.path}: implausible chest CT: {'; '.join(found.refusals)} "
+                           f"(--accept-implausible predicts it anyway, flagged)")
+
+
+def load_case(case: CaseInput, preprocessing: Configuration, accept_implausible: bool = False) -> LoadedCase:
+    """Read one scan, check that it is a plausible chest CT and preprocess it as the training data was.
+
+    Runs in a background worker. The geometry is checked before the lungs are segmented, the lung volume after;
+    a scan the rule refuses fails here, unless ``accept_implausible`` (then it is predicted, its refusals kept in
+    ``plausibility`` with ``accepted``).
 
     Raises
     ------
     DscovidError
-        Unreadable file, 2D image, NaN, not Hounsfield units, no lung found.
+        Unreadable file, 2D image, NaN, not Hounsfield units, implausible scan, no lung found.
     """
     start = time.perf_counter()
     image_hu, geometry = read_image(case.path)
+    _refuse_implausible(case, check_plausibility(geometry), accept_implausible)
     read_s = time.perf_counter() - start
     start = time.perf_counter()
-    lung = np.asarray(segment_lungs(image_hu, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
+    try:
+        lung = np.asarray(segment_lungs(image_hu, geometry.spacing_zyx_mm, geometry.direction), dtype=np.uint8)
+    except DscovidError as error:  # the segmenter's message names no file
+        raise DscovidError(f"{case.path}: {error}") from None
+    if not lung.any():
+        raise DscovidError(f"{case.path}: no lung found (is this a chest CT?)")
+    found = check_plausibility(geometry, lung_volume_ml(lung, geometry))
+    _refuse_implausible(case, found, accept_implausible)
+    plausibility = found.to_dict()
+    if found.refusals:
+        plausibility["accepted"] = True
     arrays, properties = preprocess_image(image_hu, geometry, preprocessing, lung=lung, case_name=case.name)
     return LoadedCase(
         name=case.name,
@@ -177,4 +214,5 @@ def load_case(case: CaseInput, preprocessing: Configuration) -> LoadedCase:
         cls_image=arrays["cls_image"],
         properties=properties,
         timing_s={"read": read_s, "preprocess": time.perf_counter() - start},
+        plausibility=plausibility,
     )
