@@ -1199,3 +1199,126 @@ def test_predict_failure_lines_are_not_glued_to_the_progress_bar(fake_model, che
     assert done.returncode == 1
     assert "\r" not in done.stderr
     assert any(line.startswith("a_pelvis: failed: ") for line in done.stderr.splitlines()), done.stderr
+
+
+def _prediction_kind(kind: str, tmp_path: Path, model: Path, chest_scan: Path):
+    from dscovid.cli.predict import main
+
+    scans, output = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+
+    def run(*extra: str, inputs: Path = scans, out: Path = output, model_dir: Path = model):
+        return main, ["-i", str(inputs), "-o", str(out), "-m", str(model_dir), "--device", "cpu", "-q", *extra]
+
+    def one_scan(name: str = "scan.nii.gz") -> Path:
+        return Path(shutil.copy(chest_scan, scans / name))
+
+    if kind == "input missing":
+        return (*run(inputs=tmp_path / "nowhere"), f"{tmp_path / 'nowhere'}: no such file or folder")
+    if kind == "input folder without scans":
+        (scans / "notes.txt").write_text("x", encoding="utf-8")
+        return (*run(), f"{scans}: no CT volume")
+    if kind == "output folder is the input folder":
+        one_scan()
+        return (*run(out=scans), "the output folder is the input folder")
+    if kind == "output folder inside the input folder":
+        one_scan()
+        return (*run(out=scans / "out"), "the output folder lies inside the input folder")
+    if kind == "output folder contains the input":
+        return (*run(inputs=one_scan(), out=scans), "the output folder contains the input")
+    if kind == "output is an existing file":
+        (tmp_path / "a_file").write_text("x", encoding="utf-8")
+        one_scan()
+        return (*run(out=tmp_path / "a_file"), "exists and is a file, not a folder")
+    if kind == "output under a file":
+        (tmp_path / "a_file").write_text("x", encoding="utf-8")
+        one_scan()
+        return (*run(out=tmp_path / "a_file" / "out"), "cannot create the folder (a part of the path is a file")
+    if kind == "output under /proc":
+        one_scan()
+        return (*run(out=Path("/proc/dscovid_out")), "/proc/dscovid_out: cannot create the folder")
+    if kind == "output holds another model's predictions":
+        one_scan()
+        (output / "records").mkdir(parents=True)
+        (output / "records" / "identity.json").write_text(json.dumps({"trainer": "Other", "folds": ["3"]}),
+                                                          encoding="utf-8")
+        return (*run(), "already holds predictions of another model or setting")
+    if kind == "model folder missing":
+        one_scan()
+        return (*run(model_dir=tmp_path / "no_model"), str(tmp_path / "no_model"))
+    if kind == "fold not trained":
+        one_scan()
+        return (*run("-f", "7"), "fold 7 has no checkpoint_final.pt")
+    if kind == "checkpoint damaged":
+        damaged = tmp_path / "model"
+        shutil.copytree(model, damaged)
+        checkpoint = damaged / "fold_0" / "checkpoint_final.pt"
+        _truncate(checkpoint, 0.5)
+        one_scan()
+        return (*run(model_dir=damaged), f"{checkpoint}: not a readable dscovid checkpoint")
+    if kind == "-np below 1":
+        one_scan()
+        return (*run("-np", "0"), "-np must be at least 1, got 0")
+    if kind == "sliding-window step out of range":
+        one_scan()
+        return (*run("--step", "2"), "the sliding-window step must be in (0, 1], got 2.0")
+    if kind == "part outside the parts":
+        one_scan()
+        return (*run("--num-parts", "3", "--part-id", "3"), "--part-id must be in 0..2, got 3")
+    if kind == "--dicom with a volume":
+        one_scan()
+        return (*run("--dicom"), "--dicom needs DICOM series input")
+    # one case that fails; its line names the case and the file
+    if kind == "scan unreadable":
+        (scans / "bad.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+        return (*run(), f"bad: failed: {scans / 'bad.nii.gz'}: cannot read the image")
+    if kind == "scan truncated":
+        _truncate(one_scan("cut.nii.gz"), 0.5)
+        return (*run(), f"cut: failed: {scans / 'cut.nii.gz'}:")
+    if kind == "scan 2D":
+        _write_sitk(sitk.Image(64, 64, sitk.sitkInt16), scans / "flat.nii.gz")
+        return (*run(), "flat: failed: " + str(scans / "flat.nii.gz") + ": is a 2D image")
+    if kind == "scan with NaN":
+        array = _ct().astype(np.float32)
+        array[1, 2, 3] = np.nan
+        write_image(array, GEOMETRY, scans / "nan.mha")
+        return (*run(), "nan: failed: " + str(scans / "nan.mha") + ": contains 1 NaN")
+    if kind == "scan not in HU":
+        write_image((_ct() + 1024).astype(np.int16), GEOMETRY, scans / "raw.nii.gz")
+        return (*run(), "raw: failed: " + str(scans / "raw.nii.gz") + ": intensities range")
+    if kind == "scan without lungs":
+        _pelvis(scans / "pelvis.nii.gz")
+        return (*run(), "pelvis: failed: " + str(scans / "pelvis.nii.gz") + ": no lung found")
+    if kind == "scan a slab of 2 slices":
+        _resampled(chest_scan, scans / "slab.nii.gz", slices=2)
+        return (*run(), "slab: failed: " + str(scans / "slab.nii.gz") + ": implausible chest CT: 2 slices")
+    if kind == "scan of 50 mm slices":
+        _resampled(chest_scan, scans / "thick.nii.gz", spacing_z_mm=50.0)
+        return (*run(), "thick: failed: " + str(scans / "thick.nii.gz") + ": implausible chest CT:")
+    if kind == "case name not a safe file name":
+        one_scan("a b.nii.gz")
+        return (*run(), "a b: failed: " + str(scans / "a b.nii.gz") + ": case name 'a b' is not a safe file name")
+    if kind == "two scans with one case name":
+        one_scan("twin.nii.gz")
+        one_scan("twin_0000.nii.gz")
+        return (*run(), "is already used by")
+    raise AssertionError(kind)
+
+
+PREDICTION_KINDS = [
+    "input missing", "input folder without scans", "output folder is the input folder",
+    "output folder inside the input folder", "output folder contains the input", "output is an existing file",
+    "output under a file", "output under /proc", "output holds another model's predictions", "model folder missing",
+    "fold not trained", "checkpoint damaged", "-np below 1", "sliding-window step out of range",
+    "part outside the parts", "--dicom with a volume", "scan unreadable", "scan truncated", "scan 2D",
+    "scan with NaN", "scan not in HU", "scan without lungs", "scan a slab of 2 slices", "scan of 50 mm slices",
+    "case name not a safe file name", "two scans with one case name",
+]
+
+
+@pytest.mark.parametrize("kind", PREDICTION_KINDS)
+def test_bad_prediction_input_is_one_line(tmp_path, capsys, fake_model, chest_scan, kind):
+    if kind == "output under /proc" and not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    main, argv, expected = _prediction_kind(kind, tmp_path, fake_model, chest_scan)
+    _one_line_failure(main, argv, expected, capsys)
