@@ -397,6 +397,27 @@ def test_spawned_workers_ask_for_the_parent_death_signal():
         assert pool.submit(_parent_death_signal).result() == signal.SIGKILL
 
 
+class _RunsCode:
+    """Unpickling this would create ``marker``: what a checkpoint loaded with weights_only=False could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    from dscovid.results.checkpoint import load_checkpoint
+
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "checkpoint_final.pt"
+    torch.save({"network_weights": {}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(DscovidError, match=f"{path}: not a readable dscovid checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------- 6. case names checked where paths are built
 
 

@@ -91,7 +91,8 @@ def folder_lock(output_dir: str | os.PathLike) -> Iterator[None]:
     """Hold the output folder's lock (an exclusive ``flock`` on ``records/.lock``; waits for another holder).
 
     Held only for moments: while a run claims the folder for its model and while a summary is rebuilt. Where
-    ``flock`` does not exist (Windows) runs are not serialised, and the last summary written wins.
+    ``flock`` does not exist (Windows) or the file system refuses it, runs are not serialised (with a warning), and
+    the last summary written wins; the records are never lost.
     """
     records = make_folder(Path(output_dir) / RECORDS_FOLDER)
     if sys.platform == "win32":  # pragma: no cover - no flock
@@ -104,7 +105,11 @@ def folder_lock(output_dir: str | os.PathLike) -> Iterator[None]:
     except OSError as error:
         raise DscovidError(f"{records / '.lock'}: cannot open the lock file ({describe_os_error(error)})") from None
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError as error:  # a file system without flock (Lustre mounted without it, some NFS set-ups)
+            log.warning("%s: cannot lock (%s); going on without the lock", records / ".lock",
+                        describe_os_error(error))
         yield
     finally:
         handle.close()  # releases the lock
