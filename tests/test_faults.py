@@ -281,14 +281,15 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
     live_file = tmp_path / f".case2.nii.gz.{os.getpid()}@{host}.abcd1234.nii.gz"
     old_foreign = tmp_path / ".case3.npz.77@otherhost.abcd1234.tmp"
     fresh_foreign = tmp_path / ".case4.npz.77@otherhost.abcd1234.tmp"
-    old_legacy = tmp_path / ".case5.npz.abcd1234.tmp"  # an older dscovid's name, without the writer
-    old_user_files = [tmp_path / ".hidden_by_the_user", tmp_path / ".config.settings", tmp_path / ".notes.abcdefgh.txt"]
-    for path in (dead_file, live_file, old_foreign, fresh_foreign, old_legacy, *old_user_files):
+    old_legacy = [tmp_path / ".case5.npz.abcd1234.tmp", tmp_path / ".case6.nii.gz.k2j4h1x9.nii.gz"]  # older dscovid's
+    old_user_files = [tmp_path / ".hidden_by_the_user", tmp_path / ".config.settings", tmp_path / ".notes.abcdefgh.txt",
+                      tmp_path / ".scan.backup12.nii.gz"]
+    for path in (dead_file, live_file, old_foreign, fresh_foreign, *old_legacy, *old_user_files):
         path.write_bytes(b"x")
-    for path in (old_foreign, old_legacy, *old_user_files):
+    for path in (old_foreign, *old_legacy, *old_user_files):
         os.utime(path, (time.time() - 7 * 3600,) * 2)
-    removed = remove_stale_temporaries(tmp_path, legacy_endings=(".tmp",))
-    assert sorted(p.name for p in removed) == sorted([dead_file.name, old_foreign.name, old_legacy.name])
+    removed = remove_stale_temporaries(tmp_path, legacy_endings=(".tmp", ".nii.gz"))
+    assert sorted(p.name for p in removed) == sorted([dead_file.name, old_foreign.name, *(p.name for p in old_legacy)])
     assert _names(tmp_path) == sorted([live_file.name, fresh_foreign.name, *(p.name for p in old_user_files)])
 
 

@@ -108,7 +108,16 @@ def _writer_tag() -> str:
 
 
 _TAGGED = re.compile(r"^\..+\.(\d+)@([A-Za-z0-9-]*)\.[a-z0-9_]{8}")
-_UNTAGGED = re.compile(r"^\..+\.[a-z0-9_]{8}")
+# An older dscovid's temporary name: ``.<target>.<random><suffix>``, where the target ends in the suffix too
+# (``.case.nii.gz.k2j4h1x9.nii.gz``), or the suffix is ``.tmp`` (``.plans.json.k2j4h1x9.tmp``).
+_UNTAGGED = re.compile(r"^\.(.+)\.[a-z0-9_]{8}(\.[a-z.]+)$")
+
+
+def _legacy_temporary(name: str, endings: tuple[str, ...]) -> bool:
+    match = _UNTAGGED.match(name)
+    if match is None or match.group(2) not in endings:
+        return False
+    return match.group(2) == ".tmp" or match.group(1).endswith(match.group(2))
 
 
 def _process_alive(pid: int) -> bool:
@@ -142,8 +151,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, legacy_endings: tuple[st
     host, now = _host(), time.time()
     for candidate in folder.iterdir():
         tagged = _TAGGED.match(candidate.name)
-        if tagged is None and not (legacy_endings and candidate.name.endswith(legacy_endings)
-                                   and _UNTAGGED.match(candidate.name)):
+        if tagged is None and not _legacy_temporary(candidate.name, legacy_endings):
             continue
         try:
             is_folder = candidate.is_dir() and not candidate.is_symlink()

@@ -145,7 +145,9 @@ def predict_cases(
     if step_fraction is not None and not 0.0 < float(step_fraction) <= 1.0:
         raise DscovidError(f"the sliding-window step must be in (0, 1], got {step_fraction}")
     every_case = discover_cases(inputs)
-    problems = dict(zip((id(case) for case in every_case), case_name_problems(every_case)))  # over all parts
+    # Name problems over all parts (each part refuses the same duplicates); keyed by object: an input given twice
+    # is two equal CaseInputs, and only the second is the duplicate.
+    problems = dict(zip((id(case) for case in every_case), case_name_problems(every_case)))
     cases = select_part(every_case, num_parts, part_id)
     if dicom:
         refuse_non_dicom([case.path for case in cases])
