@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset_conversion.synthetic import SyntheticCase, class_for_index, generate_case
+from dscovid.io.atomic import atomic_path
 from dscovid.io.dataset import CLASS_NAMES
 from dscovid.io.image_io import Geometry
 
@@ -76,7 +77,9 @@ def save_montage(path: str | os.PathLike, seed: int = 0, cases: list[SyntheticCa
             axis.set_axis_off()
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    try:
+        with atomic_path(path, suffix=".png") as temporary:
+            figure.savefig(temporary, dpi=80)
+    finally:
+        plt.close(figure)
     return path

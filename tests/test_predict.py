@@ -119,7 +119,7 @@ def test_every_output_has_the_input_geometry_and_the_mask_lies_in_the_lung(obliq
     np.testing.assert_array_equal(mask, ((probability >= 0.5) & (lung == 1)).astype(np.uint8))
     assert np.isfinite(sitk.GetArrayViewFromImage(evidence)).all()
     # Nothing else (no temporary files) in the output folder.
-    assert sorted(p.name for p in output.iterdir()) == sorted(files + ["predictions.csv", "predictions.json"])
+    assert sorted(p.name for p in output.iterdir()) == sorted(files + ["predictions.csv", "predictions.json", "records"])
 
 
 def test_predictions_json_and_csv_follow_the_format(oblique_run, model_dir):
@@ -315,18 +315,23 @@ def test_model_folder_and_fold_lookup(model_dir):
         predict_cases(model_dir, model_dir, model_dir, configuration="3d_paper", device="cpu")
 
 
-def test_a_case_failing_during_export_leaves_no_file(model_dir, oblique_run, tmp_path, monkeypatch):
+def test_a_case_failing_during_export_leaves_no_file_and_keeps_the_earlier_result(model_dir, oblique_run, tmp_path,
+                                                                                    monkeypatch):
     _, output, _, inputs = oblique_run
     target = tmp_path / "out"
-    shutil.copytree(output, target)  # an earlier run of the same model: its files for the case must go too
+    shutil.copytree(output, target)  # an earlier run of the same model: its files for the case are not touched
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file() and p.name.startswith("oblique")}
 
     def broken_report(*args, **kwargs):
         raise DscovidError("report exploded")
 
     monkeypatch.setattr("dscovid.prediction.export.lesion_report", broken_report)
     summary = predict_cases(model_dir, inputs, target, device="cpu", progress=False)
-    assert summary["failed"] == [{"case": "oblique", "reason": "report exploded"}] and summary["cases"] == []
-    assert sorted(p.name for p in target.iterdir()) == ["predictions.csv", "predictions.json"]
+    assert [(f["case"], f["reason"], f["earlier_result_kept"]) for f in summary["failed"]] == \
+        [("oblique", "report exploded", True)]
+    assert [c["case"] for c in summary["cases"]] == ["oblique"]  # the earlier result, still whole
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file() and p.name.startswith("oblique")} == before
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
 def test_a_model_with_the_findings_head_predicts_with_its_term(tmp_path):

@@ -7,7 +7,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from dscovid.errors import DscovidError
+from dscovid.io.atomic import describe_os_error
 from dscovid.roots import Roots
 
 log = logging.getLogger("dscovid")
@@ -47,11 +50,18 @@ def run_command(
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     try:
-        status = body(args)
+        with logging_redirect_tqdm():  # a log line never lands inside a progress bar on a terminal
+            status = body(args)
     except DscovidError as error:
         if args.debug:
             raise
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # the file system's refusals that no stage turned into its own message
+        if args.debug:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{parser.prog}: error: {where}{describe_os_error(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

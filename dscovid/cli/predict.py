@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write <case>_seg.dcm (DICOM-SEG: lesion and lung) and <case>_sr.dcm (DICOM structured "
                         "report, TID 1500) referencing the source series; default: on for DICOM series input. --dicom "
                         "refuses other input, --no-dicom writes none")
+    parser.add_argument("--num-parts", type=int, default=1, metavar="K",
+                        help="split the cases into K parts (for K jobs or GPUs sharing the same -i and -o; "
+                        "default 1)")
+    parser.add_argument("--part-id", type=int, default=0, metavar="I",
+                        help="predict part I (0..K-1): every K-th case, sorted by name, from the I-th on")
+    parser.add_argument("--accept-implausible", action="store_true",
+                        help="predict scans the plausibility rule refuses (too few slices, too thick, a lung volume "
+                        "no chest holds; docs/reliability.md), flagged, instead of failing them")
     parser.add_argument("--png", action="store_true",
                         help="also draw <case>_montage.png: axial slices through the lesions with the predicted outline "
                         "and the evidence map, the class and the probabilities")
@@ -79,18 +87,22 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint_name=args.checkpoint,
         progress=not args.quiet,
         dicom=args.dicom,
+        num_parts=args.num_parts,
+        part_id=args.part_id,
+        accept_implausible=args.accept_implausible,
     )
+    from dscovid.io.scans import find_scans
+    from dscovid.prediction.inputs import select_part
+
+    # This run's cases only: the folder also lists earlier runs' cases and, with parts, the other parts'.
+    mine = {case.name: case.path for case in select_part(find_scans(args.input), args.num_parts, args.part_id)}
     if args.png:
-        from dscovid.io.scans import find_scans
         from dscovid.prediction.montage import save_montages
 
-        # Only this run's cases: the folder may keep earlier cases of the same model, whose inputs are elsewhere.
-        inputs = {case.name: case.path for case in find_scans(args.input)}
-        save_montages(args.output, [e for e in summary["cases"] if e["case"] in inputs], inputs,
-                      progress=not args.quiet)
-    if summary["failed"]:
-        names = ", ".join(failure["case"] for failure in summary["failed"])
-        print(f"dscovid_predict: {len(summary['failed'])} case(s) failed: {names} (reasons above and in "
+        save_montages(args.output, [e for e in summary["cases"] if e["case"] in mine], mine, progress=not args.quiet)
+    failed = [failure["case"] for failure in summary["failed"] if failure["case"] in mine]
+    if failed:
+        print(f"dscovid_predict: {len(failed)} case(s) failed: {', '.join(failed)} (reasons above and in "
               f"{args.output}/predictions.json)", file=sys.stderr)
         return 1
     return 0

@@ -17,18 +17,16 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import Case, RawDataset, write_json_atomic
 from dscovid.io.image_io import read_image, read_mask
 from dscovid.io.strict_json import json_safe
 from dscovid.measurements.findings import DEFAULT_THICKNESSES_MM, case_findings
+from dscovid.parallel import process_pool, progress_bar
 from dscovid.preprocessing.lung_cache import LUNG_CACHE_FOLDER, segment_and_cache
 from dscovid.preprocessing.orientation import axis_codes, canonical_geometry, canonical_reorientation, to_canonical
 from dscovid.preprocessing.preprocessor import lung_bounding_box
@@ -170,9 +168,9 @@ def extract_fingerprint(dataset: RawDataset, output_dir: Path, num_processes: in
     cache = output_dir / LUNG_CACHE_FOLDER
     jobs = [(case, cache, tuple(thicknesses_mm)) for case in cases]
     results = []
-    bar = tqdm(total=len(jobs), desc="fingerprint", unit="case", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="fingerprint", unit="case", disable=not progress)
     if num_processes > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=num_processes, mp_context=get_context("spawn")) as pool:
+        with process_pool(num_processes) as pool:
             for result in pool.map(_run, jobs):
                 results.append(result)
                 bar.update()

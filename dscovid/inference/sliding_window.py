@@ -30,7 +30,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from scipy import ndimage
-from tqdm import tqdm
+
+from dscovid.parallel import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def sliding_window_predict(
     output: torch.Tensor | None = None  # allocated once the number of output channels K is known
     weight_map = torch.zeros(shape_zyx, dtype=torch.float32, device=output_device)
 
-    bar = tqdm(total=len(corners), desc="patches", unit="patch", disable=not progress, leave=False)
+    bar = progress_bar(total=len(corners), desc="patches", unit="patch", disable=not progress, leave=False)
     with torch.no_grad():
         for batch_corners in _batches(corners, batch_size):
             batch = torch.stack([_cut_patch(image, corner, patch_size, pad_value) for corner in batch_corners])

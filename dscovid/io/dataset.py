@@ -45,8 +45,18 @@ _SAFE_CASE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 def check_case_name(name: str) -> None:
     """Refuse case names that are not safe as file names (no separators, no ``..``, no leading dot)."""
-    if not _SAFE_CASE.match(name) or ".." in name or len(name) > 200:
+    if not isinstance(name, str) or not _SAFE_CASE.match(name) or ".." in name or len(name) > 200:
         raise DscovidError(f"case name {name!r} is not a safe file name (letters, digits, '_', '-', '.' only)")
+
+
+def case_file(folder: str | os.PathLike, name: str, ending: str) -> Path:
+    """``folder/<name><ending>``, refusing a case name that would put the file anywhere else.
+
+    Every writer of a per-case file builds its path here, so a case id such as ``../../x/evil`` cannot escape the
+    folder even where the dataset validator was skipped.
+    """
+    check_case_name(name)
+    return Path(folder) / f"{name}{ending}"
 
 
 def is_safe_case_name(name: str) -> bool:
@@ -88,7 +98,10 @@ class RawDataset:
 
     @property
     def classes(self) -> dict[str, int]:
-        return dict(self.meta.get("classes", DEFAULT_CLASSES))
+        classes = self.meta.get("classes", DEFAULT_CLASSES)
+        if not isinstance(classes, dict):
+            raise DscovidError(f"{self.root / 'dataset.json'}: classes must be an object mapping names to indices")
+        return dict(classes)
 
     @property
     def class_names(self) -> list[str]:
@@ -99,19 +112,34 @@ class RawDataset:
         return self.meta.get("intensity_unit", "HU") == "HU"
 
     def image_path(self, case: str, folder: str = "imagesTr") -> Path:
-        return self.root / folder / f"{case}{CHANNEL_SUFFIX}{self.file_ending}"
+        return case_file(self.root / folder, case, f"{CHANNEL_SUFFIX}{self.file_ending}")
 
     def label_path(self, case: str) -> Path:
-        return self.root / "labelsTr" / f"{case}{self.file_ending}"
+        return case_file(self.root / "labelsTr", case, self.file_ending)
 
     def lung_path(self, case: str) -> Path:
-        return self.root / "lungsTr" / f"{case}{self.file_ending}"
+        return case_file(self.root / "lungsTr", case, self.file_ending)
 
     def cases(self) -> list[Case]:
-        """The training cases listed in dataset.json, sorted by name."""
+        """The training cases listed in dataset.json, sorted by name.
+
+        Raises
+        ------
+        DscovidError
+            For a ``cases`` that is not an object, or a case whose name is not a safe file name or whose entry is
+            not an object with a known ``class`` (the validator lists all such problems; this guards the stages
+            when it was skipped with ``--no-verify``).
+        """
         classes = self.classes
+        where = self.root / "dataset.json"
+        listed = self.meta.get("cases", {})
+        if not isinstance(listed, dict):
+            raise DscovidError(f"{where}: cases must be an object mapping case names to entries")
         result = []
-        for name, entry in sorted(self.meta.get("cases", {}).items()):
+        for name, entry in sorted(listed.items()):
+            problem = case_entry_problem(name, entry, classes)
+            if problem is not None:
+                raise DscovidError(f"{where}: {problem}")
             label = self.label_path(name)
             lung = self.lung_path(name)
             result.append(
@@ -135,15 +163,57 @@ class RawDataset:
         raise DscovidError(f"{self.root / 'dataset.json'}: no case named {name!r}")
 
 
+def case_entry_problem(name: object, entry: object, classes: dict) -> str | None:
+    """Why one ``cases`` entry of dataset.json cannot be used, or None (every value's type is checked)."""
+    if not is_safe_case_name(name):
+        return f"{name}: case name is not a safe file name (letters, digits, '_', '-', '.' only)"
+    if not isinstance(entry, dict):
+        return f"{name}: the entry must be an object with a 'class', found {type(entry).__name__} {entry!r}"
+    if "class" not in entry:
+        return f"{name}: the entry has no 'class'"
+    value = entry["class"]
+    if not isinstance(value, str):
+        return f"{name}: class must be a class name (a string), found {type(value).__name__} {value!r}"
+    if value not in classes:
+        return f"{name}: unknown class {value!r} (known: {', '.join(map(str, classes))})"
+    if not isinstance(entry.get("lesion_annotated", True), bool):
+        return f"{name}: lesion_annotated must be true or false, found {entry['lesion_annotated']!r}"
+    if not isinstance(entry.get("metadata", {}), dict):
+        return f"{name}: metadata must be an object, found {type(entry['metadata']).__name__}"
+    return None
+
+
 def read_json(path: str | os.PathLike, missing: str = "not found") -> object:
-    """Parse a JSON file; a missing file (``missing`` says why it matters) or bad JSON is one clear line."""
+    """Parse a JSON file; a missing file (``missing`` says why it matters), bad JSON or a key given twice in one
+    object (JSON would silently keep the last: a case listed twice could change class) is one clear line."""
+    duplicates: list[str] = []
+
+    def keep_pairs(pairs: list[tuple[str, object]]) -> dict:
+        result: dict = {}
+        for key, value in pairs:
+            if key in result and key not in duplicates:
+                duplicates.append(key)
+            result[key] = value
+        return result
+
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            data = json.load(handle, object_pairs_hook=keep_pairs)
     except FileNotFoundError:
         raise DscovidError(f"{path}: {missing}") from None
+    except IsADirectoryError:
+        raise DscovidError(f"{path}: is a folder, not a JSON file") from None
+    except UnicodeDecodeError as error:
+        raise DscovidError(f"{path}: not valid JSON (not UTF-8 text: {error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise DscovidError(f"{path}: cannot be read ({error.strerror or error})") from None
     except json.JSONDecodeError as error:
         raise DscovidError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if duplicates:
+        shown = ", ".join(repr(key) for key in duplicates[:10]) + (" ..." if len(duplicates) > 10 else "")
+        raise DscovidError(f"{path}: key(s) given twice in one object: {shown} (JSON keeps only the last; "
+                           f"remove the duplicate entries)")
+    return data
 
 
 def load_dataset_json(path: Path) -> dict:

@@ -13,6 +13,7 @@ import gzip
 import logging
 import os
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dscovid.errors import DscovidError
-from dscovid.io.atomic import atomic_path
+from dscovid.io.atomic import atomic_path, incomplete_write, make_folder
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +151,8 @@ def dicom_series_files(folder: str | os.PathLike) -> list[Path]:
     files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
     chosen = max(series_ids, key=lambda sid: len(files_per_series[sid]))
     if len(series_ids) > 1:
-        log.warning(
-            "%s: %d DICOM series found; using %s with %d slices (the one with most slices)",
-            folder, len(series_ids), chosen, len(files_per_series[chosen]),
-        )
+        log.warning("%s: %d DICOM series found; using %s (the one with most slices)",
+                    folder, len(series_ids), describe_series(chosen, files_per_series[chosen]))
     return [Path(name) for name in files_per_series[chosen]]
 
 
@@ -166,6 +165,25 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise DscovidError(f"{folder}: cannot read the DICOM series ({_first_line(error)})") from None
 
 
+def describe_series(series_id: str, files: Sequence[str]) -> str:
+    """A DICOM series in words: its SeriesInstanceUID (or, where the files have none, its description), the
+    number of slices and the first file."""
+    first = Path(files[0]).name if files else "no file"
+    if series_id.strip():
+        return f"series {series_id.strip()} ({len(files)} slices, first file {first})"
+    description = ""
+    try:
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(files[0]))
+        header.ReadImageInformation()
+        if header.HasMetaDataKey("0008|103e"):
+            description = header.GetMetaData("0008|103e").strip()
+    except (RuntimeError, IndexError):
+        pass
+    named = f' "{description}"' if description else ""
+    return f"the series{named} without a SeriesInstanceUID ({len(files)} slices, first file {first})"
+
+
 def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     # SimpleITK puts the useful sentence last ("... Exception thrown in ...: <reason>").
@@ -174,6 +192,8 @@ def _first_line(error: Exception) -> str:
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
     """Bytes a complete NIfTI-1/2 file holds (header offset + voxel data), or None if this is not NIfTI."""
+    if len(header) < 4:
+        return None
     for order in "<>":
         (size,) = struct.unpack(order + "i", header[:4])
         if size == 348 and len(header) >= 112:
@@ -226,41 +246,89 @@ def _nifti_nonfinite_count(path: Path) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
+def scan_gzip(path: Path) -> tuple[int, str | None]:
+    """Decompress a gzip file as a stream, without keeping it: (payload bytes recovered, problem or None).
+
+    Every member's CRC-32 and length are checked (zlib does it at each member's end); the problem is
+    ``"truncated"`` when the file ends inside a member, else the decompressor's complaint. Memory stays bounded
+    (16 MiB of output at a time) whatever the compression ratio.
+    """
+    total = 0
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    started = False
+    try:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                while chunk:
+                    if decompressor.eof:  # the next member of a multi-member file
+                        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    started = True
+                    total += len(decompressor.decompress(chunk, 1 << 24))
+                    chunk = decompressor.unconsumed_tail or decompressor.unused_data
+                    if decompressor.eof and chunk.strip(b"\0") == b"":
+                        chunk = b""  # zero padding after the last member is not data
+    except zlib.error as error:
+        return total, f"corrupt gzip data ({error})"
+    if not started:
+        return 0, "empty file"
+    return total, None if decompressor.eof else "truncated"
+
+
+def _nifti_header(path: Path) -> bytes:
+    """The first 540 bytes of a NIfTI file's content (decompressed for ``.nii.gz``; fewer when it is shorter)."""
+    if path.name.lower().endswith(".nii.gz"):
+        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        with open(path, "rb") as stream:
+            head = b""
+            while len(head) < 540 and (chunk := stream.read(1 << 16)):
+                try:
+                    head += decompressor.decompress(chunk, 540 - len(head))
+                except zlib.error:
+                    break
+            return head
+    with open(path, "rb") as stream:
+        return stream.read(540)
+
+
 def _check_nifti_complete(path: Path) -> None:
     """SimpleITK pads a truncated NIfTI with zeros instead of failing: compare the data size with the header."""
+    problem = nifti_file_problem(path, full=False)
+    if problem is not None:
+        raise DscovidError(f"{path}: {problem}")
+
+
+def nifti_file_problem(path: Path, full: bool = True) -> str | None:
+    """Why a NIfTI file is not whole, or None (other formats: None).
+
+    ``.nii``: the file must hold the header's voxel data. ``.nii.gz``: the decompressed payload must, and with
+    ``full`` (or when the gzip trailer's length disagrees) the whole stream is decompressed and its CRC checked.
+    """
     name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    expected = _nifti_expected_bytes(_nifti_header(path))
     if name.endswith(".nii"):
-        with open(path, "rb") as stream:
-            expected = _nifti_expected_bytes(stream.read(540))
         actual = path.stat().st_size
-    elif name.endswith(".nii.gz"):
-        try:
-            with gzip.open(path, "rb") as stream:
-                expected = _nifti_expected_bytes(stream.read(540))
-        except (OSError, EOFError):
-            expected, actual = 1, 0
-        else:
-            # The gzip trailer holds the uncompressed size (mod 2**32); a truncated file has no valid trailer.
-            with open(path, "rb") as stream:
+        if expected is not None and actual < expected:
+            return f"the file is truncated ({actual} of {expected} bytes of image data)"
+        return None
+    if not full and expected is not None:
+        # The gzip trailer holds the uncompressed size (mod 2**32): a whole file agrees, and reading stops here.
+        with open(path, "rb") as stream:
+            stream.seek(0, os.SEEK_END)
+            if stream.tell() >= 18:
                 stream.seek(-4, os.SEEK_END)
-                (actual,) = struct.unpack("<I", stream.read(4))
-            if expected is not None and actual != expected % 2**32:
-                actual = _gzip_length(path)  # multi-member files have several trailers: count for real
-    else:
-        return
-    if expected is not None and actual < expected:
-        raise DscovidError(f"{path}: the file is truncated ({actual} of {expected} bytes of image data)")
-
-
-def _gzip_length(path: Path) -> int:
-    total = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(1 << 24):
-                total += len(chunk)
-    except (OSError, EOFError):
-        pass
-    return total
+                if struct.unpack("<I", stream.read(4))[0] == expected % 2**32:
+                    return None
+    actual, problem = scan_gzip(path)
+    if expected is None:
+        return f"the gzip stream is {problem} ({actual} bytes could be decompressed)" if problem else None
+    if actual < expected:
+        cause = "truncated" if problem in (None, "truncated") else problem
+        return f"the file is {cause} ({actual} of {expected} bytes of image data)"
+    if problem is not None:
+        return f"the gzip stream is {problem}"
+    return None
 
 
 def read_sitk(path: str | os.PathLike) -> sitk.Image:
@@ -367,14 +435,79 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write a (z, y, x) array with ``geometry`` to ``path`` atomically (temporary name, then rename)."""
+    """Write a (z, y, x) array with ``geometry`` to ``path`` atomically, verified before the rename.
+
+    ITK's writer does not fail on a full disk (it prints a warning and leaves a short file), so what it wrote is
+    read back before the temporary file takes the final name: a NIfTI file's size against its header, a gzip
+    stream decompressed whole with its CRC and length, other formats read back and compared voxel by voxel.
+    Header + data pairs (``.mhd``, ``.nhdr``) are written into a hidden temporary folder and moved data first,
+    header last.
+
+    Raises
+    ------
+    DscovidError
+        One line naming ``path``: ``disk full``, no permission, read-only file system, or a file written
+        incomplete; nothing is left under ``path`` or under a temporary name.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = to_sitk(array, geometry)
     ending = next((e for e in VOLUME_ENDINGS if path.name.lower().endswith(e)), path.suffix)
     if ending in (".mhd", ".nhdr"):  # header + data pairs cannot be renamed as one file
-        sitk.WriteImage(image, str(path), compress)
-        return path
-    with atomic_path(path, suffix=ending) as temporary:
+        return _write_header_and_data(image, array, path, compress)
+
+    def verify(temporary: Path) -> None:
+        _verify_written(temporary, array, path)
+
+    with atomic_path(path, suffix=ending, verify=verify) as temporary:
+        _sitk_write(image, temporary, compress, path)
+    return path
+
+
+def _sitk_write(image: sitk.Image, temporary: Path, compress: bool, target: Path) -> None:
+    try:
         sitk.WriteImage(image, str(temporary), compress)
+    except RuntimeError as error:
+        raise incomplete_write(target, temporary, _first_line(error)) from None
+
+
+def _verify_written(temporary: Path, array: np.ndarray, target: Path) -> None:
+    """Raise when the file ITK wrote at ``temporary`` does not hold ``array`` whole."""
+    if not temporary.exists() or temporary.stat().st_size == 0:
+        raise incomplete_write(target, temporary, "0 bytes written")
+    if temporary.name.lower().endswith((".nii", ".nii.gz")):
+        problem = nifti_file_problem(temporary, full=True)
+    else:
+        try:
+            read_back = sitk.ReadImage(str(temporary))  # kept alive while its array view is compared
+            written = sitk.GetArrayViewFromImage(read_back)
+            same = written.shape == array.shape and np.array_equal(written, array, equal_nan=array.dtype.kind == "f")
+            problem = None if same else "the voxels read back differ from those written"
+        except RuntimeError as error:
+            problem = f"cannot be read back ({_first_line(error)})"
+    if problem is not None:
+        raise incomplete_write(target, temporary, problem)
+
+
+def _write_header_and_data(image: sitk.Image, array: np.ndarray, path: Path, compress: bool) -> Path:
+    """Write a header + data pair into a hidden folder beside ``path``, check it, then move data first, header last.
+
+    A reader opens the header, so until the header arrives under its final name no reader sees the pair.
+    """
+    import shutil
+    import tempfile
+
+    make_folder(path.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = staging / path.name
+        _sitk_write(image, staged, compress, path)
+        _verify_written(staged, array, path)
+        for produced in sorted(staging.iterdir(), key=lambda p: p.name == path.name):  # the header last
+            os.replace(produced, path.parent / produced.name)
+    except OSError as error:
+        from dscovid.io.atomic import write_error
+
+        raise write_error(path, error) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -10,8 +10,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from dscovid.errors import DscovidError
-from dscovid.io.dataset import CHANNEL_SUFFIX, RawDataset, is_safe_case_name, load_raw_dataset
-from dscovid.io.image_io import Geometry, check_hounsfield, read_image, read_sitk
+from dscovid.io.dataset import CHANNEL_SUFFIX, RawDataset, case_entry_problem, is_safe_case_name, load_raw_dataset
+from dscovid.io.image_io import VOLUME_ENDINGS, Geometry, check_hounsfield, read_image, read_sitk
 from dscovid.parallel import map_cases
 
 log = logging.getLogger(__name__)
@@ -19,37 +19,48 @@ log = logging.getLogger(__name__)
 _REQUIRED_KEYS = ("channel_names", "labels", "file_ending", "numTraining", "classes", "cases")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_meta(dataset: RawDataset) -> list[str]:
+    """Every value of dataset.json, type first (a list where a name belongs must not crash a later stage)."""
     meta = dataset.meta
     where = dataset.root / "dataset.json"
     problems = [f"{where}: missing key {key!r}" for key in _REQUIRED_KEYS if key not in meta]
     if problems:
         return problems
-    if meta["channel_names"] != {"0": "CT"}:
-        problems.append(f"{where}: channel_names must be {{\"0\": \"CT\"}} (one CT channel), found {meta['channel_names']}")
-    if meta["labels"] != {"background": 0, "lesion": 1}:
-        problems.append(f"{where}: labels must be {{\"background\": 0, \"lesion\": 1}}, found {meta['labels']}")
+    for key in ("name", "description", "licence", "reference", "release"):
+        if key in meta and not isinstance(meta[key], str):
+            problems.append(f"{where}: {key} must be a string, found {type(meta[key]).__name__}")
+    channels = meta["channel_names"]
+    if not (isinstance(channels, dict) and channels == {"0": "CT"} and all(isinstance(v, str) for v in channels.values())):
+        problems.append(f"{where}: channel_names must be {{\"0\": \"CT\"}} (one CT channel), found {channels!r}")
+    labels = meta["labels"]
+    if not (isinstance(labels, dict) and labels == {"background": 0, "lesion": 1} and all(map(_is_int, labels.values()))):
+        problems.append(f"{where}: labels must be {{\"background\": 0, \"lesion\": 1}}, found {labels!r}")
+    ending = meta["file_ending"]
+    if not isinstance(ending, str) or ending.lower() not in VOLUME_ENDINGS:
+        problems.append(f"{where}: file_ending must be one of {', '.join(VOLUME_ENDINGS)}, found {ending!r}")
     classes = meta["classes"]
-    if not isinstance(classes, dict) or sorted(classes.values()) != list(range(len(classes))) or len(classes) < 2:
-        problems.append(f"{where}: classes must map names to consecutive indices 0..K-1, found {classes}")
-    if meta.get("intensity_unit", "HU") not in ("HU", "not_HU"):
-        problems.append(f"{where}: intensity_unit must be \"HU\" or \"not_HU\", found {meta['intensity_unit']!r}")
+    if not (isinstance(classes, dict) and len(classes) >= 2 and all(map(_is_int, classes.values()))
+            and sorted(classes.values()) == list(range(len(classes))) and all(key.strip() for key in classes)):
+        problems.append(f"{where}: classes must map at least two names to consecutive indices 0..K-1, found {classes!r}")
+        classes = {}
+    unit = meta.get("intensity_unit", "HU")
+    if not isinstance(unit, str) or unit not in ("HU", "not_HU"):
+        problems.append(f"{where}: intensity_unit must be \"HU\" or \"not_HU\", found {unit!r}")
     cases = meta["cases"]
     if not isinstance(cases, dict):
-        return problems + [f"{where}: cases must be an object mapping case names to entries"]
-    if meta["numTraining"] != len(cases):
+        return problems + [f"{where}: cases must be an object mapping case names to entries, found {type(cases).__name__}"]
+    if not _is_int(meta["numTraining"]):
+        problems.append(f"{where}: numTraining must be a whole number, found {meta['numTraining']!r}")
+    elif meta["numTraining"] != len(cases):
         problems.append(f"{where}: numTraining is {meta['numTraining']} but {len(cases)} cases are listed")
     for name, entry in cases.items():
-        if not is_safe_case_name(name):
-            problems.append(f"{name}: case name is not a safe file name (letters, digits, '_', '-', '.' only)")
-            continue
-        if not isinstance(entry, dict) or "class" not in entry:
-            problems.append(f"{name}: dataset.json entry must be an object with a 'class'")
-            continue
-        if isinstance(classes, dict) and entry["class"] not in classes:
-            problems.append(f"{name}: unknown class {entry['class']!r} (known: {', '.join(classes)})")
-        if not isinstance(entry.get("lesion_annotated", True), bool):
-            problems.append(f"{name}: lesion_annotated must be true or false")
+        problem = case_entry_problem(name, entry, classes) if classes else None
+        if problem is not None:
+            problems.append(problem)
     return problems
 
 
@@ -126,13 +137,13 @@ def verify_dataset(folder: str | os.PathLike, num_processes: int = 1, tolerance_
     except DscovidError as error:
         return [str(error)]
     problems = _check_meta(dataset)
-    if any("missing key" in p for p in problems):
-        return problems
+    if any("missing key" in p or "file_ending must" in p or "cases must" in p or "classes must" in p for p in problems):
+        return problems  # the files cannot be looked for
     problems += _check_files_listed(dataset)
     classes = dataset.meta["classes"]
     jobs = []
     for name, entry in sorted(dataset.meta["cases"].items()):
-        if not is_safe_case_name(name) or not isinstance(entry, dict) or entry.get("class") not in classes:
+        if case_entry_problem(name, entry, classes) is not None:
             continue
         image = dataset.image_path(name)
         if not image.exists():

@@ -3,8 +3,12 @@
 The fold-averaged outputs of :func:`dscovid.inference.engine.run_networks` are mapped back onto the input's grid
 (:func:`dscovid.preprocessing.preprocessor.restore_to_original`); the lesion probability is thresholded at
 :data:`LESION_THRESHOLD` inside the lung there, and ``<case>.nii.gz``, ``<case>_evidence.nii.gz`` (and with
-``save_probabilities`` the lesion probability and the lung mask) are written with the input's exact geometry,
-each atomically. The entry holds the class probabilities, the findings head's term and the lesion report.
+``save_probabilities`` the lesion probability and the lung mask) are written with the input's exact geometry.
+Each file is written atomically and checked into a hidden staging folder, and the case's files take their final
+names together once all of them are written (:func:`dscovid.io.atomic.staged_folder`): a case that fails leaves
+nothing behind, and the files of an earlier run of the case stay as they were. The entry holds the class
+probabilities, the findings head's term, the lesion report and the scan's plausibility
+(:mod:`dscovid.io.plausibility`).
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from dscovid.inference.engine import NetworkOutput
+from dscovid.io.atomic import staged_folder
 from dscovid.io.image_io import write_image
 from dscovid.prediction.dicom_export import DicomExport, is_dicom_series
 from dscovid.prediction.inputs import LoadedCase
 from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM, lesion_report
-from dscovid.prediction.output_folder import output_files, remove_case_files
+from dscovid.prediction.output_folder import output_files
 from dscovid.preprocessing.preprocessor import restore_to_original
 
 #: Lesion probability at or above which a voxel (inside the lung) is called lesion.
@@ -43,15 +48,22 @@ def export_case(
     The lesion probability is resampled to the original grid first and thresholded there (inside the original
     lung mask), so the mask has the input's resolution, not the preprocessed one. The evidence map, the file writes
     (gzip) and the lesion report run in parallel threads: each spends its time in code that releases the GIL
-    (torch resampling, ITK's writer, NumPy and SciPy). If any part fails, every file of the case is removed.
+    (torch resampling, ITK's writer, NumPy and SciPy). If any part fails, nothing of the case is left (the staging
+    folder is removed), and files of the case from an earlier run are not touched.
     """
+    with staged_folder(output_dir, loaded.name) as stage:
+        return _write_case(loaded, output, stage, class_names, save_probabilities, peripheral_thickness_mm, dicom)
+
+
+def _write_case(loaded: LoadedCase, output: NetworkOutput, stage: Path, class_names: Sequence[str],
+                save_probabilities: bool, peripheral_thickness_mm: float, dicom: DicomExport | None) -> dict:
     name, geometry = loaded.name, loaded.geometry
     names = output_files(name)
     files = {"mask": names["mask"]}
 
     def write_evidence() -> None:
         evidence = restore_to_original(output.evidence, loaded.properties, is_mask=False)
-        write_image(evidence.astype(np.float32, copy=False), geometry, output_dir / names["evidence"])
+        write_image(evidence.astype(np.float32, copy=False), geometry, stage / names["evidence"])
 
     pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix=f"dscovid-export-{name}")
     futures: list[Future] = []
@@ -68,17 +80,17 @@ def export_case(
         lesion = ((probability >= LESION_THRESHOLD) & allowed).astype(np.uint8)
         del allowed
         lung = np.maximum(loaded.lung.astype(np.uint8, copy=False), lesion)
-        futures.append(pool.submit(write_image, lesion, geometry, output_dir / names["mask"]))
+        futures.append(pool.submit(write_image, lesion, geometry, stage / names["mask"]))
         seg_future = None
         if dicom is not None and is_dicom_series(loaded.path):
             seg_future = pool.submit(dicom.write_segmentation, loaded.path, geometry, lesion, lung,
-                                     output_dir / names["dicom_seg"])
+                                     stage / names["dicom_seg"])
         if save_probabilities:
             files["lesion_probability"] = names["lesion_probability"]
             files["lung"] = names["lung"]
             futures.append(pool.submit(write_image, probability.astype(np.float32, copy=False), geometry,
-                                       output_dir / names["lesion_probability"]))
-            futures.append(pool.submit(write_image, lung, geometry, output_dir / names["lung"]))
+                                       stage / names["lesion_probability"]))
+            futures.append(pool.submit(write_image, lung, geometry, stage / names["lung"]))
         del probability
         entry: dict = {"case": name, "predicted_class": None, "probabilities": None}
         if output.class_probabilities is not None:
@@ -92,15 +104,16 @@ def export_case(
         for future in futures:
             future.result()
         if seg_future is not None:
-            dicom_outputs = dicom.write_report(seg_future.result(), entry, output_dir / names["dicom_sr"])
+            dicom_outputs = dicom.write_report(seg_future.result(), entry, stage / names["dicom_sr"])
             files.update(dicom_outputs.pop("files", {}))
             entry.update(dicom_outputs)
         entry["files"] = files
         entry["tiles"] = {"run": output.tiles_run, "total": output.tiles_total}
+        if loaded.plausibility is not None:
+            entry["plausibility"] = loaded.plausibility
         return entry
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # no writer may finish after the clean-up
-        remove_case_files(output_dir, name)
+        pool.shutdown(wait=True, cancel_futures=True)  # no writer may finish after the staging folder is removed
         raise
     finally:
         pool.shutdown(wait=True)

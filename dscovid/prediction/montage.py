@@ -280,14 +280,14 @@ def save_montages(
     progress: bool = True,
 ) -> dict[str, Path]:
     """Montages of several predicted cases; returns ``{case: png}``. A case without its input scan is an error."""
-    from tqdm import tqdm
+    from dscovid.parallel import progress_bar
 
     missing = [str(e["case"]) for e in entries if str(e["case"]) not in image_paths]
     if missing:
         raise DscovidError(f"no input scan for case(s) {', '.join(missing[:10])}")
     target = Path(output_dir) if output_dir is not None else Path(prediction_dir)
     written = {}
-    for entry in tqdm(entries, desc="montages", unit="case", disable=not progress):
+    for entry in progress_bar(entries, desc="montages", unit="case", disable=not progress):
         case = str(entry["case"])
         written[case] = save_prediction_montage(
             image_paths[case], prediction_dir, entry, target / montage_file_name(case),

@@ -7,12 +7,14 @@ Per case:
 2. run every fold, plain and mirrored, over the preprocessed scan and average the outputs
    (:func:`dscovid.inference.engine.run_networks`);
 3. write the case on its original grid and make its entry (:func:`dscovid.prediction.export.export_case`);
-4. at the end, ``predictions.json`` and ``predictions.csv`` (:mod:`dscovid.prediction.output_folder`).
+4. record the case's outcome (``records/<case>.result.json`` or ``.failure.json``), and at the end rebuild
+   ``predictions.json`` and ``predictions.csv`` from every record of the folder (:mod:`dscovid.prediction.output_folder`).
 
 Work overlaps: the next case is read and preprocessed in the background while the networks run, and the previous
-case is exported in the background. A case that fails is reported by name with its reason; the others still run;
-a failed case leaves no file behind (every file is written atomically, and the files of a case that fails half-way
-are removed).
+case is exported in the background. A case that fails is reported by name with its reason in one line; the others
+still run; a failed case leaves no file behind and does not touch its files from an earlier run (the case's files
+take their final names together, only when all are written). Several runs may share one output folder at the same
+time (``num_parts``, or simply two runs): every case is listed once at the end (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -22,30 +24,28 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dscovid import __version__
 from dscovid.errors import DscovidError
 from dscovid.inference.engine import NetworkOutput, run_networks
 from dscovid.inference.model_loading import TrainedModel, load_trained_model
 from dscovid.io.scans import Scan, case_name_problems, find_scans
+from dscovid.io.shared_output import check_output_folder, has_result, write_failure, write_result
+from dscovid.parallel import process_pool, progress_bar
 from dscovid.prediction.dicom_export import DicomExport, refuse_non_dicom
 from dscovid.prediction.export import LESION_THRESHOLD, export_case
-from dscovid.prediction.inputs import LoadedCase, load_case
-from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM
-from dscovid.prediction.output_folder import (
-    previous_entries,
-    remove_case_files,
-    remove_leftovers,
-    run_identity,
-    write_predictions,
+from dscovid.prediction.inputs import (
+    LoadedCase,
+    load_case,
+    select_part,
 )
+from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM
+from dscovid.prediction.output_folder import claim_folder, rebuild_predictions, run_identity
 from dscovid.results.checkpoint import FINAL
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,7 @@ class _Job:
 def _start_reader(num_workers: int) -> Executor:
     if num_workers <= 1:
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="dscovid-read")
-    return ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn"), initializer=_init_worker)
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # one process per core: threads inside each worker would oversubscribe
+    return process_pool(num_workers)  # spawned, one thread each, ending with this process (kill -9 included)
 
 
 def _describe(error: BaseException) -> str:
@@ -92,6 +88,9 @@ def predict_cases(
     progress: bool = True,
     on_case: Callable[[dict], None] | None = None,
     dicom: bool | None = None,
+    num_parts: int = 1,
+    part_id: int = 0,
+    accept_implausible: bool = False,
 ) -> dict:
     """Predict every case of ``inputs`` into ``output_dir`` (the function behind ``dscovid_predict``).
 
@@ -114,11 +113,21 @@ def predict_cases(
     dicom : DICOM-SEG and SR per case (docs/prediction.md): None writes them for DICOM series input (a series that
         cannot be referenced is skipped with a warning); True requires DICOM series input (anything else is refused
         before the run) and fails a case whose series cannot be referenced; False writes none.
+    num_parts, part_id : predict only part ``part_id`` of ``num_parts`` of the cases (:func:`select_part`), so that
+        K jobs share one input folder and one output folder.
+    accept_implausible : predict scans the plausibility rule refuses (:mod:`dscovid.io.plausibility`), flagged,
+        instead of failing them.
 
     Returns
     -------
-    The ``predictions.json`` dictionary (also written, with ``predictions.csv``). Its ``failed`` list names every
-    case that could not be predicted and why.
+    The ``predictions.json`` dictionary (also written, with ``predictions.csv``): every case recorded in the
+    folder, by this run and by others. Its ``failed`` list names every case whose latest attempt failed and why.
+
+    Raises
+    ------
+    DscovidError
+        Before anything is written: an output folder that equals, lies inside or contains an input, or cannot be
+        written; a model or setting that does not fit; an output folder holding another model's predictions.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,61 +142,85 @@ def predict_cases(
         raise DscovidError(f"{model.model_dir}: holds configuration {model.configuration_name!r}, not {configuration!r}")
     if step_fraction is not None and not 0.0 < float(step_fraction) <= 1.0:
         raise DscovidError(f"the sliding-window step must be in (0, 1], got {step_fraction}")
-    cases = find_scans(inputs)
+    every_case = find_scans(inputs)
+    # Name problems over all parts (each part refuses the same duplicates); keyed by object: an input given twice
+    # is two equal Scans, and only the second is the duplicate.
+    problems = dict(zip((id(case) for case in every_case), case_name_problems(every_case)))
+    cases = select_part(every_case, num_parts, part_id)
     if dicom:
         refuse_non_dicom([case.path for case in cases])
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    input_paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    output_dir = check_output_folder(output_dir, input_paths)
     settings = model.inference
     step_used = float(step_fraction if step_fraction is not None else settings.step_fraction)
     identity = run_identity(model, step_used, peripheral_thickness_mm)
-    kept = previous_entries(output_dir, identity, overwrite)
-    remove_leftovers(output_dir)
+    claim_folder(output_dir, identity, overwrite)
 
-    problems = case_name_problems(cases)
-    entries: dict[str, dict] = {}
-    failed: list[dict] = []
+    done = 0
+    unrecorded: list[dict] = []
     class_names = model.class_names or [f"class_{k}" for k in range(3)]
     dicom_export = None if dicom is False else DicomExport.of(model, class_names, peripheral_thickness_mm, bool(dicom))
 
-    def fail(name: str, reason: str, remove_files: bool = True) -> None:
-        log.error("%s: failed: %s", name, reason)
-        failed.append({"case": name, "reason": reason})
-        if remove_files:
-            remove_case_files(output_dir, name)
+    def fail(case: Scan, reason: str, name_usable: bool = True) -> None:
+        log.error("%s: failed: %s", case.name, reason)
+        failure = {"case": case.name, "reason": reason, "input": str(case.path)}
+        if not name_usable:  # unsafe, or taken by another input: no record of its own (listed by this run only)
+            unrecorded.append(failure)
+            return
+        if has_result(output_dir, case.name):
+            failure["earlier_result_kept"] = True
+        try:
+            write_failure(output_dir, failure)
+        except DscovidError as error:
+            log.error("%s: %s", case.name, error)
+            unrecorded.append(failure)
+
+    def succeed(case: Scan, entry: dict) -> None:
+        nonlocal done
+        try:
+            write_result(output_dir, entry)
+        except DscovidError as error:  # its files are whole, but without a record the case is not listed
+            fail(case, str(error))
+            return
+        done += 1
+        verdict = (entry.get("plausibility") or {}).get("verdict", "plausible")
+        if verdict != "plausible":
+            reasons = entry["plausibility"]["refusals"] + entry["plausibility"]["flags"]
+            accepted = " (implausible, predicted as asked)" if verdict == "refused" else ""
+            log.warning("%s: flagged%s: %s", entry["case"], accepted, "; ".join(reasons))
+        if on_case is not None:
+            on_case(entry)
 
     reader = _start_reader(num_workers)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dscovid-write")
     ahead = max(1, num_workers)
     queue: deque[_Job] = deque()
-    pending_exports: list[tuple[str, Future, dict]] = []
-    todo = iter(zip(cases, problems))
-    bar = tqdm(total=len(cases), desc="predicting", unit="case", disable=not progress)
+    pending_exports: list[tuple[Scan, Future, dict]] = []
+    todo = iter(cases)
+    bar = progress_bar(total=len(cases), desc="predicting", unit="case", disable=not progress)
 
     def submit_next() -> None:
-        item = next(todo, None)
-        if item is None:
+        case = next(todo, None)
+        if case is None:
             return
-        case, problem = item
-        future = None if problem else reader.submit(load_case, case, model.preprocessing)
+        problem = problems[id(case)]
+        future = None if problem else reader.submit(load_case, case, model.preprocessing, accept_implausible)
         queue.append(_Job(case, future, problem))
 
     def collect_exports(wait: bool) -> None:
         for item in list(pending_exports):
-            name, future, timing = item
+            case, future, timing = item
             if not wait and not future.done():
                 continue
             pending_exports.remove(item)
             try:
                 entry = future.result()
             except Exception as error:  # noqa: BLE001 - one case's failure must not stop the others
-                log.debug("%s: export failed", name, exc_info=True)
-                fail(name, _describe(error))
+                log.debug("%s: export failed", case.name, exc_info=True)
+                fail(case, _describe(error))
                 continue
             entry["timing_s"] = {key: round(value, 3) for key, value in timing.items()}
-            entries[name] = entry
-            if on_case is not None:
-                on_case(entry)
+            succeed(case, entry)
 
     try:
         for _ in range(ahead):
@@ -197,14 +230,14 @@ def predict_cases(
             submit_next()  # keep the background reader busy while this case runs
             name = job.case.name
             if job.problem is not None:  # an unsafe or duplicate name: its "files" may belong to another case
-                fail(name, job.problem, remove_files=False)
+                fail(job.case, job.problem, name_usable=False)
                 bar.update()
                 continue
             try:
                 loaded = job.future.result()
             except Exception as error:  # noqa: BLE001
                 log.debug("%s: reading or preprocessing failed", name, exc_info=True)
-                fail(name, _describe(error))
+                fail(job.case, _describe(error))
                 bar.update()
                 continue
             try:
@@ -216,13 +249,13 @@ def predict_cases(
                 timing = dict(loaded.timing_s, network=time.perf_counter() - start)
             except Exception as error:  # noqa: BLE001
                 log.debug("%s: network failed", name, exc_info=True)
-                fail(name, _describe(error))
+                fail(job.case, _describe(error))
                 bar.update()
                 continue
             # Drop the preprocessed arrays now: only the original scan and lung are needed for the export.
             loaded.image = loaded.cls_image = loaded.lung_preprocessed = None  # the region is kept for the export
             collect_exports(wait=True)  # at most one case waits for export: bounded memory
-            pending_exports.append((name, writer.submit(_timed_export, loaded, output, output_dir, class_names,
+            pending_exports.append((job.case, writer.submit(_timed_export, loaded, output, output_dir, class_names,
                                                         save_probabilities, peripheral_thickness_mm, timing,
                                                         dicom_export), timing))
             bar.update()
@@ -232,10 +265,7 @@ def predict_cases(
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
 
-    new_names = {case.name for case in cases}
-    all_entries = [e for e in kept if e.get("case") not in new_names] + [entries[n] for n in sorted(entries)]
-    all_entries.sort(key=lambda e: e["case"])
-    summary = {
+    header = {
         "dscovid_version": __version__,
         **identity,
         "plans": model.plans.plans_name,
@@ -244,11 +274,9 @@ def predict_cases(
         "weighting": settings.weighting,
         "device": str(device),
         "lesion_threshold": LESION_THRESHOLD,
-        "cases": all_entries,
-        "failed": sorted(failed, key=lambda f: f["case"]),
     }
-    summary = write_predictions(output_dir, summary, class_names)
-    log.info("%d case(s) predicted, %d failed; results in %s", len(entries), len(failed), output_dir)
+    summary = rebuild_predictions(output_dir, header, class_names, unrecorded)
+    log.info("%d case(s) predicted, %d failed; results in %s", done, len(cases) - done, output_dir)
     return summary
 
 

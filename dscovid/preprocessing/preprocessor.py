@@ -28,21 +28,21 @@ import math
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 from dscovid.errors import DscovidError
-from dscovid.io.dataset import Case, RawDataset, write_json_atomic
+from dscovid.io.atomic import remove_stale_temporaries
+from dscovid.io.dataset import Case, RawDataset, case_file, write_json_atomic
 from dscovid.io.image_io import Geometry, read_image, read_mask
 from dscovid.io.stamps import digest, file_stamp
+from dscovid.parallel import process_pool, progress_bar
 from dscovid.plans.configuration import Configuration, Plans
-from dscovid.preprocessing.lung_cache import LUNG_CACHE_FOLDER, save_npz_atomic, segment_and_cache
+from dscovid.preprocessing.lung_cache import LUNG_CACHE_FOLDER, npz_problem, save_npz_atomic, segment_and_cache
 from dscovid.preprocessing.orientation import (
     Reorientation,
     axis_codes,
@@ -293,18 +293,30 @@ def case_sources(case: Case) -> dict:
 
 
 def is_up_to_date(output_dir: Path, case: Case, digest: str) -> bool:
-    """True when ``<case>.npz`` and ``<case>.json`` exist and were made from the same files and configuration."""
-    npz, props = output_dir / f"{case.name}.npz", output_dir / f"{case.name}.json"
+    """True when ``<case>.npz`` and ``<case>.json`` exist, are whole and were made from the same files and configuration.
+
+    The ``.json`` records the size of the ``.npz`` written before it; an ``.npz`` of another size, or one whose zip
+    directory does not read (cut short by a full disk, a copy or a crash), is stale and made again.
+    """
+    npz, props = case_file(output_dir, case.name, ".npz"), case_file(output_dir, case.name, ".json")
     if not npz.exists() or not props.exists():
         return False
     try:
         with open(props, encoding="utf-8") as handle:
             stored = json.load(handle)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return (stored.get("configuration_digest") == digest and stored.get("sources") == case_sources(case)
+    if not isinstance(stored, dict):
+        return False
+    if not (stored.get("configuration_digest") == digest and stored.get("sources") == case_sources(case)
             and stored.get("class_index") == case.class_index
-            and stored.get("lesion_annotated") == case.lesion_annotated)
+            and stored.get("lesion_annotated") == case.lesion_annotated):
+        return False
+    problem = npz_problem(npz, ("image", "lesion", "lung", "region", "cls_image", "cls_lesion"), stored.get("npz_bytes"))
+    if problem is not None:
+        log.warning("%s: %s; preprocessing the case again", npz, problem)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -334,19 +346,14 @@ def _run_job(job: _Job) -> tuple[str, dict[str, float]]:
         })
         folder = job.output_root / configuration.data_identifier
         start = time.perf_counter()
-        # npz first, properties last: a case counts as done only once its properties exist.
-        save_npz_atomic(folder / f"{case.name}.npz", **arrays)
-        write_json_atomic(properties, folder / f"{case.name}.json")
+        # npz first, properties last: a case counts as done only once its properties exist (with the npz's size).
+        npz = save_npz_atomic(case_file(folder, case.name, ".npz"), **arrays)
+        properties["npz_bytes"] = npz.stat().st_size
+        write_json_atomic(properties, case_file(folder, case.name, ".json"))
         properties["timing_s"]["write"] = round(time.perf_counter() - start, 4)
         for key, value in properties["timing_s"].items():
             timing[key] = timing.get(key, 0.0) + value
     return case.name, timing
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one process per core: threads inside each worker would oversubscribe
 
 
 def preprocess_dataset(
@@ -371,9 +378,8 @@ def preprocess_dataset(
     output_root = Path(output_root)
     chosen = tuple((name, plans.configuration(name).to_dict()) for name in configurations)
     lung_cache_dir = output_root / LUNG_CACHE_FOLDER
-    for _, data in chosen:  # temporaries left by a killed run are never valid output
-        for leftover in (output_root / data["data_identifier"]).glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+    for folder in [output_root / data["data_identifier"] for _, data in chosen] + [lung_cache_dir]:
+        remove_stale_temporaries(folder, (".tmp",))  # a killed run's; a run still writing here keeps its own
     jobs, skipped = [], []
     for case in dataset.cases():
         todo = []
@@ -389,7 +395,7 @@ def preprocess_dataset(
     if skipped:
         log.info("%d case(s) already preprocessed and up to date", len(skipped))
     processed, failed = [], []
-    bar = tqdm(total=len(jobs), desc="preprocessing", unit="case", disable=not progress or not jobs)
+    bar = progress_bar(total=len(jobs), desc="preprocessing", unit="case", disable=not progress or not jobs)
 
     def record(name: str, error: BaseException | None) -> None:
         bar.update()
@@ -402,8 +408,7 @@ def preprocess_dataset(
             raise error
 
     if num_processes > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=num_processes, mp_context=get_context("spawn"),
-                                 initializer=_init_worker) as pool:
+        with process_pool(num_processes) as pool:
             futures = {pool.submit(_run_job, job): job.case.name for job in jobs}
             for future in as_completed(futures):
                 record(futures[future], future.exception())

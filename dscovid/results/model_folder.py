@@ -30,19 +30,21 @@ def find_model_folder(
     results_root: Path, dataset: str, configuration: str | None = None, trainer: str | None = None
 ) -> Path:
     """The model folder of ``dataset`` for ``trainer`` and ``configuration``; either may be omitted when unambiguous."""
+    dataset_dir = find_dataset(dataset, results_root)  # named in the errors as found, not as typed (-d 1)
+    folders = model_folders(results_root, dataset)
     candidates = [
         folder
-        for folder in model_folders(results_root, dataset)
+        for folder in folders
         if (trainer is None or folder.name.split("__", 1)[0] == trainer)
         and (configuration is None or folder.name.split("__", 1)[1] == configuration)
     ]
     wanted = f"{trainer or '<any trainer>'}__{configuration or '<any configuration>'}"
     if not candidates:
-        known = ", ".join(p.name for p in model_folders(results_root, dataset)) or "none"
-        raise DscovidError(f"{results_root}/{dataset}: no trained model {wanted} (trained: {known})")
+        known = ", ".join(p.name for p in folders) or "none"
+        raise DscovidError(f"{dataset_dir}: no trained model {wanted} (trained: {known})")
     if len(candidates) > 1:
         raise DscovidError(
-            f"{results_root}/{dataset}: several trained models match {wanted} "
+            f"{dataset_dir}: several trained models match {wanted} "
             f"({', '.join(p.name for p in candidates)}); pass -c and -tr"
         )
     return candidates[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from dscovid.errors import DscovidError
+from dscovid.preprocessing.lung_cache import npz_problem
 from dscovid.training.splits import CaseStratum
 
 #: The arrays a training sample is cut from (the lung mask is not needed by the losses).
@@ -46,8 +48,9 @@ class CacheCase:
                 if missing:
                     raise DscovidError(f"{self.npz}: missing array(s) {', '.join(missing)} (re-run preprocessing)")
                 return {key: archive[key] for key in keys}
-        except (OSError, ValueError) as error:
-            raise DscovidError(f"{self.npz}: cannot be read ({error})") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise DscovidError(f"{self.npz}: damaged preprocessed file, cannot be read ({type(error).__name__}: "
+                               f"{error}); run dscovid_plan_and_preprocess again to remake it") from None
 
     def stratum(self) -> CaseStratum:
         """Class and lesion volume for the splits (from the properties if recorded, else counted in the npz)."""
@@ -77,9 +80,15 @@ def list_cache_cases(data_dir: Path) -> dict[str, CacheCase]:
             properties = json.loads(json_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise DscovidError(f"{json_path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        if not isinstance(properties, dict):
+            raise DscovidError(f"{json_path}: not a case's properties (re-run preprocessing)")
         for key in ("class_index", "lesion_annotated"):
             if key not in properties:
                 raise DscovidError(f"{json_path}: missing property {key!r} (re-run preprocessing)")
+        problem = npz_problem(npz, TRAINING_ARRAYS, properties.get("npz_bytes"))
+        if problem is not None:  # found now, not as a bare zip error in a loader worker hours later
+            raise DscovidError(f"{npz}: damaged preprocessed file ({problem}); run dscovid_plan_and_preprocess "
+                               f"again to remake it")
         name = properties.get("case", json_path.stem)
         cases[name] = CacheCase(name, npz, properties)
     if not cases:

@@ -24,10 +24,8 @@ each worker draws from its own generator seeded by ``(run seed, worker)``, so a 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from batchgenerators.dataloading.data_loader import DataLoader
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
+from dscovid.parallel import exit_with_parent
 from dscovid.training.augmentation import (
     AugmentationSettings,
     augment_sample,
@@ -94,6 +93,7 @@ class PatchLoader(DataLoader):
         self.augmentation = augmentation
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self.parent_pid = os.getpid()  # the training process, which the workers must not outlive
         self.context_dir = context_dir
         self.hard_negative_dir = hard_negative_dir
         self.hard_negative_fraction = float(hard_negative_fraction)
@@ -102,7 +102,7 @@ class PatchLoader(DataLoader):
         # Called once inside each background worker: its own stream, reproducible from the run seed.
         super().set_thread_id(thread_id)
         self.rng = np.random.default_rng([self.seed, thread_id])
-        _exit_with_parent()
+        exit_with_parent(self.parent_pid, signal.SIGTERM)
 
     def make_sample(self, case: CacheCase, force_lesion: bool) -> dict:
         """One sample of ``case`` (arrays without the batch axis)."""
@@ -147,19 +147,6 @@ class PatchLoader(DataLoader):
         picks = self.rng.integers(len(self._data), size=self.batch_size)
         samples = [self.make_sample(self._data[int(i)], force) for i, force in zip(picks, self.forced)]
         return collate(samples)
-
-
-def _exit_with_parent() -> None:
-    """Ask Linux to end this worker when the training process dies (a ``kill -9`` leaves no orphan workers)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os._exit(0)
 
 
 def collate(samples: Sequence[dict]) -> dict:

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dscovid.errors import DscovidError
 from dscovid.io.image_io import read_image, write_image
 from dscovid.io.scans import Scan, case_name_problems
+from dscovid.parallel import progress_bar
 from dscovid.preprocessing.lung.segment import lung_volumes_ml, segment_lung_sides
 from dscovid.preprocessing.lung.settings import LungMaskSettings
 
@@ -39,8 +39,8 @@ def write_lung_masks(
     output_dir = Path(output_dir)
     failures = []
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-        for scan, problem in tqdm(list(zip(scans, case_name_problems(scans))), desc="lung masks", unit="scan",
-                                  disable=not progress):
+        for scan, problem in progress_bar(list(zip(scans, case_name_problems(scans))), desc="lung masks", unit="scan",
+                                          disable=not progress):
             case = scan.name
             if problem is not None:
                 failures.append((case, problem))
