@@ -121,7 +121,7 @@ def measure_parts(series: Path, lesion: np.ndarray, lung: np.ndarray, work: Path
 def measure_predictor(series_parent: Path, work: Path, image_shape, spacing, lung: np.ndarray, threads: int) -> dict:
     """Part 2: the predictor's export per case without and with the DICOM outputs (random 3d_cpu weights)."""
     import torch
-    from dscovid.inference.untrained_model import save_untrained_model
+    from untrained_model import save_untrained_model
 
     from dscovid.planning.planner import plan_experiment
     from dscovid.prediction.predict import predict_cases
