@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import make_cache, to_grid
 from scipy.ndimage import affine_transform, gaussian_filter
-from test_training_cache import make_cache, to_grid
 
 from dscovid.training.augmentation import (
     AugmentationSettings,

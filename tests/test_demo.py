@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import matplotlib.image
 import numpy as np
 import pytest
+from conftest import save_fake_model
 
+from dataset_conversion import synthetic
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import make_dataset_json, write_json_atomic
 from dscovid.io.image_io import Geometry, write_image
@@ -106,18 +107,9 @@ def test_montage_without_lesion_or_evidence_still_draws_lung_slices(tmp_path):
 
 
 def test_predict_png_writes_one_montage_per_predicted_case(tmp_path):
-    synthetic = pytest.importorskip("dataset_conversion.synthetic")
-    from untrained_model import save_untrained_model
-
     from dscovid.cli.predict import main as predict_main
-    from dscovid.planning.planner import plan_experiment
 
-    fingerprint = {"pooled": {
-        "median_lung_box_mm_zyx": [250.0, 300.0, 350.0], "class_counts": {"covid": 4, "cap": 3, "non_pneumonia": 3},
-        "median_spacing_zyx_mm": [2.5, 0.8, 0.8], "median_shape_zyx": [120, 512, 512], "num_cases": 10,
-        "spacings_zyx_mm": [[2.5, 0.8, 0.8]] * 10, "lung_box_shapes_zyx": [[100, 375, 437]] * 10}}
-    plans = plan_experiment(fingerprint, "Dataset998_Png", CLASSES, presets=["3d_cpu"])
-    model_dir = save_untrained_model(tmp_path / "results", plans, "3d_cpu", "DeepSCCOVIDTrainer", (0,))
+    model_dir = save_fake_model(tmp_path / "results", folds=(0,), dataset="Dataset998_Png")
     case = synthetic.generate_case(seed=3, index=0, scale=0.3)
     write_image(case.image_hu, case.geometry, tmp_path / "in" / "scan_0000.nii.gz")
     out = tmp_path / "out"
@@ -198,7 +190,6 @@ def test_report_shows_table_ii_metrics_and_links_only_existing_pngs(tmp_path):
 
 
 def test_generated_dataset_is_reused_only_with_the_same_settings(tmp_path):
-    pytest.importorskip("dataset_conversion.synthetic")
     from dscovid.demo.pipeline import _generate, _synthetic_is_complete
 
     folder = tmp_path / "Dataset001_Synthetic"
@@ -225,7 +216,6 @@ def test_demo_command_refuses_bad_sizes_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end_then_a_second_run_reuses_everything(tmp_path):
-    pytest.importorskip("dataset_conversion.synthetic")
     from dscovid.demo import run_demo
 
     out = tmp_path / "demo"
@@ -255,10 +245,9 @@ def test_demo_end_to_end_then_a_second_run_reuses_everything(tmp_path):
 
     checkpoint_time = (fold / "checkpoint_final.pt").stat().st_mtime_ns
     predictions_time = (out / "predictions" / "predictions.json").stat().st_mtime_ns
-    start = time.perf_counter()
     second = run_demo(out, cases=6, test_cases=3, num_processes=1, scale=0.3, epochs=1, iterations_per_epoch=2,
                       progress=False)
-    assert time.perf_counter() - start < 60
+    # Every stage but the report reused, nothing written again (rather than a wall-clock bound on the rerun).
     assert [r.status for r in second.stages[:-1]] == ["reused"] * (len(second.stages) - 1)
     assert (fold / "checkpoint_final.pt").stat().st_mtime_ns == checkpoint_time
     assert (out / "predictions" / "predictions.json").stat().st_mtime_ns == predictions_time

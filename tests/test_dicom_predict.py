@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import save_fake_model
 from dicom_helpers import (
     FLIPPED,
     OBLIQUE,
@@ -23,7 +24,6 @@ from dicom_helpers import (
     same_values,
     series_folder,
 )
-from test_predict import save_fake_model
 
 from dscovid.cli.predict import main as predict_main
 from dscovid.io.dicom_series import read_source_series

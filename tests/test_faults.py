@@ -31,8 +31,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from test_preprocessing import make_raw_dataset, phantom, small_plans
+from conftest import make_raw_dataset, phantom, save_fake_model, small_plans
 
+from dataset_conversion import synthetic
 from dscovid.errors import DscovidError
 from dscovid.io import atomic
 from dscovid.io.atomic import write_bytes_atomic, write_text_atomic
@@ -870,13 +871,12 @@ def test_bad_training_input_is_one_line(tmp_path, capsys, preprocessed_tiny, kin
 
 # ============================================================================================ the predictor
 #
-# A model with random weights (test_predict.save_fake_model) and small synthetic chest CTs; what is checked holds for
+# A model with random weights (conftest.save_fake_model) and small synthetic chest CTs; what is checked holds for
 # any weights.
 
 
 @pytest.fixture(scope="module")
 def fake_model(tmp_path_factory) -> Path:
-    from test_predict import save_fake_model
 
     return save_fake_model(tmp_path_factory.mktemp("fault_results"), folds=(0,))
 
@@ -884,7 +884,6 @@ def fake_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def chest_scan(tmp_path_factory) -> Path:
     """A small synthetic chest CT (.nii.gz) that passes every check."""
-    synthetic = pytest.importorskip("dataset_conversion.synthetic")
     case = synthetic.generate_case(seed=7, index=1, scale=0.5)
     return write_image(case.image_hu, case.geometry, tmp_path_factory.mktemp("scans") / "chest.nii.gz")
 

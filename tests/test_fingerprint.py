@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_preprocessing import make_raw_dataset, rotation_direction, small_plans
+from conftest import make_raw_dataset, rotation_direction, small_plans
 
 from dscovid.errors import DscovidError
 from dscovid.fingerprint.extractor import FINGERPRINT_FILE, extract_fingerprint, intensity_statistics

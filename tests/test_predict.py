@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import CHEST_FINGERPRINT, save_fake_model
 from untrained_model import save_untrained_model
 
+from dataset_conversion import synthetic
 from dscovid import __version__
 from dscovid.cli.predict import main as predict_main
 from dscovid.errors import DscovidError
@@ -32,28 +34,6 @@ from dscovid.results.model_folder import available_folds, find_model_folder
 
 TRAINER, CONFIGURATION = "DeepSCCOVIDTrainer", "3d_cpu"
 
-# A fingerprint like the real chest CT data's (about 0.8 mm in-plane, 2.5 mm slices); the planner turns the 3d_cpu
-# preset into a configuration from it (coarse spacing so that a case fits its voxel budget: fast tests).
-_FINGERPRINT = {
-    "pooled": {
-        "median_lung_box_mm_zyx": [250.0, 300.0, 350.0],
-        "class_counts": {"covid": 4, "cap": 3, "non_pneumonia": 3},
-        "median_spacing_zyx_mm": [2.5, 0.8, 0.8],
-        "median_shape_zyx": [120, 512, 512],
-        "num_cases": 10,
-        "spacings_zyx_mm": [[2.5, 0.8, 0.8]] * 10,
-        "lung_box_shapes_zyx": [[100, 375, 437]] * 10,
-    }
-}
-
-
-def save_fake_model(results: Path, folds=(0, 1), dataset: str = "Dataset999_Fake") -> Path:
-    """A model folder with randomly initialised folds, checkpoints as the trainer writes them."""
-    from dscovid.planning.planner import plan_experiment
-
-    plans = plan_experiment(_FINGERPRINT, dataset, list(CLASS_NAMES), presets=[CONFIGURATION])
-    return save_untrained_model(results, plans, CONFIGURATION, TRAINER, folds, seed=100)
-
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:
     angle = math.radians(degrees)
@@ -66,7 +46,6 @@ def _rotation(axis: int, degrees: float) -> np.ndarray:
 
 def synthetic_oblique_case() -> tuple[np.ndarray, Geometry]:
     """A small synthetic chest CT (int16 HU) whose direction matrix is oblique (rotated 17° and 6°)."""
-    synthetic = pytest.importorskip("dataset_conversion.synthetic")
     case = synthetic.generate_case(seed=7, index=1, scale=0.5)
     direction = _rotation(2, 17.0) @ _rotation(0, 6.0) @ case.geometry.direction_matrix
     geometry = Geometry(case.geometry.shape_zyx, case.geometry.spacing_zyx_mm, (12.5, -30.25, 101.0),
@@ -337,7 +316,7 @@ def test_a_case_failing_during_export_leaves_no_file_and_keeps_the_earlier_resul
 def test_a_model_with_the_findings_head_predicts_with_its_term(tmp_path):
     from dscovid.planning.planner import plan_experiment
 
-    plans = plan_experiment(_FINGERPRINT, "Dataset998_Findings", list(CLASS_NAMES), presets=[CONFIGURATION])
+    plans = plan_experiment(CHEST_FINGERPRINT, "Dataset998_Findings", list(CLASS_NAMES), presets=[CONFIGURATION])
     plans["configurations"][CONFIGURATION]["network"]["findings_head"] = True
     folder = save_untrained_model(tmp_path, plans, CONFIGURATION, TRAINER, (0,), seed=100)
     model = load_trained_model(folder, folds=["0"])

