@@ -143,4 +143,4 @@ def save_variant_montage(path: str | os.PathLike, seed: int = 0, index: int | No
                        f"{case.geometry.shape_zyx[2]} px", fontsize=10)
         right.set_title(f"noise {meta['noise_hu']:.0f} HU; {meta['lesion_count']} lesion(s), "
                         f"LVR {meta['lesion_volume_ratio']:.1%}", fontsize=10)
-    return _save(figure, path, dpi=70)
+    return _save(figure, path, dpi=60)
