@@ -31,7 +31,13 @@ from tqdm import tqdm
 from dataset_conversion.synthetic_anatomy import AIR_HU, Anatomy, dome_z, sample_anatomy, texture, tissue_hu
 from dataset_conversion.synthetic_lesions import Lesion, plan_lesions, sample_lung
 from dataset_conversion.synthetic_trees import airways, occupancy, pulmonary_vessels
-from dataset_conversion.synthetic_variants import DEFAULT_VARIANT, DRAWN_FIELDS, Variant, get_variant
+from dataset_conversion.synthetic_variants import (
+    DEFAULT_VARIANT,
+    DRAWN_FIELDS,
+    Variant,
+    get_variant,
+    require_full_size_compatible,
+)
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import CHANNEL_SUFFIX, load_dataset_json, make_dataset_json, write_json_atomic
 from dscovid.io.image_io import Geometry, write_image
@@ -162,9 +168,7 @@ def sample_grid(anatomy: Anatomy, rng: np.random.Generator, full_size: bool = Fa
     z_extent = (anatomy.top_z - anatomy.bottom_z + rng.uniform(0.0, 30.0)
                 + (anterior + posterior) * np.sin(np.radians(tilt)))
     if full_size:
-        if variant.changes_in_plane_grid:
-            raise DscovidError(f"synthetic variant {variant.name!r} changes the in-plane grid, which --full-size "
-                               "fixes at 512x512; use one or the other")
+        require_full_size_compatible(variant)
         n_xy = 512
         spacing_z = rng.uniform(1.0, 1.5)
         # A large patient's shoulders may be cut by the field of view, as on real scans.
@@ -186,6 +190,7 @@ def sample_grid(anatomy: Anatomy, rng: np.random.Generator, full_size: bool = Fa
         spacing_xy = drawn.get("spacing_xy_mm", spacing_xy)
         matrix = variant.matrix_xy or matrix
         n_xy = int(np.clip(np.ceil(fov / spacing_xy), *matrix))
+    spacing_z = drawn.get("slice_spacing_mm", spacing_z)
     thickness = spacing_z * drawn.get("slice_thickness_ratio", thickness_ratio)
     psf = psf * drawn.get("psf_factor", 1.0)
     noise = noise * drawn.get("noise_factor", 1.0)
@@ -193,8 +198,7 @@ def sample_grid(anatomy: Anatomy, rng: np.random.Generator, full_size: bool = Fa
     spacing_xy = fov / n_xy
     if "slice_spacing_mm" in drawn:
         # Real reconstructions have round slice spacings: keep it exactly and cover a little more instead.
-        spacing_z = drawn["slice_spacing_mm"] / scale
-        thickness = drawn["slice_spacing_mm"] * drawn.get("slice_thickness_ratio", thickness_ratio)
+        spacing_z = spacing_z / scale
         n_z = int(np.ceil(z_extent / spacing_z))
     else:
         n_z = int(np.ceil(z_extent / spacing_z * scale))
@@ -529,9 +533,8 @@ def generate_dataset(
     if not 0.1 <= scale <= 4.0:
         raise DscovidError(f"scale must be between 0.1 and 4, got {scale:g}")
     variant = get_variant(variant)
-    if full_size and variant.changes_in_plane_grid:
-        raise DscovidError(f"synthetic variant {variant.name!r} changes the in-plane grid (field of view, spacing), "
-                           "which --full-size fixes at 512x512; use one or the other")
+    if full_size:
+        require_full_size_compatible(variant)
     _prepare_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(out_dir, seed, index, full_size, scale, variant) for index in range(first_index, first_index + n_cases)]

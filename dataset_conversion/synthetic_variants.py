@@ -19,7 +19,8 @@ Every range field ``(low, high)`` is drawn uniformly per case from its own rando
 field, from a stream separate from the default's), so a combined variant draws the same values as the single-factor
 variants it is made of, and the default's own draws (hence its noise realisation) stay aligned.
 
-Public names: :class:`Variant`, :data:`VARIANTS`, :func:`get_variant`, :data:`DEFAULT_VARIANT`.
+Public names: :class:`Variant`, :data:`VARIANTS`, :func:`get_variant`, :data:`DEFAULT_VARIANT`,
+:func:`combine`, :func:`require_full_size_compatible`.
 """
 
 from __future__ import annotations
@@ -178,3 +179,10 @@ def get_variant(variant: str | Variant | None) -> Variant:
     if variant not in VARIANTS:
         raise DscovidError(f"unknown synthetic variant {variant!r}; known: {', '.join(VARIANTS)}")
     return VARIANTS[variant]
+
+
+def require_full_size_compatible(variant: Variant) -> None:
+    """Refuse a variant that changes the in-plane grid, which ``--full-size`` fixes at 512×512."""
+    if variant.changes_in_plane_grid:
+        raise DscovidError(f"synthetic variant {variant.name!r} changes the in-plane grid (field of view, spacing), "
+                           "which --full-size fixes at 512x512; use one or the other")
