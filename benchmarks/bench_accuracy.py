@@ -13,6 +13,11 @@ with its 95 % bootstrap interval over the cases (``dscovid.evaluation.intervals`
 difference to the default. Everything is cached in ``--work`` (data, models, predictions), so a second run only
 does what is missing, and models can be added one at a time.
 
+``--variants thick_noisy wide_small`` adds evaluation sets of other generator variants (the same patients and
+seeds, ``dscovid_make_synthetic --variant``: a model trained on the default phantoms, tested on phantoms made
+differently); ``--train-variant NAME`` trains on a variant's training set instead (self-configuration: the planner
+and every stage run on it with no hand change). Such rows are named ``model~NAME``.
+
 ``--configuration NAME`` trains and predicts the models with another configuration of the training set's plans;
 ``--preset FILE`` plans it first from a preset file (a copy of ``plans/3d_cpu.json`` with another ``name`` and the
 setting under test). Its rows are named ``model@NAME`` and paired to the default model of ``3d_cpu``.
@@ -26,6 +31,9 @@ Examples::
 
     python benchmarks/bench_accuracy.py --work /data/bench_accuracy --models default plain   # ~1.5 h on 2 cores
     python benchmarks/bench_accuracy.py --work /data/bench_accuracy --sets dev --report      # table only
+    python benchmarks/bench_accuracy.py --work /data/bench_accuracy --models default --variants default thick_noisy
+    python benchmarks/bench_accuracy.py --work /data/bench_accuracy --models default --train-variant thick_noisy \
+        --variants thick_noisy
 """
 
 from __future__ import annotations
@@ -50,14 +58,31 @@ from dscovid.results.checkpoint import FINAL, stage_checkpoint
 from dscovid.roots import Roots
 from dscovid.training.run import model_folder, run_training
 
-TRAIN = "Dataset980_AccuracyTrain"
-SETS = {"dev": ("Dataset981_AccuracyDev", 1, 1030), "test": ("Dataset982_AccuracyTest", 97, 5000)}
 CONFIGURATION = "3d_cpu"
+DEFAULT_VARIANT = "default"
+#: role → (seed, first case index); the same for every generator variant, so a variant set holds the same patients.
+ROLES = {"train": (0, 0), "dev": (1, 1030), "test": (97, 5000)}
+#: the first dataset number of each variant's three datasets (train, dev, test)
+VARIANT_NUMBERS = {"default": 980, "thick_noisy": 983, "wide_small": 986, "thick_slices": 970, "sharp_noisy": 973,
+                   "wide_fov": 976, "small_lesions": 960, "large_lesions": 963}
 
 
-def run_id(key: str, configuration: str) -> str:
-    """The name of a model trained with a configuration: ``key`` for 3d_cpu, ``key@configuration`` otherwise."""
-    return key if configuration == CONFIGURATION else f"{key}@{configuration}"
+def dataset_name(role: str, variant: str = DEFAULT_VARIANT) -> str:
+    """``Dataset980_AccuracyTrain``, ``Dataset984_AccuracyDevThickNoisy``, ..."""
+    number = VARIANT_NUMBERS[variant] + list(ROLES).index(role)
+    suffix = "" if variant == DEFAULT_VARIANT else "".join(part.title() for part in variant.split("_"))
+    return f"Dataset{number}_Accuracy{role.title()}{suffix}"
+
+
+def set_id(role: str, variant: str) -> str:
+    """The evaluation set's folder name: ``dev``, ``test``, ``dev-thick_noisy``, ..."""
+    return role if variant == DEFAULT_VARIANT else f"{role}-{variant}"
+
+
+def run_id(key: str, configuration: str = CONFIGURATION, train_variant: str = DEFAULT_VARIANT) -> str:
+    """A trained model's name: ``key``, plus ``@configuration`` and ``~training variant`` where not the defaults."""
+    return (key + ("" if configuration == CONFIGURATION else f"@{configuration}")
+            + ("" if train_variant == DEFAULT_VARIANT else f"~{train_variant}"))
 
 
 @dataclass(frozen=True)
@@ -80,64 +105,66 @@ MODELS = {
 }
 
 
-def ensure_data(roots: Roots, sets: dict[str, int], train_cases: int, processes: int, scale: float = 1.0,
-                configuration: str = CONFIGURATION, preset: Path | None = None) -> None:
-    """Generate the training set and the asked evaluation sets, and preprocess the training set."""
-    wanted = [(TRAIN, train_cases, 0, 0)] + [(SETS[name][0], count, SETS[name][1], SETS[name][2])
-                                              for name, count in sets.items()]
-    for dataset, count, seed, first in wanted:
-        meta = roots.raw / dataset / "dataset.json"
-        if meta.exists() and len(json.loads(meta.read_text(encoding="utf-8"))["cases"]) == count:
-            continue
-        started = time.perf_counter()
-        make_synthetic(["-o", str(roots.raw / dataset), "-n", str(count), "--seed", str(seed),
-                        "--first-index", str(first), "-np", str(processes), "--scale", str(scale), "-q"])
-        print(f"[data] {dataset}: {count} cases, seed {seed}, in {time.perf_counter() - started:.0f} s", flush=True)
-    if not (roots.preprocessed / TRAIN / CONFIGURATION).is_dir():
-        plan_and_preprocess(["-d", TRAIN, "-c", CONFIGURATION, "-np", str(processes), "--raw", str(roots.raw),
-                             "--preprocessed", str(roots.preprocessed), "-q"])
-    plans_file = roots.preprocessed / TRAIN / "plans.json"
+def ensure_dataset(roots: Roots, role: str, variant: str, count: int, processes: int, scale: float) -> str:
+    """Generate one dataset unless it exists with that many cases; returns its name."""
+    name = dataset_name(role, variant)
+    meta = roots.raw / name / "dataset.json"
+    if meta.exists() and len(json.loads(meta.read_text(encoding="utf-8"))["cases"]) == count:
+        return name
+    seed, first = ROLES[role]
+    started = time.perf_counter()
+    make_synthetic(["-o", str(roots.raw / name), "-n", str(count), "--seed", str(seed), "--first-index", str(first),
+                    "--variant", variant, "-np", str(processes), "--scale", str(scale), "-q"])
+    print(f"[data] {name}: {count} cases, seed {seed}, in {time.perf_counter() - started:.0f} s", flush=True)
+    return name
+
+
+def ensure_training_set(roots: Roots, variant: str, count: int, processes: int, scale: float,
+                        configuration: str, preset: Path | None) -> str:
+    """Generate and preprocess the training set of a variant (planning ``configuration`` from ``preset``)."""
+    name = ensure_dataset(roots, "train", variant, count, processes, scale)
+    common = ["-np", str(processes), "--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed), "-q"]
+    if not (roots.preprocessed / name / CONFIGURATION).is_dir():
+        plan_and_preprocess(["-d", name, "-c", CONFIGURATION, *common])
+    plans_file = roots.preprocessed / name / "plans.json"
     if configuration not in json.loads(plans_file.read_text(encoding="utf-8"))["configurations"]:
         if preset is None:
             raise SystemExit(f"{plans_file}: no configuration {configuration!r}; pass --preset FILE to plan it")
-        presets = ["3d_paper", "3d_cpu", str(preset)]
-        plan_and_preprocess(["-d", TRAIN, "-c", configuration, "--presets", *presets, "-np", str(processes),
-                             "--raw", str(roots.raw), "--preprocessed", str(roots.preprocessed), "-q"])
+        plan_and_preprocess(["-d", name, "-c", configuration, "--presets", "3d_paper", "3d_cpu", str(preset), *common])
+    return name
 
 
-def ensure_model(roots: Roots, model: Model, configuration: str, device: str, workers: int,
+def ensure_model(roots: Roots, train_set: str, model: Model, configuration: str, device: str, workers: int,
                  smoke: bool = False) -> dict:
     """Train the model's trainer on fold 0 unless its checkpoint exists; returns its training record."""
-    fold_dir = model_folder(roots.results, TRAIN, model.trainer, configuration) / "fold_0"
+    fold_dir = model_folder(roots.results, train_set, model.trainer, configuration) / "fold_0"
     record_path = fold_dir / "bench_training.json"
     if (fold_dir / FINAL).exists() and record_path.exists():
         return json.loads(record_path.read_text(encoding="utf-8"))
     started = time.perf_counter()
     logging.getLogger("dscovid").setLevel(logging.INFO)
-    run_training(roots, TRAIN, configuration, 0, model.trainer,
+    run_training(roots, train_set, configuration, 0, model.trainer,
                  continue_training=(fold_dir / "checkpoint_latest.pt").exists(), device=device, num_workers=workers,
                  run_final_validation=False, epochs=1 if smoke else None, iterations_per_epoch=3 if smoke else None)
     logging.getLogger("dscovid").setLevel(logging.WARNING)
-    record = {"trainer": model.trainer, "configuration": configuration, "training_s": time.perf_counter() - started,
-              "threads": torch.get_num_threads()}
+    record = {"trainer": model.trainer, "configuration": configuration, "training_set": train_set,
+              "training_s": time.perf_counter() - started, "threads": torch.get_num_threads()}
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 
 
-def ensure_predictions(roots: Roots, work: Path, key: str, model: Model, configuration: str, set_name: str,
-                       device: str, processes: int) -> Path:
+def ensure_predictions(roots: Roots, work: Path, run: str, model_dir: Path, checkpoint: str, evaluation_set: str,
+                       dataset: str, device: str, processes: int) -> Path:
     """Predict and evaluate one model on one set unless its summary exists; returns the summary file."""
-    dataset = SETS[set_name][0]
-    out_dir = work / "predictions" / set_name / run_id(key, configuration)
+    out_dir = work / "predictions" / evaluation_set / run
     summary_file = out_dir / "summary.json"
     if summary_file.exists():
         return summary_file
     started = time.perf_counter()
-    predict_cases(model_dir=model_folder(roots.results, TRAIN, model.trainer, configuration),
-                  inputs=roots.raw / dataset / "imagesTr", output_dir=out_dir, folds=["0"], device=device,
-                  checkpoint_name=model.checkpoint, num_workers=processes, progress=False, overwrite=True)
+    predict_cases(model_dir=model_dir, inputs=roots.raw / dataset / "imagesTr", output_dir=out_dir, folds=["0"],
+                  device=device, checkpoint_name=checkpoint, num_workers=processes, progress=False, overwrite=True)
     evaluate_folder(out_dir, roots.raw / dataset, summary_file, plots=False, num_processes=processes)
-    print(f"[predict] {run_id(key, configuration)} on {set_name}: {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"[predict] {run} on {evaluation_set}: {time.perf_counter() - started:.0f} s", flush=True)
     return summary_file
 
 
@@ -202,29 +229,39 @@ def _fmt_diff(value: tuple | None) -> str:
     return f"{100 * value[0]:+.1f} ({100 * value[1]:+.1f} to {100 * value[2]:+.1f})"
 
 
-def report(work: Path, runs: list[str], set_names: list[str], records: dict[str, dict]) -> dict:
+def _label(run: str) -> str:
+    key, _, rest = run.partition("@")
+    key, _, variant = key.partition("~")
+    configuration, _, variant2 = rest.partition("~")
+    variant = variant or variant2
+    return (MODELS[key].label + (f", {configuration}" if configuration else "")
+            + (f", trained on {variant}" if variant else ""))
+
+
+def report(work: Path, runs: list[str], evaluation_sets: list[str], records: dict[str, dict]) -> dict:
+    """Print one table per evaluation set (rows paired to the ``default`` run) and return the figures."""
     class_names = ["covid", "cap", "non_pneumonia"]
     results: dict = {}
-    for set_name in set_names:
-        tables = {run: case_table(work / "predictions" / set_name / run / "summary.json", class_names)
-                  for run in runs if (work / "predictions" / set_name / run / "summary.json").exists()}
+    for evaluation_set in evaluation_sets:
+        folder = work / "predictions" / evaluation_set
+        tables = {run: case_table(folder / run / "summary.json", class_names)
+                  for run in runs if (folder / run / "summary.json").exists()}
         if not tables:
             continue
         reference = tables.get("default")
         n = max(len(t) for t in tables.values())
-        print(f"\n{set_name} set ({SETS[set_name][0]}, {n} cases), %, 95 % intervals; differences paired to the default")
+        print(f"\n{evaluation_set} set ({n} cases), %, 95 % intervals; differences paired to the default")
         print("| model | lesion Dice | accuracy | macro AUC | Dice − default | accuracy − default | training |")
         print("|---|---|---|---|---|---|---|")
         for run, cases in tables.items():
             row = figures(cases)
             diff = paired(cases, reference) if reference is not None and run != "default" else {}
             seconds = (records.get(run) or {}).get("training_s")
-            key, _, configuration = run.partition("@")
-            label = MODELS[key].label + (f", {configuration}" if configuration else "")
-            print(f"| {label} | {_fmt(row.get('dice'))} | {_fmt(row.get('accuracy'))} | "
+            print(f"| {_label(run)} | {_fmt(row.get('dice'))} | {_fmt(row.get('accuracy'))} | "
                   f"{_fmt(row.get('macro_auc'))} | {_fmt_diff(diff.get('dice'))} | {_fmt_diff(diff.get('accuracy'))} | "
                   f"{f'{seconds / 60:.1f} min' if seconds else '–'} |")
-            results.setdefault(set_name, {})[run] = {**row, "paired_to_default": diff, "training": records.get(run)}
+            results.setdefault(evaluation_set, {})[run] = {**row, "paired_to_default": diff,
+                                                           "training": records.get(run)}
     return results
 
 
@@ -232,7 +269,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, type=Path, help="working folder (data, models, predictions)")
     parser.add_argument("--models", nargs="+", default=["default", "stage1", "plain"], choices=sorted(MODELS))
-    parser.add_argument("--sets", nargs="+", default=["dev", "test"], choices=sorted(SETS))
+    parser.add_argument("--sets", nargs="+", default=["dev", "test"], choices=("dev", "test"))
+    parser.add_argument("--variants", nargs="+", default=[DEFAULT_VARIANT], choices=sorted(VARIANT_NUMBERS),
+                        help="generator variants of the evaluation sets (default: the default generator)")
+    parser.add_argument("--train-variant", default=DEFAULT_VARIANT, choices=sorted(VARIANT_NUMBERS),
+                        help="generator variant of the training set (self-configuration on another dataset)")
     parser.add_argument("--dev-cases", type=int, default=200)
     parser.add_argument("--test-cases", type=int, default=200)
     parser.add_argument("--train-cases", type=int, default=60)
@@ -242,7 +283,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--configuration", default=CONFIGURATION, help="configuration of the training set's plans")
     parser.add_argument("--preset", type=Path, default=None, help="preset file that plans --configuration")
-    parser.add_argument("--report", action="store_true", help="only print the table of what is already done")
+    parser.add_argument("--report", action="store_true", help="only print the tables of what is already done")
     parser.add_argument("--smoke", action="store_true",
                         help="a few minutes' check of the path: small cases, 1 epoch of 3 iterations per stage")
     args = parser.parse_args()
@@ -251,24 +292,31 @@ def main() -> None:
     work = args.work.resolve() / ("smoke" if args.smoke else "full")
     roots = Roots(raw=work / "raw", preprocessed=work / "preprocessed", results=work / "results")
     counts = {"dev": args.dev_cases, "test": args.test_cases}
+    scale = 0.6 if args.smoke else 1.0
+    train_set = dataset_name("train", args.train_variant)
+    evaluation_sets = [(set_id(role, variant), role, variant) for variant in args.variants for role in args.sets]
     records: dict[str, dict] = {}
     if not args.report:
-        ensure_data(roots, {name: counts[name] for name in args.sets}, args.train_cases, args.processes,
-                    0.6 if args.smoke else 1.0, args.configuration, args.preset)
-    runs = [run_id(key, args.configuration) for key in args.models]
-    for key in args.models:
-        model, run = MODELS[key], run_id(key, args.configuration)
-        record_file = model_folder(roots.results, TRAIN, model.trainer, args.configuration) / "fold_0" / "bench_training.json"
+        train_set = ensure_training_set(roots, args.train_variant, args.train_cases, args.processes, scale,
+                                        args.configuration, args.preset)
+        for _, role, variant in evaluation_sets:
+            ensure_dataset(roots, role, variant, counts[role], args.processes, scale)
+    runs = [run_id(key, args.configuration, args.train_variant) for key in args.models]
+    for key, run in zip(args.models, runs):
+        model = MODELS[key]
+        model_dir = model_folder(roots.results, train_set, model.trainer, args.configuration)
+        record_file = model_dir / "fold_0" / "bench_training.json"
         if args.report:
             if record_file.exists():
                 records[run] = json.loads(record_file.read_text(encoding="utf-8"))
             continue
-        records[run] = ensure_model(roots, model, args.configuration, args.device, args.workers, args.smoke)
-        for set_name in args.sets:
-            ensure_predictions(roots, work, key, model, args.configuration, set_name, args.device, args.processes)
+        records[run] = ensure_model(roots, train_set, model, args.configuration, args.device, args.workers, args.smoke)
+        for evaluation_set, role, variant in evaluation_sets:
+            ensure_predictions(roots, work, run, model_dir, model.checkpoint, evaluation_set,
+                               dataset_name(role, variant), args.device, args.processes)
     if "default" not in runs:
         runs.insert(0, "default")  # the reference every row is paired to
-    results = report(work, runs, args.sets, records)
+    results = report(work, runs, [name for name, _, _ in evaluation_sets], records)
     (work / "bench_accuracy.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 

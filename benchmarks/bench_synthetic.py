@@ -6,6 +6,10 @@ Examples::
     python benchmarks/bench_synthetic.py --full-size 1             # time one 512x512 case
     python benchmarks/bench_synthetic.py --findings 300 -np 2      # table of measured vs paper values
     python benchmarks/bench_synthetic.py --montage docs/synthetic_montage.png
+    python benchmarks/bench_synthetic.py --findings 40 --variant small_lesions   # the findings of one variant
+    python benchmarks/bench_synthetic.py --variant-montage docs/synthetic_variants.png   # one case, every variant
+
+``--variant NAME`` applies to ``--cases``, ``--findings`` and ``--montage``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 
 from dataset_conversion.synthetic import PLR_THICKNESS_MM, generate_case, generate_dataset
 from dataset_conversion.synthetic_findings import PAPER, measure_findings
-from dataset_conversion.synthetic_montage import save_montage
+from dataset_conversion.synthetic_montage import save_montage, save_variant_montage
+from dataset_conversion.synthetic_variants import VARIANTS
 
 _LABELS = {
     "covid_lesion_count": "COVID-19 lesions per scan",
@@ -37,14 +42,15 @@ _LABELS = {
 }
 
 
-def _time_dataset(n_cases: int, processes: int) -> None:
+def _time_dataset(n_cases: int, processes: int, variant: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        out = generate_dataset(Path(folder) / "Dataset999_Bench", n_cases=n_cases, seed=0, num_processes=processes)
+        out = generate_dataset(Path(folder) / "Dataset999_Bench", n_cases=n_cases, seed=0, num_processes=processes,
+                               variant=variant)
         elapsed = time.perf_counter() - start
         size = sum(p.stat().st_size for p in out.rglob("*.nii.gz")) / 2**20
     print(
-        f"{n_cases} default-size cases with {processes} process(es): {elapsed:.1f} s "
+        f"{n_cases} default-size cases of variant {variant} with {processes} process(es): {elapsed:.1f} s "
         f"({elapsed / n_cases:.2f} s per case), {size:.0f} MiB written"
     )
 
@@ -61,12 +67,12 @@ def _time_full_size(n_cases: int) -> None:
         )
 
 
-def _findings_table(n_cases: int, scale: float, processes: int, seed: int) -> None:
+def _findings_table(n_cases: int, scale: float, processes: int, seed: int, variant: str) -> None:
     start = time.perf_counter()
-    measured = measure_findings(n_cases, seed=seed, scale=scale, num_processes=processes)
+    measured = measure_findings(n_cases, seed=seed, scale=scale, num_processes=processes, variant=variant)
     elapsed = time.perf_counter() - start
     print(
-        f"{n_cases} cases (seed {seed}, scale {scale:g}: {int(measured['cases_covid'])} COVID-19, "
+        f"{n_cases} cases (variant {variant}, seed {seed}, scale {scale:g}: {int(measured['cases_covid'])} COVID-19, "
         f"{int(measured['cases_cap'])} CAP, {int(measured['cases_non_pneumonia'])} non-pneumonia), "
         f"{elapsed:.0f} s\n"
     )
@@ -87,17 +93,23 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="grid scale for --findings (default 1)")
     parser.add_argument("--seed", type=int, default=2026, help="seed for --findings")
     parser.add_argument("--montage", type=Path, default=None, help="write the montage PNG here")
+    parser.add_argument("--variant", default="default", choices=list(VARIANTS),
+                        help="synthetic variant for --cases, --findings and --montage (default: default)")
+    parser.add_argument("--variant-montage", type=Path, default=None,
+                        help="write a PNG of one COVID-19 case in every variant here")
     parser.add_argument("-np", type=int, default=1, help="worker processes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.cases:
-        _time_dataset(args.cases, args.np)
+        _time_dataset(args.cases, args.np, args.variant)
     if args.full_size:
         _time_full_size(args.full_size)
     if args.findings:
-        _findings_table(args.findings, args.scale, args.np, args.seed)
+        _findings_table(args.findings, args.scale, args.np, args.seed, args.variant)
     if args.montage:
-        print(f"montage written to {save_montage(args.montage, seed=0)}")
+        print(f"montage written to {save_montage(args.montage, seed=0, variant=args.variant)}")
+    if args.variant_montage:
+        print(f"variant montage written to {save_variant_montage(args.variant_montage, seed=0)}")
 
 
 if __name__ == "__main__":

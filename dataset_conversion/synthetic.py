@@ -8,7 +8,9 @@ and given correlated noise. Spacing, slice thickness, field of view, patient siz
 small oblique rotations) vary between cases.
 
 Case ``i`` of seed ``s`` depends on ``(s, i)`` only, so cases can be generated in any order or in parallel, and
-``--full-size`` renders the same patient (same anatomy and lesions) on a finer grid.
+``--full-size`` renders the same patient (same anatomy and lesions) on a finer grid. Named variants
+(:mod:`dataset_conversion.synthetic_variants`: thick slices, strong noise and a sharp kernel, another field of
+view and spacing, other lesion sizes) scan the same patients differently.
 
 Public functions: :func:`generate_case`, :func:`generate_dataset`, :func:`class_for_index`.
 """
@@ -29,6 +31,13 @@ from tqdm import tqdm
 from dataset_conversion.synthetic_anatomy import AIR_HU, Anatomy, dome_z, sample_anatomy, texture, tissue_hu
 from dataset_conversion.synthetic_lesions import Lesion, plan_lesions, sample_lung
 from dataset_conversion.synthetic_trees import airways, occupancy, pulmonary_vessels
+from dataset_conversion.synthetic_variants import (
+    DEFAULT_VARIANT,
+    DRAWN_FIELDS,
+    Variant,
+    get_variant,
+    require_full_size_compatible,
+)
 from dscovid.errors import DscovidError
 from dscovid.io.dataset import CHANNEL_SUFFIX, load_dataset_json, make_dataset_json, write_json_atomic
 from dscovid.io.image_io import Geometry, write_image
@@ -54,7 +63,10 @@ class Grid:
     """The voxel grid of one case and where the patient lies in it.
 
     ``patient_to_world_mm`` is added to patient coordinates (module doc of synthetic_anatomy) to get LPS world
-    coordinates.
+    coordinates. The scanner model: slice profile FWHM ``slice_thickness_mm`` and in-plane point spread FWHM
+    ``psf_fwhm_mm`` (each blur sigma at least ``min_blur_voxels``), in-plane unsharp masking of
+    ``edge_enhancement`` (0: none), noise of standard deviation ``noise_hu`` correlated in-plane by a Gaussian of
+    ``noise_correlation_voxels``.
     """
 
     geometry: Geometry
@@ -65,6 +77,9 @@ class Grid:
     padding_hu: float | None
     orientation: str
     table_gap_mm: float
+    noise_correlation_voxels: float = 0.7
+    min_blur_voxels: float = 0.4
+    edge_enhancement: float = 0.0
 
     def index_to_patient(self) -> np.ndarray:
         """4×4 matrix from homogeneous (z, y, x, 1) voxel indices to patient (X, Y, Z, 1) mm."""
@@ -119,11 +134,15 @@ def _rotation(axis: int, degrees: float) -> np.ndarray:
     return matrix
 
 
-def sample_grid(anatomy: Anatomy, rng: np.random.Generator, full_size: bool = False, scale: float = 1.0) -> Grid:
+def sample_grid(anatomy: Anatomy, rng: np.random.Generator, full_size: bool = False, scale: float = 1.0,
+                variant: Variant = DEFAULT_VARIANT, variant_draws: np.ndarray | None = None) -> Grid:
     """Draw the scan of one patient: orientation, field of view, spacing, slice thickness, noise, padding.
 
     ``scale`` multiplies the voxel counts (and divides the spacing) of the default small grid: 0.5 gives tiny cases
-    for fast statistical tests.
+    for fast statistical tests. ``variant`` changes some of the draws (see
+    :mod:`dataset_conversion.synthetic_variants`); its values come from ``variant_draws`` (uniform numbers in
+    [0, 1), one per field of ``DRAWN_FIELDS``), never from ``rng``, so ``rng`` is consumed exactly as by the
+    default and the default grid is unchanged.
     """
     lateral, anterior, posterior = anatomy.body_half_extent()
     choice = rng.uniform()
@@ -149,24 +168,41 @@ def sample_grid(anatomy: Anatomy, rng: np.random.Generator, full_size: bool = Fa
     z_extent = (anatomy.top_z - anatomy.bottom_z + rng.uniform(0.0, 30.0)
                 + (anterior + posterior) * np.sin(np.radians(tilt)))
     if full_size:
+        require_full_size_compatible(variant)
         n_xy = 512
         spacing_z = rng.uniform(1.0, 1.5)
         # A large patient's shoulders may be cut by the field of view, as on real scans.
         fov = float(np.clip(fov, 512 * 0.6, 512 * 0.8))
-        thickness = spacing_z * rng.choice([1.0, 1.0, 1.25, 1.6])
+        thickness_ratio = rng.choice([1.0, 1.0, 1.25, 1.6])
         psf = rng.uniform(0.7, 1.2)
         noise = rng.uniform(18.0, 40.0)
     else:
         spacing_xy = rng.uniform(2.4, 3.0)
-        n_xy = int(np.clip(np.ceil(fov / spacing_xy), 100, 160))
+        matrix = (100, 160)
         spacing_z = rng.uniform(3.0, 4.0)
-        thickness = spacing_z * rng.choice([1.0, 1.0, 1.2])
+        thickness_ratio = rng.choice([1.0, 1.0, 1.2])
         psf = rng.uniform(1.0, 1.6)
         noise = rng.uniform(8.0, 22.0)
+    drawn = _variant_values(variant, variant_draws)
+    if "fov_factor" in drawn:
+        fov = fov * drawn["fov_factor"]
+    if not full_size:
+        spacing_xy = drawn.get("spacing_xy_mm", spacing_xy)
+        matrix = variant.matrix_xy or matrix
+        n_xy = int(np.clip(np.ceil(fov / spacing_xy), *matrix))
+    spacing_z = drawn.get("slice_spacing_mm", spacing_z)
+    thickness = spacing_z * drawn.get("slice_thickness_ratio", thickness_ratio)
+    psf = psf * drawn.get("psf_factor", 1.0)
+    noise = noise * drawn.get("noise_factor", 1.0)
     n_xy = max(int(round(n_xy * scale)), 16)
     spacing_xy = fov / n_xy
-    n_z = int(np.ceil(z_extent / spacing_z * scale))
-    spacing_z = z_extent / n_z
+    if "slice_spacing_mm" in drawn:
+        # Real reconstructions have round slice spacings: keep it exactly and cover a little more instead.
+        spacing_z = spacing_z / scale
+        n_z = int(np.ceil(z_extent / spacing_z))
+    else:
+        n_z = int(np.ceil(z_extent / spacing_z * scale))
+        spacing_z = z_extent / n_z
     padding = float(rng.choice([-2048.0, -3024.0])) if rng.uniform() < 0.35 else None
     centre = np.array([rng.uniform(-8, 8), 0.5 * (posterior - anterior) + rng.uniform(-8, 8),
                        0.5 * (anatomy.top_z + anatomy.bottom_z) + rng.uniform(-6, 6)])
@@ -182,7 +218,27 @@ def sample_grid(anatomy: Anatomy, rng: np.random.Generator, full_size: bool = Fa
     )
     return Grid(geometry=geometry, patient_to_world_mm=tuple(float(v) for v in to_world),
                 slice_thickness_mm=float(thickness), psf_fwhm_mm=float(psf), noise_hu=float(noise),
-                padding_hu=padding, orientation=orientation, table_gap_mm=float(rng.uniform(5.0, 30.0)))
+                padding_hu=padding, orientation=orientation, table_gap_mm=float(rng.uniform(5.0, 30.0)),
+                noise_correlation_voxels=_or(variant.noise_correlation_voxels, Grid.noise_correlation_voxels),
+                min_blur_voxels=_or(variant.min_blur_voxels, Grid.min_blur_voxels),
+                edge_enhancement=drawn.get("edge_enhancement", Grid.edge_enhancement))
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else float(value)
+
+
+def _variant_values(variant: Variant, draws: np.ndarray | None) -> dict[str, float]:
+    """The value of each range field the variant sets, from its slot of ``draws`` (uniform in [0, 1))."""
+    values = {}
+    for slot, name in enumerate(DRAWN_FIELDS):
+        bounds = getattr(variant, name)
+        if bounds is not None:
+            if draws is None:
+                raise ValueError(f"variant {variant.name!r} needs its random draws")
+            low, high = bounds
+            values[name] = float(low + (high - low) * draws[slot])
+    return values
 
 
 def _table(anatomy: Anatomy, grid: Grid, X, Y):
@@ -297,14 +353,20 @@ def _composite_trees(anatomy: Anatomy, grid: Grid, hu: np.ndarray, seed: int, in
 
 
 def _scanner(grid: Grid, hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Blur like the scanner (in-plane point spread, slice profile), add correlated noise, clip, pad, to int16."""
+    """Blur like the scanner (in-plane point spread, slice profile, kernel overshoot), add correlated noise, clip,
+    pad, to int16."""
     spacing = np.asarray(grid.geometry.spacing_zyx_mm)
     sigma_mm = np.array([grid.slice_thickness_mm, grid.psf_fwhm_mm, grid.psf_fwhm_mm]) / 2.3548
     # Below ~0.4 voxel a Gaussian does nothing visible; the coarse grids still get the partial-volume look.
-    sigma = np.maximum(sigma_mm / spacing, 0.4)
+    sigma = np.maximum(sigma_mm / spacing, grid.min_blur_voxels)
     blurred = ndimage.gaussian_filter(hu, sigma=sigma, mode="nearest")
+    if grid.edge_enhancement > 0:
+        # A sharp reconstruction kernel overshoots at edges: unsharp masking in-plane.
+        smooth = ndimage.gaussian_filter(blurred, sigma=(0.0, 1.0, 1.0), mode="nearest")
+        blurred += grid.edge_enhancement * (blurred - smooth)
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
-    noise = ndimage.gaussian_filter(noise, sigma=(0.0, 0.7, 0.7))
+    correlation = grid.noise_correlation_voxels
+    noise = ndimage.gaussian_filter(noise, sigma=(0.0, correlation, correlation))
     noise *= grid.noise_hu / max(float(noise.std()), 1e-6)
     image = np.clip(np.rint(blurred + noise), -1024, 3071).astype(np.int16)
     if grid.padding_hu is not None:
@@ -335,7 +397,8 @@ def _landmarks(anatomy: Anatomy, grid: Grid) -> dict[str, list[float]]:
     return {name: [round(float(v), 3) for v in np.asarray(p) + offset] for name, p in points.items()}
 
 
-def generate_case(seed: int, index: int, full_size: bool = False, scale: float = 1.0) -> SyntheticCase:
+def generate_case(seed: int, index: int, full_size: bool = False, scale: float = 1.0,
+                  variant: str | Variant | None = None) -> SyntheticCase:
     """Generate case ``index`` of the dataset of ``seed``.
 
     Parameters
@@ -345,6 +408,9 @@ def generate_case(seed: int, index: int, full_size: bool = False, scale: float =
         of the small grid (100-160 voxels in-plane at about 2.4-3.1 mm, about 60-130 slices of 3-4 mm).
     scale : multiply the voxel counts of the grid (0.5 gives tiny cases for statistics tests); the anatomy and the
         lesions do not change.
+    variant : a name of :data:`dataset_conversion.synthetic_variants.VARIANTS` (or a ``Variant``); ``None`` or
+        ``"default"`` is the default generator. The patient (anatomy) of ``(seed, index)`` is the same in every
+        variant, and so are the lesions of a variant that does not change them.
 
     Returns
     -------
@@ -352,12 +418,21 @@ def generate_case(seed: int, index: int, full_size: bool = False, scale: float =
     ``image_hu`` int16 (Z, Y, X) in HU; ``lesion`` and ``lung`` uint8 (Z, Y, X) 0/1 with lesion ⊂ lung;
     ``metadata`` a JSON-ready dict of the generation parameters.
     """
+    variant = get_variant(variant)
     class_name = class_for_index(seed, index)
     anatomy = sample_anatomy(_rng(seed, index, 0))
-    lesion_rng = _rng(seed, index, 1)
-    lesions = plan_lesions(anatomy, class_name, lesion_rng, sample_lung(anatomy, lesion_rng))
     grid_rng = _rng(seed, index, 12 if full_size else 2)
-    grid = sample_grid(anatomy, grid_rng, full_size=full_size, scale=scale)
+    variant_draws = _rng(seed, index, 20).uniform(size=len(DRAWN_FIELDS))
+    grid = sample_grid(anatomy, grid_rng, full_size=full_size, scale=scale, variant=variant,
+                       variant_draws=variant_draws)
+    lesion_rng = _rng(seed, index, 1)
+    lesions = plan_lesions(
+        anatomy, class_name, lesion_rng, sample_lung(anatomy, lesion_rng),
+        count_factor=_or(variant.lesion_count_factor, 1.0),
+        volume_ratio_factor=_or(variant.lesion_volume_ratio_factor, 1.0),
+        volume_range_ml=variant.lesion_volume_ml,
+        separation=_or(variant.lesion_separation, 1.0),
+    )
     hu, lung = _render_anatomy(anatomy, grid)
     lesion = _paint_lesions(anatomy, grid, lesions, hu, lung)
     _composite_trees(anatomy, grid, hu, seed, index)
@@ -371,6 +446,7 @@ def generate_case(seed: int, index: int, full_size: bool = False, scale: float =
         "seed": int(seed),
         "index": int(index),
         "full_size": bool(full_size),
+        "variant": variant.name,
         "lesion_count": len(lesions),
         "lesions": [lesion_.summary() for lesion_ in lesions],
         "lesion_volume_ml": round(lesion_ml, 2),
@@ -384,6 +460,9 @@ def generate_case(seed: int, index: int, full_size: bool = False, scale: float =
         "subcutaneous_fat_mm": round(anatomy.fat_mm, 1),
         "intravenous_contrast": bool(anatomy.blood_hu > 100),
         "noise_hu": round(grid.noise_hu, 1),
+        "psf_fwhm_mm": round(grid.psf_fwhm_mm, 3),
+        "noise_correlation_voxels": grid.noise_correlation_voxels,
+        "edge_enhancement": round(grid.edge_enhancement, 3),
         "padding_hu": grid.padding_hu,
         "confounders": {"dependent_atelectasis": anatomy.atelectasis_mm > 0, "emphysema": anatomy.emphysema},
         "landmarks_xyz_mm": _landmarks(anatomy, grid),
@@ -396,9 +475,9 @@ def case_name(index: int) -> str:
     return f"case_{index:04d}"
 
 
-def _write_case(args: tuple[Path, int, int, bool, float]) -> tuple[str, str, dict]:
-    out_dir, seed, index, full_size, scale = args
-    case = generate_case(seed, index, full_size=full_size, scale=scale)
+def _write_case(args: tuple[Path, int, int, bool, float, Variant]) -> tuple[str, str, dict]:
+    out_dir, seed, index, full_size, scale, variant = args
+    case = generate_case(seed, index, full_size=full_size, scale=scale, variant=variant)
     name = case_name(index)
     write_image(case.image_hu, case.geometry, out_dir / "imagesTr" / f"{name}{CHANNEL_SUFFIX}.nii.gz")
     write_image(case.lesion, case.geometry, out_dir / "labelsTr" / f"{name}.nii.gz")
@@ -430,6 +509,7 @@ def generate_dataset(
     first_index: int = 0,
     num_processes: int = 1,
     scale: float = 1.0,
+    variant: str | Variant | None = None,
 ) -> Path:
     """Write a raw dataset of ``n_cases`` synthetic cases (``case_{first_index:04d}`` onward) to ``out_dir``.
 
@@ -437,7 +517,9 @@ def generate_dataset(
     ``lungsReference/<case>.nii.gz`` (the true lung masks, for testing lung segmentation; the pipeline does not read
     them) and ``dataset.json`` (written last, so a folder without it is an unfinished run). A folder that already
     holds a synthetic dataset is replaced; any other non-empty folder is refused. ``scale`` < 1 makes tiny cases
-    for fast tests of other stages (see :func:`generate_case`).
+    for fast tests of other stages (see :func:`generate_case`). ``variant`` names a variant of
+    :mod:`dataset_conversion.synthetic_variants` (default: the default generator); dataset.json's ``synthetic``
+    entry records its name and the parameters it changes.
 
     Returns
     -------
@@ -450,9 +532,12 @@ def generate_dataset(
         raise DscovidError(f"first index must be >= 0, got {first_index}")
     if not 0.1 <= scale <= 4.0:
         raise DscovidError(f"scale must be between 0.1 and 4, got {scale:g}")
+    variant = get_variant(variant)
+    if full_size:
+        require_full_size_compatible(variant)
     _prepare_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(out_dir, seed, index, full_size, scale) for index in range(first_index, first_index + n_cases)]
+    jobs = [(out_dir, seed, index, full_size, scale, variant) for index in range(first_index, first_index + n_cases)]
     results = []
     if num_processes > 1:
         with ProcessPoolExecutor(max_workers=num_processes) as pool:
@@ -470,9 +555,11 @@ def generate_dataset(
         description="Synthetic chest CT phantoms with COVID-19 / CAP lesions (dscovid dataset_conversion.synthetic)",
         synthetic={"generator_version": GENERATOR_VERSION, "seed": int(seed), "n_cases": int(n_cases),
                    "first_index": int(first_index), "full_size": bool(full_size), "scale": float(scale),
+                   "variant": variant.name, "variant_description": variant.description,
+                   "variant_parameters": variant.changes(),
                    "plr_thickness_mm": PLR_THICKNESS_MM, "lung_reference_folder": "lungsReference"},
     )
     write_json_atomic(data, out_dir / "dataset.json")
-    log.info("wrote %d synthetic cases (%s) to %s", n_cases,
+    log.info("wrote %d synthetic cases (variant %s; %s) to %s", n_cases, variant.name,
              ", ".join(f"{v} {k}" for k, v in counts.items()), out_dir)
     return out_dir

@@ -30,9 +30,11 @@ PAPER: dict[str, float] = {
 }
 
 
-def measure_case(seed: int, index: int, scale: float = 1.0, thickness_mm: float = PLR_THICKNESS_MM) -> dict:
-    """Generate one case and measure it: class, lesion count, LVR, PLR at ``thickness_mm``, lesion HU shares."""
-    image, lesion, lung, geometry, class_name, _ = generate_case(seed, index, scale=scale)
+def measure_case(seed: int, index: int, scale: float = 1.0, thickness_mm: float = PLR_THICKNESS_MM,
+                 variant: str | None = None) -> dict:
+    """Generate one case (of ``variant``, default: the default generator) and measure it: class, lesion count, LVR,
+    PLR at ``thickness_mm``, lesion HU shares."""
+    image, lesion, lung, geometry, class_name, _ = generate_case(seed, index, scale=scale, variant=variant)
     hu = findings.lesion_hu_statistics(image, lesion)
     return {
         "class": class_name,
@@ -45,8 +47,9 @@ def measure_case(seed: int, index: int, scale: float = 1.0, thickness_mm: float 
     }
 
 
-def _measure(args: tuple[int, int, float]) -> dict:
-    return measure_case(*args)
+def _measure(args: tuple[int, int, float, str | None]) -> dict:
+    seed, index, scale, variant = args
+    return measure_case(seed, index, scale, variant=variant)
 
 
 def summarize(cases: list[dict]) -> dict[str, float]:
@@ -84,9 +87,9 @@ def summarize(cases: list[dict]) -> dict[str, float]:
 
 
 def measure_cases(n_cases: int, seed: int, scale: float = 1.0, num_processes: int = 1,
-                  first_index: int = 0) -> list[dict]:
+                  first_index: int = 0, variant: str | None = None) -> list[dict]:
     """Generate ``n_cases`` cases (in memory, not written) and measure each (see :func:`measure_case`)."""
-    jobs = [(seed, index, scale) for index in range(first_index, first_index + n_cases)]
+    jobs = [(seed, index, scale, variant) for index in range(first_index, first_index + n_cases)]
     if num_processes > 1:
         with ProcessPoolExecutor(max_workers=num_processes) as pool:
             return list(pool.map(_measure, jobs, chunksize=4))
@@ -94,6 +97,6 @@ def measure_cases(n_cases: int, seed: int, scale: float = 1.0, num_processes: in
 
 
 def measure_findings(n_cases: int, seed: int, scale: float = 1.0, num_processes: int = 1,
-                     first_index: int = 0) -> dict[str, float]:
+                     first_index: int = 0, variant: str | None = None) -> dict[str, float]:
     """Generate and measure ``n_cases`` cases and summarise their findings (see :func:`summarize`)."""
-    return summarize(measure_cases(n_cases, seed, scale, num_processes, first_index))
+    return summarize(measure_cases(n_cases, seed, scale, num_processes, first_index, variant))

@@ -174,20 +174,35 @@ def _small_rotation(rng: np.random.Generator, degrees: float = 25.0) -> np.ndarr
 
 
 def _choose_centre(sample: LungSample, weights: np.ndarray, placed: list[tuple[np.ndarray, float]], radius: float,
-                   rng: np.random.Generator) -> int:
-    """Pick a lung point (its index) by weight, away from the lesions already placed (so they stay separate)."""
+                   rng: np.random.Generator, separation: float = 1.0) -> int:
+    """Pick a lung point (its index) by weight, away from the lesions already placed (so they stay separate).
+
+    ``separation`` scales the distance kept (below 1 lesions may touch and merge)."""
     weights = weights.copy()
     for centre, other in placed:
         distance = np.linalg.norm(sample.points - centre, axis=1)
-        weights[distance < 1.05 * (radius + other) + 6.0] *= 1e-6
+        weights[distance < separation * (1.05 * (radius + other) + 6.0)] *= 1e-6
     if not np.isfinite(weights).all() or weights.sum() <= 0:
         weights = np.ones(len(weights))
     return int(rng.choice(len(weights), p=weights / weights.sum()))
 
 
-def plan_lesions(anatomy: Anatomy, class_name: str, rng: np.random.Generator,
-                 sample: LungSample | None = None) -> list[Lesion]:
-    """Draw the lesions of one scan of class ``class_name`` (``covid``, ``cap`` or ``non_pneumonia``)."""
+def plan_lesions(anatomy: Anatomy, class_name: str, rng: np.random.Generator, sample: LungSample | None = None,
+                 count_factor: float = 1.0, volume_ratio_factor: float = 1.0,
+                 volume_range_ml: tuple[float, float] | None = None, separation: float = 1.0) -> list[Lesion]:
+    """Draw the lesions of one scan of class ``class_name`` (``covid``, ``cap`` or ``non_pneumonia``).
+
+    Parameters
+    ----------
+    anatomy, class_name, rng : the patient, the diagnosis and the random stream of the lesions.
+    sample : random lung points (drawn from ``rng`` when not given).
+    count_factor : multiplies the number of lesions drawn for the class (rounded up, at least 1).
+    volume_ratio_factor : multiplies the lesion volume ratio drawn for the class (clipped to 0.4-45 %).
+    volume_range_ml : (min, max) volume of one lesion in ml; default at least 2 ml (COVID-19) or 6 ml (CAP).
+    separation : scales the distance kept between lesions when they are placed (below 1 they may touch).
+    The defaults are the paper-tuned phantoms; the other values make the variants of
+    :mod:`dataset_conversion.synthetic_variants`.
+    """
     if class_name == "non_pneumonia":
         return []
     if class_name not in ("covid", "cap"):
@@ -196,11 +211,16 @@ def plan_lesions(anatomy: Anatomy, class_name: str, rng: np.random.Generator,
     covid = class_name == "covid"
     probabilities = COVID_COUNT_PROBABILITIES if covid else CAP_COUNT_PROBABILITIES
     count = int(rng.choice(len(probabilities), p=probabilities / probabilities.sum())) + 1
+    if count_factor != 1.0:
+        count = max(1, int(np.ceil(count * count_factor)))
     shape, scale = COVID_LVR_GAMMA if covid else CAP_LVR_GAMMA
-    ratio = float(np.clip(rng.gamma(shape, scale), 0.004, 0.45))
+    ratio = float(np.clip(rng.gamma(shape, scale) * volume_ratio_factor, 0.004, 0.45))
     # COVID lesions vary widely in size (small Dirichlet concentration); CAP lesions are more alike.
     shares = rng.dirichlet(np.full(count, 0.9 if covid else 2.5))
-    volumes = np.maximum(ratio * sample.volume_ml * shares, 2.0 if covid else 6.0)
+    if volume_range_ml is None:
+        volumes = np.maximum(ratio * sample.volume_ml * shares, 2.0 if covid else 6.0)
+    else:
+        volumes = np.clip(ratio * sample.volume_ml * shares, *volume_range_ml)
     H = anatomy.lung_height_mm
     X, Y, Z = sample.points.T
     hilum_distance = np.minimum(
@@ -228,7 +248,7 @@ def plan_lesions(anatomy: Anatomy, class_name: str, rng: np.random.Generator,
             if not pleural:
                 weights *= np.exp(-hilum_distance / 60.0)
             elongation, parts, edge = rng.uniform(1.2, 1.7), int(rng.integers(1, 4)), rng.uniform(1.0, 2.0)
-        choice = _choose_centre(sample, weights + 1e-12, placed, radius, rng)
+        choice = _choose_centre(sample, weights + 1e-12, placed, radius, rng, separation)
         centre = sample.points[choice]
         outward = sample.outward[choice] if covid else None
         centres, axes, rotations = _blob(centre, radius / elongation ** (1 / 3), elongation, parts, rng,

@@ -200,6 +200,11 @@ def test_generated_dataset_is_reused_only_with_the_same_settings(tmp_path):
     assert "n_cases" in _synthetic_is_complete(folder, 2, 0, 0, 0.2)
     (folder / "dataset.json").touch()  # rewritten since it was verified
     assert _synthetic_is_complete(folder, 1, 0, 0, 0.2) == "not verified yet"
+    # A variant of the same seed and size is not the demo's dataset.
+    from dataset_conversion.synthetic import generate_dataset
+
+    generate_dataset(folder, 1, 0, scale=0.2, variant="thick_noisy")
+    assert "variant" in _synthetic_is_complete(folder, 1, 0, 0, 0.2)
 
 
 def test_demo_command_refuses_bad_sizes_in_one_line(tmp_path, capsys):

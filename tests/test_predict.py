@@ -342,3 +342,22 @@ def test_a_model_with_the_findings_head_predicts_with_its_term(tmp_path):
     assert entry["logit_term"] == {c: 0.0 for c in CLASS_NAMES}  # the saved head is untrained: zero weights
     assert set(entry["measurements"]) == set(FEATURE_NAMES)
     assert json.loads((tmp_path / "out" / "predictions.json").read_text(encoding="utf-8"))["cases"][0]["findings_head"]
+
+
+def test_a_case_without_predicted_lesion_is_recorded_with_null_measurements(model_dir, oblique_run, tmp_path,
+                                                                            monkeypatch):
+    # No lesion found: HU mean and sd, the peripheral ratio and some zone shares are NaN, which strict JSON refuses.
+    import dscovid.prediction.predict as predict_module
+
+    def nothing_found(*args, **kwargs):
+        output = run_networks(*args, **kwargs)
+        output.lesion_probability[...] = 0.0
+        return output
+
+    monkeypatch.setattr(predict_module, "run_networks", nothing_found)
+    _, _, _, inputs = oblique_run
+    summary = predict_cases(model_dir, inputs, tmp_path / "out", device="cpu", progress=False)
+    assert summary["failed"] == [] and [c["case"] for c in summary["cases"]] == ["oblique"]
+    entry = json.loads((tmp_path / "out" / "predictions.json").read_text(encoding="utf-8"))["cases"][0]
+    assert entry["lesion_volume_ml"] == 0 and entry["lesion_hu_mean"] is None
+    assert (tmp_path / "out" / "oblique.nii.gz").exists()

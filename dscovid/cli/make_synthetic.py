@@ -1,4 +1,5 @@
-"""``dscovid_make_synthetic -o DIR -n N --seed S``: write a raw dataset of synthetic chest-CT phantoms."""
+"""``dscovid_make_synthetic -o DIR -n N --seed S [--variant NAME]``: write a raw dataset of synthetic chest-CT
+phantoms."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 
 from dataset_conversion.synthetic import generate_dataset
+from dataset_conversion.synthetic_variants import VARIANTS
 from dscovid.cli._common import run_command
 
 
@@ -18,6 +20,7 @@ def _run(args: argparse.Namespace) -> int:
         first_index=args.first_index,
         num_processes=args.np,
         scale=args.scale,
+        variant=args.variant,
     )
     print(args.output)
     return 0
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="dscovid_make_synthetic",
         description="Generate synthetic chest CTs (COVID-19, CAP, non-pneumonia) with lesion masks and reference "
         "lung masks, as a raw dataset (imagesTr, labelsTr, lungsReference, dataset.json).",
+        epilog="variants (--variant NAME):\n" + "\n".join(f"  {v.name}: {v.description}" for v in VARIANTS.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-o", "--output", required=True, metavar="DIR",
                         help="dataset folder to write, e.g. $DSCOVID_raw/Dataset001_Synthetic")
@@ -39,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="number of the first case (case_NNNN): give a test set distinct names")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the voxel counts of each case (e.g. 0.4 for tiny cases in tests; default 1)")
+    parser.add_argument("--variant", default="default", metavar="NAME",
+                        help="scan the phantoms differently (thick slices, noise and kernel, field of view, lesion "
+                        "sizes); names below (default: default)")
     parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
     return run_command(parser, _run, argv)
 

@@ -130,8 +130,9 @@ def _synthetic_is_complete(folder: Path, n_cases: int, seed: int, first_index: i
         return f"unreadable dataset.json ({error})"
     made = meta.get("synthetic") or {}
     wanted = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_cases": n_cases, "first_index": first_index,
-              "full_size": False, "scale": float(scale)}
-    differences = [key for key, value in wanted.items() if made.get(key) != value]
+              "full_size": False, "scale": float(scale), "variant": "default"}
+    # Datasets written before variants existed are the default ones.
+    differences = [key for key, value in wanted.items() if made.get(key, "default" if key == "variant" else None) != value]
     if differences:
         return f"generated with other settings ({', '.join(differences)})"
     marker = folder / VERIFIED_MARKER

@@ -45,7 +45,7 @@ from dscovid.prediction.inputs import (
     select_part,
 )
 from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM
-from dscovid.prediction.output_folder import claim_folder, rebuild_predictions, run_identity
+from dscovid.prediction.output_folder import claim_folder, json_safe, rebuild_predictions, run_identity
 from dscovid.results.checkpoint import FINAL
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def predict_cases(
     def succeed(case: Scan, entry: dict) -> None:
         nonlocal done
         try:
-            write_result(output_dir, entry)
+            write_result(output_dir, json_safe(entry))  # a case without lesion has NaN measurements: null in JSON
         except DscovidError as error:  # its files are whole, but without a record the case is not listed
             fail(case, str(error))
             return
