@@ -36,6 +36,7 @@ from dscovid.inference.engine import NetworkOutput, run_networks
 from dscovid.inference.model_loading import TrainedModel, load_trained_model
 from dscovid.io.scans import Scan, case_name_problems, find_scans
 from dscovid.io.shared_output import check_output_folder, has_result, write_failure, write_result
+from dscovid.io.strict_json import json_safe
 from dscovid.parallel import process_pool, progress_bar
 from dscovid.prediction.dicom_export import DicomExport, refuse_non_dicom
 from dscovid.prediction.export import LESION_THRESHOLD, export_case
@@ -45,7 +46,7 @@ from dscovid.prediction.inputs import (
     select_part,
 )
 from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM
-from dscovid.prediction.output_folder import claim_folder, json_safe, rebuild_predictions, run_identity
+from dscovid.prediction.output_folder import claim_folder, rebuild_predictions, run_identity
 from dscovid.results.checkpoint import FINAL
 
 log = logging.getLogger(__name__)
