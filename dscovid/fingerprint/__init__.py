@@ -1,1 +1,1 @@
-"""The dataset fingerprint (DESIGN.md §4): ``extractor.extract_fingerprint`` writes ``dataset_fingerprint.json``."""
+"""The dataset fingerprint (docs/preprocessing.md §1): ``extractor.extract_fingerprint`` writes ``dataset_fingerprint.json``."""

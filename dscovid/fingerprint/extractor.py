@@ -1,4 +1,4 @@
-"""The dataset fingerprint (DESIGN.md §4): ``dataset_fingerprint.json`` in the preprocessed dataset folder.
+"""The dataset fingerprint (docs/preprocessing.md §1): ``dataset_fingerprint.json`` in the preprocessed dataset folder.
 
 Per case: original and canonical spacing and shape, orientation (direction matrix and axis codes), the lung
 bounding box (voxels on the canonical grid and its size in mm), HU statistics inside the lung and inside the

@@ -1,4 +1,4 @@
-"""The raw dataset format (DESIGN.md §3): nnU-Net's layout and dataset.json, plus the diagnosis of each case.
+"""The raw dataset format (docs/formats.md §1): nnU-Net's layout and dataset.json, plus the diagnosis of each case.
 
 ::
 

@@ -1,15 +1,13 @@
 """The budget model the planner sizes configurations with (memory for the GPU preset, time for the CPU preset).
 
-Like nnU-Net, nothing is run: the network of DESIGN.md §6 is described as a list of convolutions (output
+Like nnU-Net, nothing is run: the DeepSC-COVID network (docs/model.md) is described as a list of convolutions (output
 voxels, input and output channels, kernel size) for one segmentation patch and one classification grid, and
 
 - **memory** (bytes) = ``batch × 4 bytes × ACTIVATION_FACTOR × Σ conv output elements + 16 bytes × parameters``
   (float32 activations kept for the backward pass, plus weights, their gradient and Adam's two moments).
-  ``ACTIVATION_FACTOR = 1.7`` is measured, not guessed: on an H100 (PyTorch 2.11, float32) one training step of
-  the 3d_paper network (24×256×256 patch, 48×256×256 grid) peaked at 3.22 GB for batch 1 and 6.24 GB for batch 2,
-  i.e. 3.02 GB per sample for 0.447 G conv output elements (the normalisation and activation outputs cost
-  about 0.7 more copies of each convolution output); mixed precision peaked ~9 % lower, so float32 is the
-  conservative plan;
+  :data:`ACTIVATION_FACTOR` is calibrated on the measured peak memory of a float32 3d_paper training step
+  (docs/preprocessing.md §2): the normalisation and activation outputs cost more copies of each
+  convolution output; mixed precision needs less, so float32 is the conservative plan;
 - **compute** (floating-point operations per training iteration) = ``batch × 3 × Σ 2 · k³ · C_in · C_out · voxels``
   (forward, plus about twice that for the backward pass).
 

@@ -173,8 +173,8 @@ class LossConfig:
     """Evidence masks of the ``predicted`` class (equation 5) or of the ``label``."""
     task_aware_normalise: bool = True
     """Compare sigmoid(Ŝi) with the evidence mask rescaled to [0, 1] (ReLU, divided by its maximum over the scan),
-    instead of raw logits with raw class activations, whose scales are unrelated: unnormalised, λ_ta·L_ta reached
-    ~10× the other terms at the start of fine-tuning and pushed the classification loss up."""
+    instead of raw logits with raw class activations, whose scales are unrelated: unnormalised, λ_ta·L_ta dwarfs
+    the other terms at the start of fine-tuning and pushes the classification loss up (docs/model.md)."""
     task_aware_exclude_classes: tuple[int, ...] = (2,)
     """Samples whose chosen class is one of these get no task-aware term: the evidence of non-pneumonia (index 2)
     points at healthy lung, which the lesion subnet must not be pulled towards."""

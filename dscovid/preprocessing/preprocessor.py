@@ -1,4 +1,4 @@
-"""The preprocessor (DESIGN.md §5, docs/formats.md §2 and §4) and its exact inverse.
+"""The preprocessor (docs/preprocessing.md, docs/formats.md §2 and §4) and its exact inverse.
 
 Per case, in this order:
 
