@@ -79,10 +79,13 @@ def set_id(role: str, variant: str) -> str:
     return role if variant == DEFAULT_VARIANT else f"{role}-{variant}"
 
 
-def run_id(key: str, configuration: str = CONFIGURATION, train_variant: str = DEFAULT_VARIANT) -> str:
-    """A trained model's name: ``key``, plus ``@configuration`` and ``~training variant`` where not the defaults."""
+def run_id(key: str, configuration: str = CONFIGURATION, train_variant: str = DEFAULT_VARIANT,
+           epochs_scale: float = 1.0) -> str:
+    """A trained model's name: ``key``, plus ``@configuration``, ``~training variant`` and ``xF`` (epochs scale)
+    where not the defaults."""
     return (key + ("" if configuration == CONFIGURATION else f"@{configuration}")
-            + ("" if train_variant == DEFAULT_VARIANT else f"~{train_variant}"))
+            + ("" if train_variant == DEFAULT_VARIANT else f"~{train_variant}")
+            + ("" if epochs_scale == 1.0 else f"x{epochs_scale:g}"))
 
 
 @dataclass(frozen=True)
@@ -135,19 +138,29 @@ def ensure_training_set(roots: Roots, variant: str, count: int, processes: int, 
 
 
 def ensure_model(roots: Roots, train_set: str, model: Model, configuration: str, device: str, workers: int,
-                 smoke: bool = False) -> dict:
-    """Train the model's trainer on fold 0 unless its checkpoint exists; returns its training record."""
-    fold_dir = model_folder(roots.results, train_set, model.trainer, configuration) / "fold_0"
+                 smoke: bool = False, epochs_scale: float = 1.0, results: Path | None = None) -> dict:
+    """Train the model's trainer on fold 0 unless its checkpoint exists; returns its training record.
+
+    ``epochs_scale`` F gives every stage ``round(F × the longest stage's epochs)`` epochs (as ``dscovid_demo
+    --epochs-scale``), in its own results folder ``results``.
+    """
+    fold_dir = model_folder(results or roots.results, train_set, model.trainer, configuration) / "fold_0"
     record_path = fold_dir / "bench_training.json"
     if (fold_dir / FINAL).exists() and record_path.exists():
         return json.loads(record_path.read_text(encoding="utf-8"))
     started = time.perf_counter()
     logging.getLogger("dscovid").setLevel(logging.INFO)
-    run_training(roots, train_set, configuration, 0, model.trainer,
-                 continue_training=(fold_dir / "checkpoint_latest.pt").exists(), device=device, num_workers=workers,
-                 run_final_validation=False, epochs=1 if smoke else None, iterations_per_epoch=3 if smoke else None)
+    epochs = None
+    if epochs_scale != 1.0:
+        plans = json.loads((roots.preprocessed / train_set / "plans.json").read_text(encoding="utf-8"))
+        epochs = round(epochs_scale * max(s["epochs"] for s in plans["configurations"][configuration]["training"]["stages"]))
+    run_training(Roots(raw=roots.raw, preprocessed=roots.preprocessed, results=results or roots.results), train_set,
+                 configuration, 0, model.trainer, continue_training=(fold_dir / "checkpoint_latest.pt").exists(),
+                 device=device, num_workers=workers, run_final_validation=False, epochs=1 if smoke else epochs,
+                 iterations_per_epoch=3 if smoke else None)
     logging.getLogger("dscovid").setLevel(logging.WARNING)
     record = {"trainer": model.trainer, "configuration": configuration, "training_set": train_set,
+              "epochs_scale": epochs_scale,
               "training_s": time.perf_counter() - started, "threads": torch.get_num_threads()}
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
@@ -229,16 +242,16 @@ def _fmt_diff(value: tuple | None) -> str:
     return f"{100 * value[0]:+.1f} ({100 * value[1]:+.1f} to {100 * value[2]:+.1f})"
 
 
-def _label(run: str) -> str:
-    key, _, rest = run.partition("@")
-    key, _, variant = key.partition("~")
-    configuration, _, variant2 = rest.partition("~")
-    variant = variant or variant2
-    return (MODELS[key].label + (f", {configuration}" if configuration else "")
-            + (f", trained on {variant}" if variant else ""))
+def run_label(key: str, configuration: str = CONFIGURATION, train_variant: str = DEFAULT_VARIANT,
+              epochs_scale: float = 1.0) -> str:
+    """The table's name of a run (see :func:`run_id`)."""
+    return (MODELS[key].label + ("" if configuration == CONFIGURATION else f", {configuration}")
+            + ("" if train_variant == DEFAULT_VARIANT else f", trained on {train_variant}")
+            + ("" if epochs_scale == 1.0 else f", {epochs_scale:g}x the epochs"))
 
 
-def report(work: Path, runs: list[str], evaluation_sets: list[str], records: dict[str, dict]) -> dict:
+def report(work: Path, runs: dict[str, str], evaluation_sets: list[str], records: dict[str, dict]) -> dict:
+    """``runs``: run id → label."""
     """Print one table per evaluation set (rows paired to the ``default`` run) and return the figures."""
     class_names = ["covid", "cap", "non_pneumonia"]
     results: dict = {}
@@ -257,7 +270,7 @@ def report(work: Path, runs: list[str], evaluation_sets: list[str], records: dic
             row = figures(cases)
             diff = paired(cases, reference) if reference is not None and run != "default" else {}
             seconds = (records.get(run) or {}).get("training_s")
-            print(f"| {_label(run)} | {_fmt(row.get('dice'))} | {_fmt(row.get('accuracy'))} | "
+            print(f"| {runs[run]} | {_fmt(row.get('dice'))} | {_fmt(row.get('accuracy'))} | "
                   f"{_fmt(row.get('macro_auc'))} | {_fmt_diff(diff.get('dice'))} | {_fmt_diff(diff.get('accuracy'))} | "
                   f"{f'{seconds / 60:.1f} min' if seconds else '–'} |")
             results.setdefault(evaluation_set, {})[run] = {**row, "paired_to_default": diff,
@@ -283,6 +296,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--configuration", default=CONFIGURATION, help="configuration of the training set's plans")
     parser.add_argument("--preset", type=Path, default=None, help="preset file that plans --configuration")
+    parser.add_argument("--epochs-scale", type=float, default=1.0,
+                        help="train F times longer (rows named modelxF; a ceiling of the CPU budget)")
     parser.add_argument("--report", action="store_true", help="only print the tables of what is already done")
     parser.add_argument("--smoke", action="store_true",
                         help="a few minutes' check of the path: small cases, 1 epoch of 3 iterations per stage")
@@ -301,21 +316,24 @@ def main() -> None:
                                         args.configuration, args.preset)
         for _, role, variant in evaluation_sets:
             ensure_dataset(roots, role, variant, counts[role], args.processes, scale)
-    runs = [run_id(key, args.configuration, args.train_variant) for key in args.models]
-    for key, run in zip(args.models, runs):
+    spec = (args.configuration, args.train_variant, args.epochs_scale)
+    runs = {run_id(key, *spec): run_label(key, *spec) for key in args.models}
+    results_root = roots.results if args.epochs_scale == 1.0 else work / f"results_x{args.epochs_scale:g}"
+    for key, run in zip(args.models, list(runs)):
         model = MODELS[key]
-        model_dir = model_folder(roots.results, train_set, model.trainer, args.configuration)
+        model_dir = model_folder(results_root, train_set, model.trainer, args.configuration)
         record_file = model_dir / "fold_0" / "bench_training.json"
         if args.report:
             if record_file.exists():
                 records[run] = json.loads(record_file.read_text(encoding="utf-8"))
             continue
-        records[run] = ensure_model(roots, train_set, model, args.configuration, args.device, args.workers, args.smoke)
+        records[run] = ensure_model(roots, train_set, model, args.configuration, args.device, args.workers, args.smoke,
+                                    args.epochs_scale, results_root)
         for evaluation_set, role, variant in evaluation_sets:
             ensure_predictions(roots, work, run, model_dir, model.checkpoint, evaluation_set,
                                dataset_name(role, variant), args.device, args.processes)
     if "default" not in runs:
-        runs.insert(0, "default")  # the reference every row is paired to
+        runs = {"default": run_label("default"), **runs}  # the reference every row is paired to
     results = report(work, runs, [name for name, _, _ in evaluation_sets], records)
     (work / "bench_accuracy.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
 
