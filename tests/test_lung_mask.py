@@ -196,12 +196,13 @@ def test_consolidation_on_the_heart_is_mostly_inside_through_the_enclosed_blobs(
 
 
 def test_consolidation_filling_the_front_of_a_lung_is_taken_through_deep_costal_dents():
-    """Seed 3 case 5 (COVID-19): a consolidation filling the anterior half of the left lung, 50-65 mm deep per slice.
+    """Seed 3 case 5 (COVID-19) at half scale: a consolidation filling the anterior half of the left lung, 50-65 mm
+    deep per slice.
 
     Its dents open onto the chest wall only; the deep-dent rule takes them above the lung's base, and both the lung
     and the lesion come out better than without it. The rest lies against the heart.
     """
-    (dice, inside), (dice_without, without) = _with_and_without(3, 5, 1.0, LungMaskSettings(), NO_DEEP_DENTS)
+    (dice, inside), (dice_without, without) = _with_and_without(3, 5, 0.5, LungMaskSettings(), NO_DEEP_DENTS)
     assert dice >= 0.9 and dice > dice_without, (dice, dice_without)
     assert inside >= 0.6 and inside >= without + 0.08, (inside, without)
 
