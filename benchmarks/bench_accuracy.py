@@ -24,8 +24,8 @@ setting under test). Its rows are named ``model@NAME`` and paired to the default
 
 Models (``--models``): ``default`` (``DeepSCCOVIDTrainer``), ``stage1`` (the same training's network at the end of
 pre-training, before the joint stage), ``plain`` (``PlainCascadeTrainer``, none of the paper's parts),
-``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``segOnly`` / ``clsOnly`` (the paper's
-single-task rows).
+``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``lastSideOutput``, ``detachLesionMap``,
+``segOnly`` / ``clsOnly`` (the paper's single-task rows).
 
 Examples::
 
@@ -103,6 +103,8 @@ MODELS = {
     "noTaskAware": Model("without task-aware loss", "DeepSCCOVIDTrainer_noTaskAware"),
     "convStem": Model("plain convolution instead of inception", "DeepSCCOVIDTrainer_convStem"),
     "noFindings": Model("without findings head", "DeepSCCOVIDTrainer_noFindings"),
+    "lastSideOutput": Model("without the fusion of the coarse side outputs", "DeepSCCOVIDTrainer_lastSideOutput"),
+    "detachLesionMap": Model("without the classification gradient into Ŝ", "DeepSCCOVIDTrainer_detachLesionMap"),
     "segOnly": Model("segmentation only (w/o Cls.)", "SegmentationTrainer"),
     "clsOnly": Model("classification only (w/o Seg.)", "ClassificationTrainer"),
 }

@@ -15,6 +15,11 @@ trainer                                                paper
 ``DeepSCCOVIDTrainer_noTaskAware``                     λ_ta = 0 (supplementary ablation)
 ``DeepSCCOVIDTrainer_lambdaTA1``/``_lambdaTA100``      λ_ta = 1 / 100 (supplementary ablation)
 ``DeepSCCOVIDTrainer_singleScaleTaskAware``            Table III: task-aware loss on one scale only
+``DeepSCCOVIDTrainer_lastSideOutput``                  the lesion map from the full-resolution side output alone
+                                                       (η = 0, 0, 0, 1: no fusion of the coarse ones, equation 3;
+                                                       the task-aware loss, weighted by the same η, goes with it)
+``DeepSCCOVIDTrainer_detachLesionMap``                 Ŝ enters the classifier without its gradient (the
+                                                       classification loss no longer trains the lesion subnet)
 ``DeepSCCOVIDTrainer_paperLiteral``                    the paper's literal settings (ground-truth lesion context,
                                                        no hard negatives, non-overlapping tiles, no mirroring)
 ``PlainCascadeTrainer``                                none of the paper's parts: a plain 3D U-Net and a small
@@ -79,6 +84,18 @@ class DeepSCCOVIDTrainer_singleScaleTaskAware(DeepSCCOVIDTrainer):  # noqa: N801
     """Only the last side output Ŝ3 (patch/2) against the shallowest evidence mask V1."""
 
     overrides = {"training.loss.task_aware_scales": [3]}
+
+
+class DeepSCCOVIDTrainer_lastSideOutput(DeepSCCOVIDTrainer):  # noqa: N801
+    """Ŝ is the last side output alone: the coarse side outputs are not fused in (η1..η3 = 0)."""
+
+    overrides = {"network.side_output_weights": [0.0, 0.0, 0.0, 1.0]}
+
+
+class DeepSCCOVIDTrainer_detachLesionMap(DeepSCCOVIDTrainer):  # noqa: N801
+    """The joint model whose classification loss does not reach the lesion subnet through Ŝ."""
+
+    overrides = {"network.detach_lesion_map": True}
 
 
 class DeepSCCOVIDTrainer_findings(DeepSCCOVIDTrainer):  # noqa: N801
@@ -146,6 +163,8 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_lambdaTA1,
         DeepSCCOVIDTrainer_lambdaTA100,
         DeepSCCOVIDTrainer_singleScaleTaskAware,
+        DeepSCCOVIDTrainer_lastSideOutput,
+        DeepSCCOVIDTrainer_detachLesionMap,
         DeepSCCOVIDTrainer_findings,
         DeepSCCOVIDTrainer_noFindings,
         DeepSCCOVIDTrainer_paperLiteral,
