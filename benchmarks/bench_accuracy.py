@@ -80,12 +80,12 @@ def set_id(role: str, variant: str) -> str:
 
 
 def run_id(key: str, configuration: str = CONFIGURATION, train_variant: str = DEFAULT_VARIANT,
-           epochs_scale: float = 1.0) -> str:
-    """A trained model's name: ``key``, plus ``@configuration``, ``~training variant`` and ``xF`` (epochs scale)
-    where not the defaults."""
+           epochs_scale: float = 1.0, seed: int | None = None) -> str:
+    """A trained model's name: ``key``, plus ``@configuration``, ``~training variant``, ``xF`` (epochs scale) and
+    ``sN`` (training seed) where not the defaults."""
     return (key + ("" if configuration == CONFIGURATION else f"@{configuration}")
             + ("" if train_variant == DEFAULT_VARIANT else f"~{train_variant}")
-            + ("" if epochs_scale == 1.0 else f"x{epochs_scale:g}"))
+            + ("" if epochs_scale == 1.0 else f"x{epochs_scale:g}") + ("" if seed is None else f"s{seed}"))
 
 
 @dataclass(frozen=True)
@@ -140,11 +140,12 @@ def ensure_training_set(roots: Roots, variant: str, count: int, processes: int, 
 
 
 def ensure_model(roots: Roots, train_set: str, model: Model, configuration: str, device: str, workers: int,
-                 smoke: bool = False, epochs_scale: float = 1.0, results: Path | None = None) -> dict:
+                 smoke: bool = False, epochs_scale: float = 1.0, results: Path | None = None,
+                 seed: int | None = None) -> dict:
     """Train the model's trainer on fold 0 unless its checkpoint exists; returns its training record.
 
     ``epochs_scale`` F gives every stage ``round(F × the longest stage's epochs)`` epochs (as ``dscovid_demo
-    --epochs-scale``), in its own results folder ``results``.
+    --epochs-scale``), in its own results folder ``results``; ``seed`` replaces the plans' training seed.
     """
     fold_dir = model_folder(results or roots.results, train_set, model.trainer, configuration) / "fold_0"
     record_path = fold_dir / "bench_training.json"
@@ -159,10 +160,10 @@ def ensure_model(roots: Roots, train_set: str, model: Model, configuration: str,
     run_training(Roots(raw=roots.raw, preprocessed=roots.preprocessed, results=results or roots.results), train_set,
                  configuration, 0, model.trainer, continue_training=(fold_dir / "checkpoint_latest.pt").exists(),
                  device=device, num_workers=workers, run_final_validation=False, epochs=1 if smoke else epochs,
-                 iterations_per_epoch=3 if smoke else None)
+                 iterations_per_epoch=3 if smoke else None, seed=seed)
     logging.getLogger("dscovid").setLevel(logging.WARNING)
     record = {"trainer": model.trainer, "configuration": configuration, "training_set": train_set,
-              "epochs_scale": epochs_scale,
+              "epochs_scale": epochs_scale, "seed": seed,
               "training_s": time.perf_counter() - started, "threads": torch.get_num_threads()}
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
@@ -245,11 +246,12 @@ def _fmt_diff(value: tuple | None) -> str:
 
 
 def run_label(key: str, configuration: str = CONFIGURATION, train_variant: str = DEFAULT_VARIANT,
-              epochs_scale: float = 1.0) -> str:
+              epochs_scale: float = 1.0, seed: int | None = None) -> str:
     """The table's name of a run (see :func:`run_id`)."""
     return (MODELS[key].label + ("" if configuration == CONFIGURATION else f", {configuration}")
             + ("" if train_variant == DEFAULT_VARIANT else f", trained on {train_variant}")
-            + ("" if epochs_scale == 1.0 else f", {epochs_scale:g}x the epochs"))
+            + ("" if epochs_scale == 1.0 else f", {epochs_scale:g}x the epochs")
+            + ("" if seed is None else f", training seed {seed}"))
 
 
 def report(work: Path, runs: dict[str, str], evaluation_sets: list[str], records: dict[str, dict]) -> dict:
@@ -300,6 +302,8 @@ def main() -> None:
     parser.add_argument("--preset", type=Path, default=None, help="preset file that plans --configuration")
     parser.add_argument("--epochs-scale", type=float, default=1.0,
                         help="train F times longer (rows named modelxF; a ceiling of the CPU budget)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="another training seed (rows named modelsN; the spread between trainings)")
     parser.add_argument("--report", action="store_true", help="only print the tables of what is already done")
     parser.add_argument("--smoke", action="store_true",
                         help="a few minutes' check of the path: small cases, 1 epoch of 3 iterations per stage")
@@ -318,9 +322,10 @@ def main() -> None:
                                         args.configuration, args.preset)
         for _, role, variant in evaluation_sets:
             ensure_dataset(roots, role, variant, counts[role], args.processes, scale)
-    spec = (args.configuration, args.train_variant, args.epochs_scale)
+    spec = (args.configuration, args.train_variant, args.epochs_scale, args.seed)
     runs = {run_id(key, *spec): run_label(key, *spec) for key in args.models}
-    results_root = roots.results if args.epochs_scale == 1.0 else work / f"results_x{args.epochs_scale:g}"
+    suffix = ("" if args.epochs_scale == 1.0 else f"_x{args.epochs_scale:g}") + ("" if args.seed is None else f"_s{args.seed}")
+    results_root = work / f"results{suffix}"
     for key, run in zip(args.models, list(runs)):
         model = MODELS[key]
         model_dir = model_folder(results_root, train_set, model.trainer, args.configuration)
@@ -330,7 +335,7 @@ def main() -> None:
                 records[run] = json.loads(record_file.read_text(encoding="utf-8"))
             continue
         records[run] = ensure_model(roots, train_set, model, args.configuration, args.device, args.workers, args.smoke,
-                                    args.epochs_scale, results_root)
+                                    args.epochs_scale, results_root, args.seed)
         for evaluation_set, role, variant in evaluation_sets:
             ensure_predictions(roots, work, run, model_dir, model.checkpoint, evaluation_set,
                                dataset_name(role, variant), args.device, args.processes)
