@@ -255,8 +255,10 @@ def run_label(key: str, configuration: str = CONFIGURATION, train_variant: str =
 
 
 def report(work: Path, runs: dict[str, str], evaluation_sets: list[str], records: dict[str, dict]) -> dict:
-    """``runs``: run id → label."""
-    """Print one table per evaluation set (rows paired to the ``default`` run) and return the figures."""
+    """Print one table per evaluation set (rows paired to the ``default`` run) and return the figures.
+
+    ``runs``: run id → label.
+    """
     class_names = ["covid", "cap", "non_pneumonia"]
     results: dict = {}
     for evaluation_set in evaluation_sets:
