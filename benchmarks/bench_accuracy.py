@@ -25,7 +25,8 @@ setting under test). Its rows are named ``model@NAME`` and paired to the default
 Models (``--models``): ``default`` (``DeepSCCOVIDTrainer``), ``stage1`` (the same training's network at the end of
 pre-training, before the joint stage), ``plain`` (``PlainCascadeTrainer``, none of the paper's parts),
 ``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``lastSideOutput``, ``detachLesionMap``,
-``segOnly`` / ``clsOnly`` (the paper's single-task rows).
+``scannerAug`` (other scanners' looks in the augmentation), ``segOnly`` / ``clsOnly`` (the paper's single-task
+rows).
 
 Examples::
 
@@ -105,6 +106,7 @@ MODELS = {
     "noFindings": Model("without findings head", "DeepSCCOVIDTrainer_noFindings"),
     "lastSideOutput": Model("without the fusion of the coarse side outputs", "DeepSCCOVIDTrainer_lastSideOutput"),
     "detachLesionMap": Model("without the classification gradient into Ŝ", "DeepSCCOVIDTrainer_detachLesionMap"),
+    "scannerAug": Model("with other scanners' looks in the augmentation", "DeepSCCOVIDTrainer_scannerAug"),
     "segOnly": Model("segmentation only (w/o Cls.)", "SegmentationTrainer"),
     "clsOnly": Model("classification only (w/o Seg.)", "ClassificationTrainer"),
 }

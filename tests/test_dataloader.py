@@ -118,3 +118,47 @@ def test_intensity_is_shared_by_both_views_and_keeps_the_outside_zero():
     assert not np.allclose(out["data"], crop(volume, start, size)[None])  # it did change the image
     assert np.allclose(out["data"][0], crop(out["cls_image"][0], start, size), atol=1e-6)  # the same mapping
     assert np.all(out["data"][0][crop(volume, start, size) == 0] == 0)
+
+
+def _lung_patch(seed: int = 0) -> np.ndarray:
+    """A (1, 12, 32, 32) patch: a lung at 0.3 with fine noise inside a box, 0 (masked) outside."""
+    rng = np.random.default_rng(seed)
+    patch = np.zeros((12, 32, 32), np.float32)
+    patch[:, 4:28, 4:28] = 0.3 + 0.05 * rng.standard_normal((12, 24, 24))
+    return patch[None]
+
+
+def test_scanner_looks_change_the_texture_as_a_scanner_would():
+    from dscovid.training.augmentation import degrade_patch
+
+    patch = _lung_patch()
+    inside = patch[0] != 0
+    detail = lambda image: float(np.std((image[0] - gaussian_filter(image[0], (0, 1, 1)))[:, 8:24, 8:24]))  # noqa: E731
+    blurred, sharpened = degrade_patch(patch, 1.0, None, None), degrade_patch(patch, None, 1.0, None)
+    assert detail(blurred) < 0.6 * detail(patch) < detail(sharpened)
+    thick = degrade_patch(patch, None, None, 0.5)
+    assert thick.shape == patch.shape
+    assert np.mean(np.abs(np.diff(thick[0], axis=0))[1:-1, 6:26, 6:26]) < 0.7 * np.mean(
+        np.abs(np.diff(patch[0], axis=0))[1:-1, 6:26, 6:26])  # neighbouring slices alike
+    for out in (blurred, sharpened, thick):
+        assert np.all(out[0][~inside] == 0) and out.min() >= 0 and out.max() <= 1
+        # the masked outside does not darken the lung's edge: its mean stays that of the lung
+        assert abs(float(out[0][:, 4, 4:28].mean()) - 0.3) < 0.02
+
+
+def test_scanner_looks_are_off_by_default_and_draw_no_random_number():
+    """A seeded default training must see the same batches as before the scanner looks existed: with everything
+    off, a sample costs exactly one draw for each of brightness, contrast, gamma and the two views' noise."""
+    from dscovid.training.augmentation import augment_sample
+
+    sample = {"data": _lung_patch(), "seg": np.zeros((1, 12, 32, 32), np.float32),
+              "cls_image": _lung_patch(1)[:, :8, :16, :16].copy(), "cls_lesion": np.zeros((1, 8, 16, 16), np.float32),
+              "patch_box": np.array([[0, 0, 0], [12, 32, 32]], dtype=np.float64),
+              "volume_shape": np.array([12, 32, 32], float)}
+    rng, reference = np.random.default_rng(3), np.random.default_rng(3)
+    out = augment_sample(sample, AugmentationSettings(mirror_axes=(), p_brightness=0, p_contrast=0, p_gamma=0,
+                                                      p_noise=0), rng)
+    reference.random(5)
+    assert rng.random() == reference.random()
+    assert np.array_equal(out["data"], _lung_patch())
+    assert AugmentationSettings().p_blur == AugmentationSettings().p_sharpen == AugmentationSettings().p_thick_slices == 0

@@ -15,6 +15,10 @@ different anatomy. Three decisions follow:
 - **Intensity** (brightness, contrast, gamma) draws its parameters once per sample and applies them to the patch
   and the classification image alike (they are views of one scan); Gaussian noise (batchgenerators) is drawn
   independently for each. Voxels that were 0 (outside the lung, masked by preprocessing) stay 0.
+- **Scanner** (blur, sharpening, thick slices; off by default, a trainer variant turns them on) acts on the
+  segmentation patch only: it imitates another reconstruction kernel (in-plane Gaussian blur, or unsharp masking
+  for a sharp kernel) and thicker slices (the patch taken down to fewer slices and back), which change the texture
+  at the patch's resolution; each cell of the classification grid already averages many scan voxels.
 
 All random parameters come from the data loader's own generator (one stream per background worker, derived from
 the run seed), not from numpy's or Python's global generators, so a seeded run sees the same batches again.
@@ -27,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import affine_transform
+from scipy.ndimage import affine_transform, gaussian_filter, zoom
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,22 @@ class AugmentationSettings:
     gamma_range: tuple[float, float] = (0.7, 1.5)
     p_noise: float = 0.1
     noise_variance: tuple[float, float] = (0.0, 0.01)
+    p_blur: float = 0.0
+    blur_sigma_voxels: tuple[float, float] = (0.5, 1.5)  # in-plane
+    p_sharpen: float = 0.0
+    sharpen_amount: tuple[float, float] = (0.3, 1.0)  # unsharp masking, in-plane sigma 1 voxel
+    p_thick_slices: float = 0.0
+    slice_zoom: tuple[float, float] = (0.4, 0.8)  # slices kept, as a share of the patch's
 
     @classmethod
     def none(cls) -> AugmentationSettings:
         """No augmentation at all (validation batches)."""
         return cls(p_rotation=0, p_scale=0, mirror_axes=(), p_brightness=0, p_contrast=0, p_gamma=0, p_noise=0)
+
+    @classmethod
+    def scanner(cls) -> AugmentationSettings:
+        """The defaults plus other scanners: noise three times as often, blur, sharpening and thick slices."""
+        return cls(p_noise=0.3, p_blur=0.2, p_sharpen=0.2, p_thick_slices=0.25)
 
 
 def draw_spatial_matrix(
@@ -136,8 +151,45 @@ def adjust_intensity(
     return out
 
 
+def _inside_only(operation, image: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """``operation`` (a linear filter) over the voxels inside the region alone (normalised convolution): the zeros
+    that preprocessing wrote outside the lung do not darken its edge, as they would not on a scanner."""
+    weight = operation(inside.astype(np.float32))
+    return operation(image * inside) / np.maximum(weight, 1e-3)
+
+
+def degrade_patch(image: np.ndarray, blur: float | None, sharpen: float | None,
+                  slice_zoom: float | None) -> np.ndarray:
+    """The patch (1, Z, Y, X) as another scanner would give it; voxels that were 0 stay 0, values stay in [0, 1].
+
+    ``blur``: in-plane Gaussian sigma in voxels; ``sharpen``: amount of in-plane unsharp masking (sigma 1 voxel);
+    ``slice_zoom``: the share of the slices kept (linear down, then linear back to the patch's slice count).
+    """
+    inside = image[0] != 0
+    out = image[0].astype(np.float32, copy=True)
+    if blur is not None:
+        out = _inside_only(lambda v: gaussian_filter(v, sigma=(0.0, blur, blur), mode="nearest"), out, inside)
+    if sharpen is not None:
+        low = _inside_only(lambda v: gaussian_filter(v, sigma=(0.0, 1.0, 1.0), mode="nearest"), out, inside)
+        out = out + sharpen * (out - low)
+    if slice_zoom is not None and out.shape[0] > 1:
+        count = out.shape[0]
+        slices = max(1, int(round(count * slice_zoom)))
+
+        def thick(volume: np.ndarray) -> np.ndarray:
+            fewer = zoom(volume, (slices / count, 1.0, 1.0), order=1, mode="nearest", grid_mode=True)
+            return zoom(fewer, (count / slices, 1.0, 1.0), order=1, mode="nearest", grid_mode=True)[:count]
+
+        out = _inside_only(thick, out, inside)
+    out = np.clip(out, 0.0, 1.0)
+    out[~inside] = 0.0
+    return out[None]
+
+
 def augment_sample(sample: dict, settings: AugmentationSettings, rng: np.random.Generator) -> dict:
-    """Mirroring, then intensity with one draw for both views, then independent Gaussian noise (in place).
+    """Mirroring, then intensity with one draw for both views, then the scanner's look of the patch (only where
+    its probability is above 0, so the default draws the same random numbers as without it), then independent
+    Gaussian noise (in place).
 
     Contrast is taken about the classification image's mean inside the lung (the scan's mean, the same for both
     views); gamma acts on the fixed [0, 1] range of the preprocessed image.
@@ -153,6 +205,14 @@ def augment_sample(sample: dict, settings: AugmentationSettings, rng: np.random.
         mean = float(inside.mean()) if inside.size else 0.5
         for key in ("data", "cls_image"):
             sample[key] = adjust_intensity(sample[key], mean, brightness, contrast, gamma)
+    blur = rng.uniform(*settings.blur_sigma_voxels) if settings.p_blur > 0 and rng.random() < settings.p_blur \
+        else None
+    sharpen = rng.uniform(*settings.sharpen_amount) if settings.p_sharpen > 0 and rng.random() < settings.p_sharpen \
+        else None
+    slices = rng.uniform(*settings.slice_zoom) \
+        if settings.p_thick_slices > 0 and rng.random() < settings.p_thick_slices else None
+    if blur is not None or sharpen is not None or slices is not None:
+        sample["data"] = degrade_patch(sample["data"], blur, sharpen, slices)
     for key in ("data", "cls_image"):
         if rng.random() < settings.p_noise:
             sigma = np.sqrt(rng.uniform(*settings.noise_variance))

@@ -22,6 +22,8 @@ trainer                                                paper
                                                        classification loss no longer trains the lesion subnet)
 ``DeepSCCOVIDTrainer_paperLiteral``                    the paper's literal settings (ground-truth lesion context,
                                                        no hard negatives, non-overlapping tiles, no mirroring)
+``DeepSCCOVIDTrainer_scannerAug``                      not in the paper: the default augmentation plus other
+                                                       scanners' looks (noise, blur, sharpening, thick slices)
 ``PlainCascadeTrainer``                                none of the paper's parts: a plain 3D U-Net and a small
                                                        classifier on the image and its predicted lesion map
 =====================================================  ===========================================================
@@ -33,6 +35,7 @@ one task, which keeps the "multi-task gain" comparison fair.
 from __future__ import annotations
 
 from dscovid.errors import DscovidError
+from dscovid.training.augmentation import AugmentationSettings
 from dscovid.training.base_trainer import Trainer
 
 
@@ -129,6 +132,14 @@ class DeepSCCOVIDTrainer_paperLiteral(DeepSCCOVIDTrainer):  # noqa: N801
     }
 
 
+class DeepSCCOVIDTrainer_scannerAug(DeepSCCOVIDTrainer):  # noqa: N801
+    """The default with :meth:`AugmentationSettings.scanner`: trained to expect other reconstruction kernels, noise
+    levels and slice thicknesses than its training set's."""
+
+    def augmentation(self) -> AugmentationSettings:
+        return AugmentationSettings.scanner()
+
+
 class PlainCascadeTrainer(DeepSCCOVIDTrainer):
     """The baseline the paper's parts must beat: none of them, on the same data, schedule and predictor.
 
@@ -168,6 +179,7 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_findings,
         DeepSCCOVIDTrainer_noFindings,
         DeepSCCOVIDTrainer_paperLiteral,
+        DeepSCCOVIDTrainer_scannerAug,
         PlainCascadeTrainer,
     )
 }
