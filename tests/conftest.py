@@ -188,33 +188,31 @@ def make_case(rng: np.random.Generator, class_index: int, shape=(20, 40, 40), gr
 
 
 def make_plans(dataset_name: str, patch=(8, 16, 16), grid=(16, 16, 16), epochs=(2, 2), iterations=4) -> dict:
-    """A shrunk CPU configuration in the plans.json format (docs/formats.md §3)."""
-    stage = {"epochs": 1, "iterations_per_epoch": iterations, "schedule": "linear",
-             "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0}}
-    configuration = {
-        "data_identifier": "3d_cpu",
-        "preprocessing": {"target_spacing_zyx_mm": [2.0, 1.5, 1.5], "hu_window": [-1400, 200], "crop_margin_mm": 5.0,
-                          "mask_outside_lung": True, "num_lesion_samples": 10000},
-        "segmentation": {"patch_size_zyx": list(patch)},
-        "classification": {"grid_zyx": list(grid)},
-        "network": {"stem": "inception", "stem_channels": 8, "segmentation_widths": [4, 8, 8],
-                    "classification_widths": [4, 8, 8], "lesion_channels": 4,
-                    "side_output_weights": [0.25, 0.25, 0.5, 1.0], "cross_stitch": True, "tasks": "joint",
-                    "norm_groups": 2},
-        "training": {
-            "batch_size": 2, "class_weights": [1.0, 1.0, 1.0], "oversample_foreground": 0.5,
-            "loss": {"lambda_seg": 1.0, "lambda_cls": 1.0, "lambda_ta": 10.0, "lambda_dice": 1.0, "lambda_focal": 1.0,
-                     "focal_alpha": 0.75, "focal_gamma": 2.0, "task_aware_scales": [1, 2, 3]},
-            "stages": [
-                {**stage, "name": "pretrain", "epochs": epochs[0], "tasks": "separate", "trainable": ["all"]},
-                {**stage, "name": "finetune", "epochs": epochs[1], "tasks": "joint", "trainable": ["all"],
-                 "optimizer": {**stage["optimizer"], "lr": 1e-4}},
-            ],
-        },
-        "inference": {"step_fraction": 1.0, "weighting": "constant", "batch_size": 2},
-    }
+    """The shipped 3d_cpu preset in the plans.json format (docs/formats.md §3), shrunk for the trainer tests.
+
+    Only what a tiny cache of ``make_cache`` needs changes: the patch, grid and widths, the two stages' epochs and
+    iterations (their tasks, optimisers and learning rates stay the preset's), equal class weights, a crop margin
+    and spacing that fit 20×40×40 volumes, and the reference lesion map as the classifier's context outside the
+    patch: the preset's predicted context is the prediction of the network being trained, noise after a few dozen
+    iterations (``test_predicted_lesion_context_is_refreshed`` tests it on its own). Everything else (losses,
+    findings head, hard negatives, augmentation, inference) is the shipped setting, so the trainer tests follow the
+    preset when it changes.
+    """
+    preset = preset_configuration("3d_cpu", (2.0, 1.5, 1.5))
+    stages = [{**stage.to_dict(), "epochs": count, "iterations_per_epoch": iterations}
+              for stage, count in zip(preset.training.stages, epochs)]
+    configuration = preset.with_overrides({
+        "preprocessing.crop_margin_mm": 5.0,
+        "segmentation.patch_size_zyx": list(patch),
+        "classification.grid_zyx": list(grid),
+        "network.segmentation_widths": [4, 8, 8],
+        "network.classification_widths": [4, 8, 8],
+        "training.class_weights": [1.0, 1.0, 1.0],
+        "training.stages": stages,
+        "network.lesion_context": "ground_truth",
+    })
     return {"dataset_name": dataset_name, "plans_name": "dscovidPlans", "dscovid_version": "0.1.0",
-            "class_names": list(CLASS_NAMES), "configurations": {"3d_cpu": configuration}}
+            "class_names": list(CLASS_NAMES), "configurations": {"3d_cpu": configuration.to_dict()}}
 
 
 def make_cache(root: Path, n_cases: int = 12, seed: int = 0, name: str = "Dataset900_Tiny", plans: dict | None = None,
