@@ -54,6 +54,7 @@ from dscovid.cli.plan_and_preprocess import main as plan_and_preprocess
 from dscovid.evaluation.evaluate import evaluate_folder
 from dscovid.evaluation.intervals import bootstrap_interval, paired_bootstrap, wilson_interval
 from dscovid.evaluation.metrics import roc_auc
+from dscovid.io.dataset import write_json_atomic
 from dscovid.prediction.predict import predict_cases
 from dscovid.results.checkpoint import FINAL, stage_checkpoint
 from dscovid.roots import Roots
@@ -346,7 +347,12 @@ def main() -> None:
     if "default" not in runs:
         runs = {"default": run_label("default"), **runs}  # the reference every row is paired to
     results = report(work, runs, [name for name, _, _ in evaluation_sets], records)
-    (work / "bench_accuracy.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    # Merged into what earlier calls wrote: each call reports only its own models and sets.
+    path = work / "bench_accuracy.json"
+    merged = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    for evaluation_set, rows in results.items():
+        merged.setdefault(evaluation_set, {}).update(rows)
+    write_json_atomic(merged, path)
 
 
 if __name__ == "__main__":
