@@ -194,9 +194,9 @@ def make_plans(dataset_name: str, patch=(8, 16, 16), grid=(16, 16, 16), epochs=(
     iterations (their tasks, optimisers and learning rates stay the preset's), equal class weights, a crop margin
     and spacing that fit 20×40×40 volumes, and the reference lesion map as the classifier's context outside the
     patch: the preset's predicted context is the prediction of the network being trained, noise after a few dozen
-    iterations (``test_predicted_lesion_context_is_refreshed`` tests it on its own). Everything else (losses,
-    findings head, hard negatives, augmentation, inference) is the shipped setting, so the trainer tests follow the
-    preset when it changes.
+    iterations (``test_prediction_context_is_the_networks_own_cached_map_in_the_joint_stage`` tests it on its own).
+    Everything else (losses, findings head, hard negatives, inference) is the shipped setting, so the trainer tests
+    follow the preset when it changes.
     """
     preset = preset_configuration("3d_cpu", (2.0, 1.5, 1.5))
     stages = [{**stage.to_dict(), "epochs": count, "iterations_per_epoch": iterations}
