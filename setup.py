@@ -49,8 +49,9 @@ setup(
         "highdicom>=0.28",
     ],
     extras_require={
-        # Reference implementations the tests compare against, and the linter.
-        "test": ["pytest>=7", "scikit-learn>=1.3", "monai>=1.3", "medpy>=0.5", "surface-distance>=0.1", "ruff>=0.4"],
+        # Reference implementations the tests compare against (nibabel: a NIfTI reader we did not write), the linter.
+        "test": ["pytest>=7", "scikit-learn>=1.3", "monai>=1.3", "medpy>=0.5", "surface-distance>=0.1", "ruff>=0.4",
+                 "nibabel>=5"],
     },
     entry_points={"console_scripts": [f"{name}={target}" for name, target in COMMANDS.items()]},
     classifiers=[

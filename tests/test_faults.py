@@ -189,6 +189,32 @@ def test_an_image_written_short_without_an_error_never_gets_its_final_name(tmp_p
     assert _names(tmp_path) == ["case_evidence.nii.gz"]
 
 
+def test_a_scaled_evidence_map_written_short_or_on_a_full_disk_never_gets_its_final_name(tmp_path, monkeypatch,
+                                                                                          full_disk):
+    """The evidence map's own path (ITK writes the plain file, dscovid sets the scaling and gzips it): ITK's short
+    write is caught before the gzip, a full disk during the gzip fails the write; neither leaves a file."""
+    target = tmp_path / "case_evidence.nii.gz"
+    target.write_bytes(b"the user's own file")
+    codes = np.random.default_rng(0).integers(0, 255, GEOMETRY.shape_zyx, dtype=np.uint8)
+    full_disk(room=1000)
+    with pytest.raises(DscovidError) as caught:
+        write_image(codes, GEOMETRY, target, scaling=(0.01, -1.0))
+    assert str(caught.value) == f"{target}: cannot write (disk full: no space left on device)"
+    assert target.read_bytes() == b"the user's own file" and _names(tmp_path) == ["case_evidence.nii.gz"]
+    monkeypatch.setattr(atomic, "open_for_writing", lambda path: open(path, "wb"))  # noqa: SIM115
+    real = sitk.WriteImage
+
+    def short(image, path, *args, **kwargs):
+        real(image, path, *args, **kwargs)
+        with open(path, "r+b") as stream:
+            stream.truncate(os.path.getsize(path) * 2 // 5)
+
+    monkeypatch.setattr(sitk, "WriteImage", short)
+    with pytest.raises(DscovidError, match=r"the file written is incomplete or corrupt: the file is truncated"):
+        write_image(codes, GEOMETRY, target, scaling=(0.01, -1.0))
+    assert target.read_bytes() == b"the user's own file" and _names(tmp_path) == ["case_evidence.nii.gz"]
+
+
 def test_a_header_and_data_pair_appears_whole_or_not_at_all(tmp_path, itk_short_writes):
     with pytest.raises(DscovidError, match="incomplete"):
         write_image(_ct(), GEOMETRY, tmp_path / "scan.mhd", compress=False)

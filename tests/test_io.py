@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import re
+import zlib
 
+import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from dscovid.errors import DscovidError
-from dscovid.io.image_io import Geometry, read_image, read_mask, read_sitk, strip_ending, write_image
+from dscovid.io import parallel_gzip
+from dscovid.io.image_io import (
+    Geometry,
+    quantize_uint8,
+    read_image,
+    read_mask,
+    read_sitk,
+    strip_ending,
+    uint8_scaling,
+    write_image,
+)
 from dscovid.roots import Roots
 
 
@@ -71,6 +85,57 @@ def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
         write_image(np.zeros((3, 4, 6), np.int16), geometry, tmp_path / "bad.nii.gz")
     write_image(np.full((3, 4, 5), -1000, np.int16), geometry, tmp_path / "good.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.nii.gz"]
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_a_scaled_image_reads_back_as_float_within_half_a_code(tmp_path, ending):
+    """Evidence maps are stored as uint8 codes with the NIfTI scaling: readers get float32 within half a code of the
+    map, 0 exactly where the map is 0, and the same geometry."""
+    geometry = Geometry((7, 30, 41), (2.5, 0.7, 0.9), (-3.0, 4.5, 100.0), (0, 1, 0, -1, 0, 0, 0, 0, 1))
+    values = np.random.default_rng(3).normal(0.02, 0.05, geometry.shape_zyx).astype(np.float32)
+    values[:2] = 0.0
+    slope, intercept = uint8_scaling(values.min(), values.max())
+    written = write_image(quantize_uint8(values, slope, intercept), geometry, tmp_path / f"evidence{ending}",
+                          scaling=(slope, intercept))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"evidence{ending}"]  # no intermediate file left
+    image = sitk.ReadImage(str(written))
+    assert image.GetPixelID() == sitk.sitkFloat32
+    read_back = sitk.GetArrayFromImage(image)
+    assert slope <= (values.max() - values.min()) / 250
+    assert np.abs(read_back - values).max() <= slope / 2 * (1 + 1e-6)
+    assert (read_back[:2] == 0).all()
+    assert geometry.matches(Geometry.of(image), tolerance_mm=1e-4)
+    # nibabel (a reader we did not write; TotalSegmentator's) applies the same scaling to its (x, y, z) array.
+    scaled = nibabel.load(str(written))
+    assert scaled.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(scaled.get_fdata().transpose(2, 1, 0), read_back, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="NIfTI"):
+        write_image(np.zeros(geometry.shape_zyx, np.uint8), geometry, tmp_path / "x.mha", scaling=(slope, intercept))
+
+
+@pytest.mark.parametrize(("low", "high"), [(-0.19, 0.15), (0.2, 0.9), (-5.0, -1.0), (0.0, 0.0), (-1e-6, 3e4)])
+def test_uint8_scaling_spans_the_range_and_zero_exactly(low, high):
+    slope, intercept = uint8_scaling(low, high)
+    zero_code = -intercept / slope
+    assert zero_code == int(zero_code) and 0 <= zero_code <= 255
+    assert np.float32(zero_code) * np.float32(slope) + np.float32(intercept) == 0.0
+    assert intercept <= min(low, 0.0) and 255 * slope + intercept >= max(high, 0.0)
+    codes = quantize_uint8(np.array([low, high, 0.0], np.float32), slope, intercept)
+    assert np.abs(codes * slope + intercept - [low, high, 0.0]).max() <= slope / 2 + 1e-9
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000, 3 * 4096 + 17])
+def test_parallel_gzip_is_one_standard_member(size, monkeypatch):
+    """Blocks deflated by several threads make one gzip member any reader takes, with the right CRC and length."""
+    monkeypatch.setattr(parallel_gzip, "BLOCK_BYTES", 4096)
+    data = np.random.default_rng(size).integers(0, 4, size, dtype=np.uint8).tobytes()
+    target = io.BytesIO()
+    written = parallel_gzip.gzip_stream(io.BytesIO(data), target, level=6, threads=3)
+    packed = target.getvalue()
+    assert written == len(packed)
+    assert gzip.decompress(packed) == data
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert decompressor.decompress(packed) == data and decompressor.eof and decompressor.unused_data == b""
 
 
 def test_strip_ending():

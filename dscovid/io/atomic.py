@@ -217,6 +217,29 @@ def atomic_path(
     _sync_folder(path.parent)
 
 
+@contextmanager
+def scratch_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a hidden temporary file beside ``path`` (named as :func:`atomic_path` names its own, so that
+    :func:`remove_stale_temporaries` recognises a dead writer's), removed when the block ends, whatever happens.
+
+    For an intermediate file that never takes a final name (an uncompressed image compressed into another file).
+    """
+    path = Path(path)
+    make_folder(path.parent)
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=suffix, dir=path.parent)
+    except OSError as error:
+        raise write_error(path, error) from None
+    os.close(handle)
+    try:
+        yield Path(name)
+    finally:
+        try:
+            Path(name).unlink(missing_ok=True)
+        except OSError as cleanup:
+            log.warning("%s: could not remove the temporary file (%s)", name, describe_os_error(cleanup))
+
+
 def check_size(temporary: Path, expected: int, target: str | os.PathLike) -> None:
     """Refuse a file whose size on disk is not ``expected`` bytes (a short write that went unreported)."""
     actual = temporary.stat().st_size

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import struct
 import zlib
@@ -22,7 +23,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from dscovid.errors import DscovidError
-from dscovid.io.atomic import atomic_path, incomplete_write, make_folder
+from dscovid.io import atomic
+from dscovid.io.atomic import atomic_path, check_size, incomplete_write, make_folder, scratch_path
+from dscovid.io.parallel_gzip import gzip_stream
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +437,39 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
 
 
-def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> Path:
+def uint8_scaling(low: float, high: float) -> tuple[float, float]:
+    """``(slope, intercept)`` for storing values in ``[low, high]`` as uint8 codes ``q``: value ≈ ``q·slope + intercept``.
+
+    The range is widened to hold 0, and 0 is exactly representable (the code ``-intercept / slope`` reads back as
+    exactly 0.0, also in float32: the slope keeps 16 significant bits, so every ``k·slope`` with ``|k| <= 255`` is a
+    float32). Any value of the range is stored within ``slope / 2`` (at most 1/508 of the range).
+    """
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    if not high > low:
+        return 1.0, 0.0
+    mantissa, exponent = math.frexp((high - low) / 254.0)  # one spare code: the rounding up below never runs short
+    slope = math.ldexp(math.ceil(mantissa * 2**16) / 2**16, exponent)
+    zero_code = math.ceil(-low / slope)
+    return slope, -zero_code * slope
+
+
+def quantize_uint8(values: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """The uint8 codes of ``values`` under :func:`uint8_scaling`'s ``(slope, intercept)`` (nearest code, clipped)."""
+    codes = np.subtract(values, np.float32(intercept), dtype=np.float32)
+    codes /= np.float32(slope)
+    np.rint(codes, out=codes)
+    np.clip(codes, 0, 255, out=codes)
+    return codes.astype(np.uint8)
+
+
+#: zlib level of the gzip of a scaled NIfTI (:func:`write_image` with ``scaling``); the choice: docs/prediction.md.
+SCALED_GZIP_LEVEL = 1
+#: Threads of that gzip (None: every CPU this process may use; :func:`dscovid.io.parallel_gzip.default_threads`).
+GZIP_THREADS: int | None = None
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True,
+                scaling: tuple[float, float] | None = None) -> Path:
     """Write a (z, y, x) array with ``geometry`` to ``path`` atomically, verified before the rename.
 
     ITK's writer does not fail on a full disk (it prints a warning and leaves a short file), so what it wrote is
@@ -442,6 +477,12 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     stream decompressed whole with its CRC and length, other formats read back and compared voxel by voxel.
     Header + data pairs (``.mhd``, ``.nhdr``) are written into a hidden temporary folder and moved data first,
     header last.
+
+    ``scaling`` ``(slope, intercept)`` (NIfTI only): the file stores ``array`` (integer codes, e.g. from
+    :func:`quantize_uint8`) with ``scl_slope`` and ``scl_inter`` in its header, so readers (ITK, SimpleITK,
+    nibabel) see float32 ``array·slope + intercept``. ITK cannot write them: it writes the uncompressed file, its
+    size is checked against its header, the two header fields are set, and the file is gzipped here
+    (:mod:`dscovid.io.parallel_gzip`, every write checked, the size on disk checked).
 
     Raises
     ------
@@ -452,6 +493,10 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     path = Path(path)
     image = to_sitk(array, geometry)
     ending = next((e for e in VOLUME_ENDINGS if path.name.lower().endswith(e)), path.suffix)
+    if scaling is not None:
+        if ending not in (".nii", ".nii.gz"):
+            raise ValueError(f"{path}: a scaled image can only be written as NIfTI (.nii, .nii.gz)")
+        return _write_scaled_nifti(image, path, compress and ending == ".nii.gz", scaling)
     if ending in (".mhd", ".nhdr"):  # header + data pairs cannot be renamed as one file
         return _write_header_and_data(image, array, path, compress)
 
@@ -460,6 +505,29 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
 
     with atomic_path(path, suffix=ending, verify=verify) as temporary:
         _sitk_write(image, temporary, compress, path)
+    return path
+
+
+def _write_scaled_nifti(image: sitk.Image, path: Path, compress: bool, scaling: tuple[float, float]) -> Path:
+    slope, intercept = (float(v) for v in scaling)
+    with atomic_path(path, suffix=".nii.gz" if compress else ".nii") as temporary:
+        with scratch_path(path, suffix=".nii") as plain:
+            target = plain if compress else temporary
+            _sitk_write(image, target, False, path)
+            problem = nifti_file_problem(target, full=False)
+            if problem is not None or target.stat().st_size == 0:
+                raise incomplete_write(path, target, problem or "0 bytes written")
+            with open(target, "r+b") as stream:
+                header = stream.read(4)
+                order = next((o for o in "<>" if struct.unpack(o + "i", header)[0] == 348), None)
+                if order is None:
+                    raise DscovidError(f"{path}: cannot write (ITK wrote no NIfTI-1 header)")
+                stream.seek(112)  # scl_slope, scl_inter: two float32 of the NIfTI-1 header
+                stream.write(struct.pack(order + "ff", slope, intercept))
+            if compress:
+                with open(plain, "rb") as source, atomic.open_for_writing(temporary) as stream:  # fault tests replace it
+                    written = gzip_stream(source, stream, SCALED_GZIP_LEVEL, GZIP_THREADS)
+                check_size(temporary, written, path)
     return path
 
 
