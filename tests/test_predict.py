@@ -28,8 +28,20 @@ from dscovid.inference.engine import run_networks
 from dscovid.inference.model_loading import load_trained_model
 from dscovid.io.dataset import CLASS_NAMES
 from dscovid.io.image_io import Geometry, read_image, write_image
+from dscovid.io.scans import Scan
+from dscovid.measurements.findings import (
+    lesion_count,
+    lesion_hu_statistics,
+    lesion_volume_ratio,
+    lung_involvement,
+    peripheral_lesion_ratio,
+)
+from dscovid.measurements.severity import severity_score
 from dscovid.model.findings_head import FEATURE_NAMES
+from dscovid.prediction.export import export_case
+from dscovid.prediction.inputs import load_case
 from dscovid.prediction.predict import predict_cases
+from dscovid.preprocessing.preprocessor import original_crop_slices, restore_to_original
 from dscovid.results.model_folder import available_folds, find_model_folder
 
 TRAINER, CONFIGURATION = "DeepSCCOVIDTrainer", "3d_cpu"
@@ -159,6 +171,47 @@ def test_lung_restriction_gives_the_whole_volume_result_inside_the_lung(model_di
                           placement="region")
     assert fitted.tiles_run == 1 and on_grid.tiles_run == 8
     assert (fitted.lesion_probability[inside] > 0).all() and (fitted.lesion_probability[~inside] == 0).all()
+
+
+def test_the_crop_box_export_gives_the_whole_grid_result(model_dir, oblique_run, tmp_path):
+    """The export resamples, thresholds and measures on the crop box only: the same mask and report as on the whole
+    grid (the original direction is oblique, so the box is permuted and flipped), and the evidence stored as uint8
+    codes reads back within half a code of the float map, exactly 0 outside the box."""
+    _, _, _, inputs = oblique_run
+    model = load_trained_model(model_dir)
+    loaded = load_case(Scan("oblique", inputs / "oblique_0000.nii.gz"), model.preprocessing)
+    output = run_networks(model, loaded.image, loaded.region_preprocessed, loaded.cls_image)
+    entry = export_case(loaded, output, tmp_path, list(CLASS_NAMES))
+
+    properties, geometry = loaded.properties, loaded.geometry
+    probability = restore_to_original(output.lesion_probability, properties, is_mask=False)
+    region = restore_to_original(loaded.region_preprocessed, properties, is_mask=True)
+    lesion = ((probability >= 0.5) & ((loaded.lung != 0) | (region != 0))).astype(np.uint8)
+    lung = np.maximum(loaded.lung, lesion)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "oblique.nii.gz")))
+    np.testing.assert_array_equal(written, lesion)
+    assert 0 < lesion.sum() < lesion.size  # random weights: some lesion, not everywhere
+    hu = lesion_hu_statistics(loaded.image_hu, lesion)
+    involvement = lung_involvement(lesion, lung, geometry)
+    whole_grid = {
+        "lesion_count": lesion_count(lesion),
+        "lesion_volume_ratio": lesion_volume_ratio(lesion, lung),
+        "peripheral_lesion_ratio": peripheral_lesion_ratio(lesion, lung, geometry.spacing_zyx_mm, 10.0),
+        "lesion_hu_mean": hu["mean"], "lesion_hu_std": hu["std"],
+        "left_lung_involvement": involvement["left"]["ratio"], "right_lung_involvement": involvement["right"]["ratio"],
+        **severity_score(lesion, lung, geometry),
+    }
+    assert {key: entry[key] for key in whole_grid} == whole_grid
+
+    evidence = restore_to_original(output.evidence, properties, is_mask=False)
+    stored = sitk.ReadImage(str(tmp_path / "oblique_evidence.nii.gz"))
+    assert stored.GetPixelID() == sitk.sitkFloat32  # the NIfTI scaling is applied by the reader
+    read_back = sitk.GetArrayFromImage(stored)
+    half_code = (max(evidence.max(), 0.0) - min(evidence.min(), 0.0)) / 508
+    assert np.abs(read_back - evidence).max() <= half_code * (1 + 1e-3)
+    outside = np.ones(evidence.shape, bool)
+    outside[original_crop_slices(properties)] = False
+    assert outside.any() and (read_back[outside] == 0).all()
 
 
 def _write_failing_inputs(folder: Path) -> None:

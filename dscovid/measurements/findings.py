@@ -229,10 +229,7 @@ def lesion_hu_statistics(
     for each of :data:`HU_WINDOWS` (share of lesion voxels inside the closed window), and ``histogram`` (counts per
     bin, a list). Statistics are NaN and the histogram all zero when the mask is empty.
     """
-    lesion = np.asarray(lesion) != 0
-    image_hu = np.asarray(image_hu)
-    _check_same_shape(image_hu, lesion)
-    values = image_hu[lesion].astype(np.float64)
+    values = _lesion_values(image_hu, lesion)
     clipped = np.clip(values, bin_edges[0], bin_edges[-1])
     histogram = np.histogram(clipped, bins=bin_edges)[0]
     stats: dict = {"voxels": int(values.size)}
@@ -248,6 +245,23 @@ def lesion_hu_statistics(
             stats[f"fraction_{name}"] = float(np.count_nonzero((values >= low) & (values <= high))) / values.size
     stats["histogram"] = histogram.astype(int).tolist()
     return stats
+
+
+def _lesion_values(image_hu: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    lesion = np.asarray(lesion) != 0
+    image_hu = np.asarray(image_hu)
+    _check_same_shape(image_hu, lesion)
+    return image_hu[lesion].astype(np.float64)
+
+
+def lesion_hu_mean_std(image_hu: np.ndarray, lesion: np.ndarray) -> tuple[float, float]:
+    """Mean and (population) standard deviation in HU of the lesion voxels: :func:`lesion_hu_statistics`'s ``mean``
+    and ``std`` without the percentiles and the histogram (the per-case report needs only these); NaN without lesion.
+    """
+    values = _lesion_values(image_hu, lesion)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    return float(values.mean()), float(values.std())
 
 
 def lesion_spread_mm(lesion: np.ndarray, spacing_zyx_mm: Sequence[float]) -> float:
@@ -281,7 +295,8 @@ def _left_right_axis(geometry: Geometry | None) -> tuple[int, float]:
     return axis, float(np.sign(world_x[axis]))
 
 
-def lung_involvement(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry | None = None) -> dict:
+def lung_involvement(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry | None = None,
+                     sides: tuple[int, np.ndarray] | None = None) -> dict:
     """Lesion volume ratio of the right and the left lung.
 
     The lung mask is split at a plane across the left-right axis (:func:`_left_right_axis`): midway between the
@@ -294,6 +309,7 @@ def lung_involvement(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry | 
     ----------
     lesion, lung : (Z, Y, X) masks on the same grid.
     geometry : the grid's geometry, used only for its direction (which array axis and sense is patient-left).
+    sides : :func:`lung_sides` of the same masks when already computed (the split is then not made again).
 
     Returns
     -------
@@ -303,7 +319,7 @@ def lung_involvement(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry | 
     lesion = np.asarray(lesion) != 0
     lung = np.asarray(lung) != 0
     _check_same_shape(lesion, lung)
-    axis, left = lung_sides(lesion, lung, geometry)
+    axis, left = sides if sides is not None else lung_sides(lesion, lung, geometry)
     whole = lesion | lung
     other_axes = tuple(a for a in range(3) if a != axis)
     lesion_profile = np.count_nonzero(lesion, axis=other_axes)

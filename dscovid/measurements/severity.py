@@ -34,6 +34,7 @@ lung voxel (a lung missing from the field of view) has no share (NaN) and scores
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -74,11 +75,13 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 
 def _craniocaudal_values(
-    lesion: np.ndarray, whole: np.ndarray, geometry: Geometry, side_axis: int, left: np.ndarray
+    lesion: np.ndarray, whole: np.ndarray, geometry: Geometry, side_axis: int, left: np.ndarray,
+    start_zyx: Sequence[int] = (0, 0, 0),
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per side, the craniocaudal position (mm, world z) of every lung ∪ lesion voxel and whether it is lesion.
 
     Walks the bounding box slice by slice so that memory stays at one slice of coordinates, whatever the scan size.
+    ``start_zyx``: the grid voxel of the masks' first voxel (masks cut from the grid).
     """
     box = _bounding_box(whole)
     collected: dict[str, tuple[list, list]] = {"right": ([], []), "left": ([], [])}
@@ -86,14 +89,14 @@ def _craniocaudal_values(
         return {side: (np.zeros(0, np.float32), np.zeros(0, bool)) for side in collected}
     matrix = geometry.index_to_world_matrix()
     superior = matrix[2, :3]  # mm of world z (LPS: toward the head) per voxel step along z, y, x
-    ys = np.arange(box[1].start, box[1].stop)
-    xs = np.arange(box[2].start, box[2].stop)
+    ys = np.arange(box[1].start, box[1].stop) + start_zyx[1]
+    xs = np.arange(box[2].start, box[2].stop) + start_zyx[2]
     plane = superior[1] * ys[:, None] + superior[2] * xs[None, :] + matrix[2, 3]
     for z in range(box[0].start, box[0].stop):
         voxels = whole[z, box[1], box[2]]
         if not voxels.any():
             continue
-        position = (plane + superior[0] * z).astype(np.float32)
+        position = (plane + superior[0] * (z + start_zyx[0])).astype(np.float32)
         if side_axis == 0:
             on_left = np.full(voxels.shape, bool(left[z]))
         elif side_axis == 1:
@@ -112,7 +115,8 @@ def _craniocaudal_values(
     }
 
 
-def severity_score(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry) -> dict:
+def severity_score(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry, *,
+                   start_zyx: Sequence[int] | None = None, sides: tuple[int, np.ndarray] | None = None) -> dict:
     """The six-zone severity score and the MosMedData category of one case.
 
     Parameters
@@ -120,6 +124,9 @@ def severity_score(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry) -> 
     lesion, lung : (Z, Y, X) masks on the grid of ``geometry`` (non-zero = inside); the lung counted is lung ∪ lesion,
         as for the lesion volume ratio.
     geometry : the grid: its spacing gives volumes, its direction and origin the craniocaudal axis and left/right.
+    start_zyx : when the masks are a box cut from the grid (both empty outside it), the grid voxel of the box's first
+        voxel; the result is that of the whole grid's masks.
+    sides : :func:`~dscovid.measurements.findings.lung_sides` of the same masks when already computed.
 
     Returns
     -------
@@ -131,12 +138,14 @@ def severity_score(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry) -> 
     """
     lesion = np.asarray(lesion) != 0
     lung = np.asarray(lung) != 0
-    if lesion.shape != lung.shape or tuple(lesion.shape) != tuple(geometry.shape_zyx):
-        raise ValueError(f"masks {lesion.shape} / {lung.shape} do not match the grid {geometry.shape_zyx}")
+    start = tuple(int(v) for v in (start_zyx if start_zyx is not None else (0, 0, 0)))
+    fits = all(0 <= s and s + n <= g for s, n, g in zip(start, lesion.shape, geometry.shape_zyx))
+    if lesion.shape != lung.shape or not fits or (start_zyx is None and lesion.shape != tuple(geometry.shape_zyx)):
+        raise ValueError(f"masks {lesion.shape} / {lung.shape} at {start} do not match the grid {geometry.shape_zyx}")
     whole = lesion | lung
     voxel_ml = float(np.prod(geometry.spacing_zyx_mm)) / 1000.0
-    side_axis, left = lung_sides(lesion, lung, geometry)
-    values = _craniocaudal_values(lesion, whole, geometry, side_axis, left)
+    side_axis, left = sides if sides is not None else lung_sides(lesion, lung, geometry)
+    values = _craniocaudal_values(lesion, whole, geometry, side_axis, left, start)
     zones: dict[str, dict] = {}
     for side in ("right", "left"):
         position, is_lesion = values[side]

@@ -11,9 +11,10 @@ import numpy as np
 from dscovid.io.image_io import Geometry
 from dscovid.measurements.findings import (
     lesion_count,
-    lesion_hu_statistics,
+    lesion_hu_mean_std,
     lesion_volume_ratio,
     lung_involvement,
+    lung_sides,
     peripheral_lesion_ratio,
 )
 from dscovid.measurements.severity import ZONES, severity_score
@@ -44,6 +45,7 @@ def lesion_report(
     lung: np.ndarray,
     geometry: Geometry,
     peripheral_thickness_mm: float = DEFAULT_PERIPHERAL_THICKNESS_MM,
+    box: tuple[slice, slice, slice] | None = None,
 ) -> dict:
     """The lesion measurements of one case on its original grid.
 
@@ -53,6 +55,8 @@ def lesion_report(
     lesion, lung : (Z, Y, X) 0/1 masks on the same grid.
     geometry : the grid (spacing for volumes and the peripheral erosion, direction for left and right).
     peripheral_thickness_mm : σ of the peripheral lesion ratio.
+    box : a box of the grid outside which both masks are empty (the prediction's crop box): every measurement runs
+        on it alone, with the same result as on the whole grid. Default: the masks' own bounding box.
 
     Returns
     -------
@@ -61,11 +65,13 @@ def lesion_report(
     none; the six-zone ``severity_score`` (0-24), the ``mosmed_category`` (``CT-0`` ... ``CT-4``) and the zones in
     ``severity_zones`` (:func:`dscovid.measurements.severity.severity_score`).
     """
-    lesion = np.asarray(lesion) != 0
-    lung = np.asarray(lung) != 0
+    if box is None:
+        box = _bounding_box(lesion, lung)
+    image_hu, lesion, lung = image_hu[box], np.asarray(lesion[box]) != 0, np.asarray(lung[box]) != 0
     voxel_ml = float(np.prod(geometry.spacing_zyx_mm)) / 1000.0
-    hu = lesion_hu_statistics(image_hu, lesion)
-    involvement = lung_involvement(lesion, lung, geometry)
+    hu_mean, hu_std = lesion_hu_mean_std(image_hu, lesion)
+    sides = lung_sides(lesion, lung, geometry)  # the left-right split, shared by the involvement and the zones
+    involvement = lung_involvement(lesion, lung, geometry, sides=sides)
     return {
         "lesion_count": lesion_count(lesion),
         "lesion_volume_ml": float(np.count_nonzero(lesion)) * voxel_ml,
@@ -73,9 +79,19 @@ def lesion_report(
         "lesion_volume_ratio": lesion_volume_ratio(lesion, lung),
         "peripheral_lesion_ratio": peripheral_lesion_ratio(lesion, lung, geometry.spacing_zyx_mm,
                                                            peripheral_thickness_mm),
-        "lesion_hu_mean": hu["mean"],
-        "lesion_hu_std": hu["std"],
+        "lesion_hu_mean": hu_mean,
+        "lesion_hu_std": hu_std,
         "left_lung_involvement": involvement["left"]["ratio"],
         "right_lung_involvement": involvement["right"]["ratio"],
-        **severity_score(lesion, lung, geometry),
+        **severity_score(lesion, lung, geometry, start_zyx=[b.start for b in box], sides=sides),
     }
+
+
+def _bounding_box(lesion: np.ndarray, lung: np.ndarray) -> tuple[slice, slice, slice]:
+    """The smallest box holding every non-zero voxel of either mask (the whole grid when both are empty)."""
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(np.any(lesion, axis=other) | np.any(lung, axis=other))
+        box.append(slice(int(present[0]), int(present[-1]) + 1) if present.size else slice(0, lesion.shape[axis]))
+    return tuple(box)

@@ -192,6 +192,8 @@ def predict_cases(
         if on_case is not None:
             on_case(entry)
 
+    # On a GPU the export resamples and thresholds there too (docs/prediction.md); on the CPU it runs in its thread.
+    export_device = device if device.type == "cuda" else None
     reader = _start_reader(num_workers)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dscovid-write")
     ahead = max(1, num_workers)
@@ -258,7 +260,7 @@ def predict_cases(
             collect_exports(wait=True)  # at most one case waits for export: bounded memory
             pending_exports.append((job.case, writer.submit(_timed_export, loaded, output, output_dir, class_names,
                                                         save_probabilities, peripheral_thickness_mm, timing,
-                                                        dicom_export), timing))
+                                                        dicom_export, export_device), timing))
             bar.update()
         collect_exports(wait=True)
     finally:
@@ -283,8 +285,9 @@ def predict_cases(
 
 def _timed_export(loaded: LoadedCase, output: NetworkOutput, output_dir: Path, class_names: Sequence[str],
                   save_probabilities: bool, peripheral_thickness_mm: float, timing: dict,
-                  dicom: DicomExport | None = None) -> dict:
+                  dicom: DicomExport | None = None, device: torch.device | None = None) -> dict:
     start = time.perf_counter()
-    entry = export_case(loaded, output, output_dir, class_names, save_probabilities, peripheral_thickness_mm, dicom)
+    entry = export_case(loaded, output, output_dir, class_names, save_probabilities, peripheral_thickness_mm, dicom,
+                        device)
     timing["export"] = time.perf_counter() - start  # the caller's dict: read once the future is done
     return entry

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from dscovid.errors import DscovidError
@@ -55,6 +56,7 @@ from dscovid.preprocessing.resampling import (
     resample_image,
     resample_mask,
     resample_masks,
+    resample_on_device,
     resample_to_grid,
     shape_for_spacing,
 )
@@ -242,6 +244,55 @@ def preprocess_image(
     return arrays, properties
 
 
+def crop_slices(properties: Mapping) -> tuple[slice, slice, slice]:
+    """The crop box of :func:`preprocess_image` on the canonical grid, as slices."""
+    return tuple(slice(int(b0), int(b1)) for b0, b1 in properties["crop_box_zyx"])
+
+
+def original_crop_slices(properties: Mapping) -> tuple[slice, slice, slice]:
+    """The same crop box on the ORIGINAL grid (array axes and directions of the input scan), as slices.
+
+    Every voxel the preprocessed grid covers lies inside it, so a map restored from the preprocessed grid is 0
+    outside it: measurements and thresholds can run on this box instead of the whole scan.
+    """
+    reorientation = Reorientation.from_dict(properties["reorientation"])
+    canonical_shape = properties["canonical_geometry"]["shape_zyx"]
+    box = [None, None, None]
+    for c, ((b0, b1), axis, flip) in enumerate(zip(properties["crop_box_zyx"], reorientation.transpose_zyx,
+                                                  reorientation.flip_zyx)):
+        n = int(canonical_shape[c])
+        box[axis] = slice(n - int(b1), n - int(b0)) if flip else slice(int(b0), int(b1))
+    return tuple(box)
+
+
+def restore_crop(
+    array_preprocessed: np.ndarray,
+    properties: Mapping,
+    threshold: float | None = None,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """Resample a (Z', Y', X') array on the preprocessed grid to the crop box, in the ORIGINAL orientation.
+
+    The part of :func:`restore_to_original` that is not zero: linear interpolation (cell-centred) to the cropped
+    shape, then, with ``threshold``, ``>= threshold`` as uint8 0/1 (a mask: 0.5, as :func:`resample_mask`; a
+    probability: its cut-off); the result is laid out as the box :func:`original_crop_slices` of the input's grid.
+    ``device`` runs the interpolation and the threshold there (a CUDA device: the export of the GPU path); the result
+    is a C-contiguous numpy array either way.
+
+    Returns
+    -------
+    float32 (no threshold) or uint8 0/1 array of the original-grid box's shape.
+    """
+    expected = tuple(properties["shape_after_resampling_zyx"])
+    if tuple(array_preprocessed.shape) != expected:
+        raise DscovidError(f"{properties.get('case', 'case')}: array shape {tuple(array_preprocessed.shape)} is not "
+                           f"the preprocessed shape {expected}")
+    cropped_shape = tuple(int(v) for v in properties["shape_after_crop_zyx"])
+    restored = resample_on_device(array_preprocessed, cropped_shape, device, threshold)
+    reorientation = Reorientation.from_dict(properties["reorientation"])
+    return np.ascontiguousarray(from_canonical(restored, reorientation))
+
+
 def restore_to_original(array_preprocessed: np.ndarray, properties: Mapping, is_mask: bool) -> np.ndarray:
     """Map a (Z', Y', X') array on the preprocessed grid back onto the original (Z, Y, X) grid.
 
@@ -258,20 +309,10 @@ def restore_to_original(array_preprocessed: np.ndarray, properties: Mapping, is_
     -------
     array of ``properties["original_geometry"]["shape_zyx"]``, C-contiguous.
     """
-    expected = tuple(properties["shape_after_resampling_zyx"])
-    if tuple(array_preprocessed.shape) != expected:
-        raise DscovidError(f"{properties.get('case', 'case')}: array shape {tuple(array_preprocessed.shape)} is not "
-                           f"the preprocessed shape {expected}")
-    cropped_shape = tuple(properties["shape_after_crop_zyx"])
-    if is_mask:
-        restored = resample_mask(array_preprocessed, cropped_shape)
-    else:
-        restored = resample_image(array_preprocessed, cropped_shape)
-    canonical_shape = tuple(properties["canonical_geometry"]["shape_zyx"])
-    full = np.zeros(canonical_shape, dtype=restored.dtype)
-    full[tuple(slice(b0, b1) for b0, b1 in properties["crop_box_zyx"])] = restored
-    reorientation = Reorientation.from_dict(properties["reorientation"])
-    return np.ascontiguousarray(from_canonical(full, reorientation))
+    restored = restore_crop(array_preprocessed, properties, 0.5 if is_mask else None)
+    full = np.zeros(tuple(properties["original_geometry"]["shape_zyx"]), dtype=restored.dtype)
+    full[original_crop_slices(properties)] = restored
+    return full
 
 
 # ----------------------------------------------------------------------------------------------- the dataset

@@ -51,6 +51,40 @@ def resample_mask(mask: np.ndarray, shape_zyx: Sequence[int]) -> np.ndarray:
     return (_interpolate(np.asarray(mask, dtype=np.float32), shape_zyx) >= 0.5).astype(np.uint8)
 
 
+def resample_on_device(
+    volume: np.ndarray | torch.Tensor,
+    shape_zyx: Sequence[int],
+    device: torch.device | str | None = None,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """:func:`resample_image` (``threshold=None``) or a thresholded resampling, run on ``device``.
+
+    With ``threshold``, the result is ``resample_image(volume) >= threshold`` as uint8 0/1 (``0.5`` on a 0/1 mask is
+    :func:`resample_mask`). The interpolation and the threshold run on ``device`` (default: the CPU), and only the
+    result comes back to the host: on a GPU the full-size float volume never exists in host memory.
+
+    Returns
+    -------
+    (Z, Y, X) float32, or uint8 with ``threshold``; a numpy array in host memory.
+    """
+    shape_zyx = tuple(int(v) for v in shape_zyx)
+    if tuple(volume.shape) == shape_zyx:  # nothing to interpolate
+        values = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+        if threshold is not None:
+            return (values >= threshold).astype(np.uint8)
+        return np.array(values, dtype=np.float32, copy=True)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if isinstance(volume, torch.Tensor):
+        tensor = volume.to(device=device, dtype=torch.float32)
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)
+    with torch.no_grad():
+        tensor = F.interpolate(tensor[None, None], size=shape_zyx, mode="trilinear", align_corners=False)[0, 0]
+        if threshold is not None:
+            return (tensor >= threshold).to(torch.uint8).cpu().numpy()
+        return tensor.cpu().numpy()
+
+
 def _smooth(volume: np.ndarray, factors: np.ndarray) -> np.ndarray:
     for axis, factor in enumerate(factors):
         if factor >= ANTIALIAS_FROM_FACTOR:
