@@ -323,7 +323,7 @@ def sliding_window_predict(
                     weight_map[target] += 1.0
                 else:
                     weights = tile_weight_out[: inside[0], : inside[1], : inside[2]]
-                    output[(slice(None),) + target] += tile * weights
+                    output[(slice(None),) + target].addcmul_(tile, weights)  # in place: no weighted copy of the tile
                     weight_map[target] += weights
             bar.update(len(batch_corners))
     bar.close()
