@@ -13,6 +13,11 @@ synthetic scan's generation).
 
     python benchmarks/bench_predict.py                                  # both configurations, CUDA if available
     python benchmarks/bench_predict.py --configurations 3d_cpu --device cpu
+    python benchmarks/bench_predict.py --configurations 3d_cpu --device cpu --no-peers --scans 20 --workers 2
+
+``--scans N`` also predicts a folder of N scans (the same seed's next cases) in one call with ``--workers``
+reading and preprocessing ahead, and prints seconds per scan and scans per hour (throughput); ``--no-peers`` leaves
+out the MONAI runs (for a configuration whose whole-scan MONAI run would take minutes on the CPU).
 """
 
 from __future__ import annotations
@@ -82,6 +87,15 @@ def _segment_flops(network, patch, device, i_cls, shape) -> float:
     return float(counter.get_total_flops())
 
 
+def _scan_shape(scan: str) -> tuple[int, ...]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(scan)
+    reader.ReadImageInformation()
+    return tuple(reversed(reader.GetSize()))
+
+
 def _run_configuration(args: dict, queue) -> None:
     from monai.inferers import sliding_window_inference
     from untrained_model import save_untrained_model
@@ -120,6 +134,25 @@ def _run_configuration(args: dict, queue) -> None:
     if summary["failed"]:
         raise RuntimeError(f"prediction failed: {summary['failed']}")
     entry = summary["cases"][0]
+    folder = None
+    if args["folder"]:
+        # Throughput: a folder of scans in one call, reading and preprocessing the next scans in ``workers``
+        # processes while the network and the export run the current one.
+        count = len(list(Path(args["folder"]).glob("*_0000.nii.gz")))
+        start = time.perf_counter()
+        folder_summary = predict_cases(model=model, inputs=args["folder"], output_dir=work / f"out_folder_{name}",
+                                       device=device, step_fraction=args["step"], progress=False, overwrite=True,
+                                       num_workers=args["workers"])
+        seconds = time.perf_counter() - start
+        if folder_summary["failed"]:
+            raise RuntimeError(f"prediction failed: {folder_summary['failed']}")
+        folder = {"scans": count, "workers": args["workers"], "wall_s": seconds, "s_per_scan": seconds / count,
+                  "scans_per_hour": 3600.0 * count / seconds, "peak_rss_gb": _rss_gb()}
+    if not args["peers"]:
+        queue.put({"configuration": name, "device": str(device), "scan_shape_zyx": list(_scan_shape(args["scan"])),
+                   "timing_s": entry["timing_s"], "wall_s": wall, "tiles": entry["tiles"],
+                   "peak_rss_gb_predict": rss_predict, "peak_gpu_gb_predict": gpu_predict, "folder": folder})
+        return
 
     # The lesion branch alone: ours over the lung tiles, MONAI over the lung box and over the whole scan.
     loaded = load_case(Scan("bench", Path(args["scan"])), model.preprocessing)
@@ -212,6 +245,7 @@ def _run_configuration(args: dict, queue) -> None:
             "step_fraction": step,
             "timing_s": entry["timing_s"],
             "wall_s": wall,
+            "folder": folder,
             "tiles": entry["tiles"],
             "tile_placement": placement,
             "tiles_lesion_branch": tiles_run,
@@ -243,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="the small grid instead of 512×512 (quick check)")
     parser.add_argument("--step", type=float, default=None, help="sliding-window step (default: the plans')")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--scans", type=int, default=1,
+                        help="also predict a folder of this many scans in one call (throughput)")
+    parser.add_argument("--workers", type=int, default=1, help="-np of the folder run (reading and preprocessing)")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="only the predictor's own timing (not the lesion branch beside MONAI)")
     args = parser.parse_args(argv)
 
     from dataset_conversion.synthetic import generate_case
@@ -259,6 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     fingerprint = _fingerprint(case)
     del case
+    folder = None
+    if args.scans > 1:
+        folder = work / "folder"
+        start = time.perf_counter()
+        for index in range(args.scans):
+            other = generate_case(args.seed, args.index + index, full_size=not args.small)
+            write_image(other.image_hu, other.geometry, folder / f"bench{index:03d}_0000.nii.gz")
+        print(f"a folder of {args.scans} scans (the seed's cases {args.index}-{args.index + args.scans - 1}), "
+              f"generated in {time.perf_counter() - start:.0f} s")
+        del other
 
     context = multiprocessing.get_context("spawn")
     results = []
@@ -272,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             "scan": str(scan),
             "fingerprint": fingerprint,
             "step": args.step,
+            "peers": not args.no_peers,
+            "folder": str(folder) if folder else None,
+            "workers": args.workers,
         }
         process = context.Process(target=_run_configuration, args=(job, queue))
         process.start()
@@ -283,15 +335,19 @@ def main(argv: list[str] | None = None) -> int:
 
     for r in results:
         t = r["timing_s"]
-        lb = r["lesion_branch_s"]
-        print(
-            f"\n== {r['configuration']} on {r['device']}: scan {r['scan_shape_zyx']} -> preprocessed "
-            f"{r['preprocessed_shape_zyx']}, patch {r['patch_zyx']}, step {r['step_fraction']}"
-        )
+        print(f"\n== {r['configuration']} on {r['device']}: scan {r['scan_shape_zyx']}")
         print(
             f"seconds per scan: read {t['read']:.2f}  preprocess {t['preprocess']:.2f}  network {t['network']:.2f}"
-            f"  export {t['export']:.2f}  (wall {r['wall_s']:.2f})"
+            f"  export {t['export']:.2f}  (wall {r['wall_s']:.2f}); peak CPU resident {r['peak_rss_gb_predict']:.2f} GB"
         )
+        if r.get("folder"):
+            f = r["folder"]
+            print(f"folder of {f['scans']} scans, -np {f['workers']}: {f['wall_s']:.1f} s, {f['s_per_scan']:.2f} s per "
+                  f"scan, {f['scans_per_hour']:.0f} scans per hour, peak CPU resident {f['peak_rss_gb']:.2f} GB")
+        if "lesion_branch_s" not in r:
+            continue
+        lb = r["lesion_branch_s"]
+        print(f"preprocessed {r['preprocessed_shape_zyx']}, patch {r['patch_zyx']}, step {r['step_fraction']}")
         print(
             f"peak memory: CPU resident {r['peak_rss_gb_predict']:.2f} GB during prediction "
             f"({r['peak_rss_gb_all']:.2f} GB with the MONAI runs), GPU allocated {r['peak_gpu_gb_predict']:.2f} GB"
