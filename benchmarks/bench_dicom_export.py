@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _fit_slices(array: np.ndarray, count: int) -> np.ndarray:
+def fit_slices(array: np.ndarray, count: int) -> np.ndarray:
     """``count`` slices: the middle ones, or the volume with its end slices repeated."""
     z = array.shape[0]
     if z >= count:
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dscovid_bench_dicom_"))
     start = time.perf_counter()
     case = generate_case(args.seed, args.index, full_size=True)
-    image, lesion, lung = (_fit_slices(a, args.slices) for a in (case.image_hu, case.lesion, case.lung))
+    image, lesion, lung = (fit_slices(a, args.slices) for a in (case.image_hu, case.lesion, case.lung))
     geometry = Geometry(image.shape, case.geometry.spacing_zyx_mm, case.geometry.origin_xyz_mm,
                         case.geometry.direction)
     series = write_ct_series(image.astype(np.int16), geometry, work / "series" / "bench")

@@ -14,6 +14,7 @@ synthetic scan's generation).
     python benchmarks/bench_predict.py                                  # both configurations, CUDA if available
     python benchmarks/bench_predict.py --configurations 3d_cpu --device cpu
     python benchmarks/bench_predict.py --configurations 3d_cpu --device cpu --no-peers --scans 20 --workers 2
+    python benchmarks/bench_predict.py --configurations 3d_cpu --device cpu --no-peers --slices 400   # peak RAM
 
 ``--scans N`` also predicts a folder of N scans (the same seed's next cases) in one call with ``--workers``
 reading and preprocessing ahead, and prints seconds per scan and scans per hour (throughput); ``--no-peers`` leaves
@@ -23,6 +24,7 @@ out the MONAI runs (for a configuration whose whole-scan MONAI run would take mi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import resource
@@ -277,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="the small grid instead of 512×512 (quick check)")
     parser.add_argument("--step", type=float, default=None, help="sliding-window step (default: the plans')")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--slices", type=int, default=None,
+                        help="crop or edge-pad the scan to this many slices (e.g. 400: peak memory of a long scan)")
     parser.add_argument("--scans", type=int, default=1,
                         help="also predict a folder of this many scans in one call (throughput)")
     parser.add_argument("--workers", type=int, default=1, help="-np of the folder run (reading and preprocessing)")
@@ -285,11 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from dataset_conversion.synthetic import generate_case
-    from dscovid.io.image_io import write_image
+    from dscovid.io.image_io import Geometry, write_image
 
     work = Path(tempfile.mkdtemp(prefix="dscovid_bench_"))
     start = time.perf_counter()
     case = generate_case(args.seed, args.index, full_size=not args.small)
+    if args.slices:  # the scan cropped or edge-padded to that many slices (the peak memory of a longer scan)
+        from bench_dicom_export import fit_slices
+
+        image = fit_slices(case.image_hu, args.slices)
+        geometry = Geometry(image.shape, case.geometry.spacing_zyx_mm, case.geometry.origin_xyz_mm,
+                            case.geometry.direction)
+        case = dataclasses.replace(case, image_hu=image, lung=fit_slices(case.lung, args.slices), geometry=geometry)
     scan = work / "bench_0000.nii.gz"
     write_image(case.image_hu, case.geometry, scan)
     print(
