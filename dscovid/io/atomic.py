@@ -192,13 +192,7 @@ def atomic_path(
         or the rename fails. The temporary file is removed in every case of failure.
     """
     path = Path(path)
-    make_folder(path.parent)
-    try:
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=suffix, dir=path.parent)
-    except OSError as error:
-        raise write_error(path, error) from None
-    os.close(handle)
-    temporary = Path(name)
+    temporary = _new_temporary(path, suffix)
     try:
         yield temporary
         if verify is not None:
@@ -207,14 +201,29 @@ def atomic_path(
         os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
     except BaseException as error:
-        try:
-            temporary.unlink(missing_ok=True)
-        except OSError as cleanup:
-            log.warning("%s: could not remove the temporary file (%s)", temporary, describe_os_error(cleanup))
+        _remove_temporary(temporary)
         if isinstance(error, OSError):
             raise write_error(path, error) from None
         raise
     _sync_folder(path.parent)
+
+
+def _new_temporary(path: Path, suffix: str) -> Path:
+    """An empty hidden file beside ``path``, named so that :func:`remove_stale_temporaries` knows its writer."""
+    make_folder(path.parent)
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=suffix, dir=path.parent)
+    except OSError as error:
+        raise write_error(path, error) from None
+    os.close(handle)
+    return Path(name)
+
+
+def _remove_temporary(temporary: Path) -> None:
+    try:
+        temporary.unlink(missing_ok=True)
+    except OSError as cleanup:
+        log.warning("%s: could not remove the temporary file (%s)", temporary, describe_os_error(cleanup))
 
 
 @contextmanager
@@ -224,20 +233,11 @@ def scratch_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path
 
     For an intermediate file that never takes a final name (an uncompressed image compressed into another file).
     """
-    path = Path(path)
-    make_folder(path.parent)
+    temporary = _new_temporary(Path(path), suffix)
     try:
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=suffix, dir=path.parent)
-    except OSError as error:
-        raise write_error(path, error) from None
-    os.close(handle)
-    try:
-        yield Path(name)
+        yield temporary
     finally:
-        try:
-            Path(name).unlink(missing_ok=True)
-        except OSError as cleanup:
-            log.warning("%s: could not remove the temporary file (%s)", name, describe_os_error(cleanup))
+        _remove_temporary(temporary)
 
 
 def check_size(temporary: Path, expected: int, target: str | os.PathLike) -> None:
