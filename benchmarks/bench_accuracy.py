@@ -24,9 +24,11 @@ setting under test). Its rows are named ``model@NAME`` and paired to the default
 
 Models (``--models``): ``default`` (``DeepSCCOVIDTrainer``), ``stage1`` (the same training's network at the end of
 pre-training, before the joint stage), ``plain`` (``PlainCascadeTrainer``, none of the paper's parts),
-``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``lastSideOutput``, ``detachLesionMap``,
+``inceptionStem``, ``taskAware``, ``paperParts`` (the paper's parts that ``3d_cpu`` leaves out, one at a time and
+both), ``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``lastSideOutput``, ``detachLesionMap``,
 ``scannerAug`` (other scanners' looks in the augmentation), ``segOnly`` / ``clsOnly`` (the paper's single-task
-rows).
+rows). ``noTaskAware`` and ``convStem`` are the default itself on today's ``3d_cpu``; they remain for other
+configurations.
 
 Examples::
 
@@ -104,6 +106,9 @@ MODELS = {
     "noCrossStitch": Model("without cross-stitch", "DeepSCCOVIDTrainer_noCrossStitch"),
     "noTaskAware": Model("without task-aware loss", "DeepSCCOVIDTrainer_noTaskAware"),
     "convStem": Model("plain convolution instead of inception", "DeepSCCOVIDTrainer_convStem"),
+    "inceptionStem": Model("with the paper's inception stem", "DeepSCCOVIDTrainer_inceptionStem"),
+    "taskAware": Model("with the paper's task-aware loss", "DeepSCCOVIDTrainer_taskAware"),
+    "paperParts": Model("with both (the paper's network and loss)", "DeepSCCOVIDTrainer_paperParts"),
     "noFindings": Model("without findings head", "DeepSCCOVIDTrainer_noFindings"),
     "lastSideOutput": Model("without the fusion of the coarse side outputs", "DeepSCCOVIDTrainer_lastSideOutput"),
     "detachLesionMap": Model("without the classification gradient into Ŝ", "DeepSCCOVIDTrainer_detachLesionMap"),

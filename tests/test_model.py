@@ -58,8 +58,8 @@ def test_cpu_configuration_shapes_and_loss():
     assert out.class_logits.shape == (2, 3)
     assert [tuple(e.shape[2:]) for e in out.evidence] == [tuple(g // 2**k for g in grid) for k in (2, 3, 4)]
     terms = build_loss(configuration)(out, torch.zeros(2, 1, *patch), torch.tensor([0, 2]), torch.tensor([True, True]))
-    # The shipped 3d_cpu preset has the findings head, with its own cross-entropy term.
-    assert torch.isfinite(terms.total) and set(terms.terms) == {"seg", "dice", "focal", "cls", "findings", "ta", "total"}
+    # The shipped 3d_cpu preset has the findings head, with its own cross-entropy term, and no task-aware loss.
+    assert torch.isfinite(terms.total) and set(terms.terms) == {"seg", "dice", "focal", "cls", "findings", "total"}
 
 
 def _grads(net: torch.nn.Module, loss_config: dict, annotated=(True, True)) -> dict[str, torch.Tensor]:

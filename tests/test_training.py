@@ -154,7 +154,7 @@ def test_stage_one_routes_each_loss_to_its_own_part(tmp_path, silenced):
 
 
 def test_joint_stage_backpropagates_task_aware_loss_into_both_parts(tmp_path):
-    trainer = _trainer(tmp_path, lambda_seg=0.0, lambda_cls=0.0)  # only λ_ta · L_ta left
+    trainer = _trainer(tmp_path, lambda_seg=0.0, lambda_cls=0.0, lambda_ta=10.0)  # only λ_ta · L_ta left
     trainer.on_stage_start(1)
     trainer.optimizer.zero_grad(set_to_none=True)
     inputs = trainer.to_device(_fixed_batch(tmp_path / "pre" / "Dataset900_Tiny"))
@@ -207,8 +207,12 @@ def test_registry_and_ablation_overrides():
         get_trainer("Nope")
     base = Configuration.from_dict("3d_cpu", make_plans("x")["configurations"]["3d_cpu"])
     assert TRAINERS["DeepSCCOVIDTrainer_lambdaTA100"].effective_configuration(base).training.loss.lambda_ta == 100
-    assert TRAINERS["DeepSCCOVIDTrainer_convStem"].effective_configuration(base).network.stem == "conv"
-    assert base.network.stem == "inception"  # the plans are not changed in place
+    assert base.network.stem == "conv" and base.training.loss.lambda_ta == 0  # 3d_cpu drops the two parts
+    assert TRAINERS["DeepSCCOVIDTrainer_inceptionStem"].effective_configuration(base).network.stem == "inception"
+    paper = TRAINERS["DeepSCCOVIDTrainer_paperParts"].effective_configuration(base)
+    assert (paper.network.stem, paper.training.loss.lambda_ta) == ("inception", 10)
+    assert TRAINERS["DeepSCCOVIDTrainer_taskAware"].effective_configuration(base).network.stem == "conv"
+    assert base.network.stem == "conv" and base.training.loss.lambda_ta == 0  # the plans are not changed in place
 
 
 def test_linear_decay_schedule():

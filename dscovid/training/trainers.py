@@ -7,12 +7,19 @@ the name up in :data:`TRAINERS` (an explicit dictionary, not a search through mo
 trainer                                                paper
 =====================================================  ===========================================================
 ``DeepSCCOVIDTrainer``                                 DeepSC-COVID (two stages: separate pre-training, joint
-                                                       fine-tuning with equation 11, λ_ta = 10)
+                                                       fine-tuning with equation 11); the parts the configuration
+                                                       holds: ``3d_paper`` has the paper's inception stem and
+                                                       λ_ta = 10, ``3d_cpu`` a plain stem and λ_ta = 0
 ``SegmentationTrainer``                                Table II "DeepSC-COVID w/o Cls." (lesion subnet alone)
 ``ClassificationTrainer``                              Table II "DeepSC-COVID w/o Seg." (classifier alone)
 ``DeepSCCOVIDTrainer_noCrossStitch``                   Fig. 8: without the cross-stitch unit
 ``DeepSCCOVIDTrainer_convStem``                        Fig. 8: plain convolution instead of the inception block
 ``DeepSCCOVIDTrainer_noTaskAware``                     λ_ta = 0 (supplementary ablation)
+``DeepSCCOVIDTrainer_inceptionStem``                   the paper's inception stem, whatever the configuration says
+``DeepSCCOVIDTrainer_taskAware``                       the paper's task-aware loss (λ_ta = 10), whatever the
+                                                       configuration says
+``DeepSCCOVIDTrainer_paperParts``                      both: the paper's network and loss on any configuration
+                                                       (``3d_cpu`` as it was before it dropped them)
 ``DeepSCCOVIDTrainer_lambdaTA1``/``_lambdaTA100``      λ_ta = 1 / 100 (supplementary ablation)
 ``DeepSCCOVIDTrainer_singleScaleTaskAware``            Table III: task-aware loss on one scale only
 ``DeepSCCOVIDTrainer_lastSideOutput``                  the lesion map from the full-resolution side output alone
@@ -73,6 +80,20 @@ class DeepSCCOVIDTrainer_convStem(DeepSCCOVIDTrainer):  # noqa: N801
 
 class DeepSCCOVIDTrainer_noTaskAware(DeepSCCOVIDTrainer):  # noqa: N801
     overrides = {"training.loss.lambda_ta": 0.0}
+
+
+class DeepSCCOVIDTrainer_inceptionStem(DeepSCCOVIDTrainer):  # noqa: N801
+    overrides = {"network.stem": "inception"}
+
+
+class DeepSCCOVIDTrainer_taskAware(DeepSCCOVIDTrainer):  # noqa: N801
+    overrides = {"training.loss.lambda_ta": 10.0}
+
+
+class DeepSCCOVIDTrainer_paperParts(DeepSCCOVIDTrainer):  # noqa: N801
+    """The paper's inception stem and task-aware loss (λ_ta = 10) on any configuration."""
+
+    overrides = {**DeepSCCOVIDTrainer_inceptionStem.overrides, **DeepSCCOVIDTrainer_taskAware.overrides}
 
 
 class DeepSCCOVIDTrainer_lambdaTA1(DeepSCCOVIDTrainer):  # noqa: N801
@@ -171,6 +192,9 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_noCrossStitch,
         DeepSCCOVIDTrainer_convStem,
         DeepSCCOVIDTrainer_noTaskAware,
+        DeepSCCOVIDTrainer_inceptionStem,
+        DeepSCCOVIDTrainer_taskAware,
+        DeepSCCOVIDTrainer_paperParts,
         DeepSCCOVIDTrainer_lambdaTA1,
         DeepSCCOVIDTrainer_lambdaTA100,
         DeepSCCOVIDTrainer_singleScaleTaskAware,
