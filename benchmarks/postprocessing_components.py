@@ -1,0 +1,106 @@
+"""What removing small predicted lesion components would do, measured on a prediction folder against its reference.
+
+nnU-Net chooses its post-processing on the validation set; this script is the measurement such a choice needs for
+dscovid's lesion masks. For every case of ``dscovid_predict``'s output it labels the predicted mask's 26-connected
+components and, for each volume threshold, drops the components smaller than it; it also tries emptying the mask of
+every case the classifier calls non-pneumonia. It prints, per rule, the mean lesion Dice over the cases with a
+reference lesion (paired to no post-processing, 95 % bootstrap interval), and how many reference-empty cases keep
+a false alarm. Nothing in the prediction folder is changed.
+
+Examples::
+
+    python benchmarks/postprocessing_components.py --pred WORK/full/predictions/dev/default \\
+        --ref WORK/full/raw/Dataset981_AccuracyDev
+    python benchmarks/postprocessing_components.py --pred OUT --ref RAW/Dataset002_SyntheticTest --thresholds 0 50 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from dscovid.evaluation.intervals import bootstrap_interval, paired_bootstrap
+from dscovid.io.image_io import read_mask
+
+FULL_26 = np.ones((3, 3, 3), dtype=bool)
+NON_PNEUMONIA = "non_pneumonia"
+
+
+def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    total = int(prediction.sum()) + int(reference.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(prediction, reference).sum()) / total
+
+
+def case_rows(args: tuple[Path, Path, tuple[float, ...], bool]) -> dict:
+    """Dice and the kept voxel count of one case under each threshold (mm³), and with the mask emptied."""
+    prediction_file, reference_file, thresholds, empty_it = args
+    reference, geometry = read_mask(reference_file)
+    prediction, _ = read_mask(prediction_file, geometry)
+    prediction, reference = prediction > 0, reference > 0
+    voxel_mm3 = float(np.prod(geometry.spacing_zyx_mm))
+    labels, count = ndimage.label(prediction, FULL_26)
+    volumes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_mm3
+    row = {"reference_voxels": int(reference.sum()), "components": int(count), "voxel_ml": voxel_mm3 / 1000.0,
+           "dice": {}, "kept_voxels": {}}
+    for threshold in thresholds:
+        keep = np.concatenate([[False], volumes >= threshold])
+        kept = keep[labels]
+        row["dice"][threshold] = _dice(kept, reference)
+        row["kept_voxels"][threshold] = int(kept.sum())
+    row["dice_emptied"] = _dice(np.zeros_like(reference), reference) if empty_it else row["dice"][thresholds[0]]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pred", required=True, type=Path, help="dscovid_predict output folder")
+    parser.add_argument("--ref", required=True, type=Path, help="raw dataset (labelsTr/, dataset.json)")
+    parser.add_argument("--thresholds", nargs="+", type=float, default=[0, 100, 500, 1000, 2000, 5000, 10000],
+                        help="component volumes in mm³ below which a component is dropped (0: none)")
+    parser.add_argument("-np", "--processes", type=int, default=2)
+    parser.add_argument("-o", "--output", type=Path, default=None, help="per-case rows as JSON")
+    args = parser.parse_args()
+    thresholds = tuple(sorted(set(args.thresholds) | {0.0}))
+    predicted = json.loads((args.pred / "predictions.json").read_text(encoding="utf-8"))
+    entries = {entry["case"]: entry for entry in predicted["cases"]}
+    cases = sorted(entries)
+    jobs = [(args.pred / f"{case}.nii.gz", args.ref / "labelsTr" / f"{case}.nii.gz", thresholds,
+             entries[case].get("predicted_class") == NON_PNEUMONIA) for case in cases]
+    with ProcessPoolExecutor(args.processes) as pool:
+        rows = dict(zip(cases, pool.map(case_rows, jobs)))
+    if args.output:
+        args.output.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+
+    lesion = [c for c in cases if rows[c]["reference_voxels"] > 0]
+    empty = [c for c in cases if rows[c]["reference_voxels"] == 0]
+    base = np.array([rows[c]["dice"][0.0] for c in lesion])
+    print(f"{len(cases)} cases: {len(lesion)} with a reference lesion, {len(empty)} without")
+    print("| rule | lesion Dice (%) | − none (paired) | reference-empty cases with a false alarm |")
+    print("|---|---|---|---|")
+
+    def line(name: str, dice: np.ndarray, alarms: int) -> None:
+        mean, (low, high) = float(np.mean(dice)), bootstrap_interval(dice)
+        diff, dlow, dhigh = paired_bootstrap(dice, base)
+        print(f"| {name} | {100 * mean:.1f} ({100 * low:.1f}-{100 * high:.1f}) | {100 * diff:+.1f} "
+              f"({100 * dlow:+.1f} to {100 * dhigh:+.1f}) | {alarms} of {len(empty)} |")
+
+    for threshold in thresholds:
+        dice = np.array([rows[c]["dice"][threshold] for c in lesion])
+        alarms = sum(rows[c]["kept_voxels"][threshold] > 0 for c in empty)
+        line("none" if threshold == 0 else f"drop components < {threshold:g} mm³", dice, alarms)
+    volumes = sorted(rows[c]["kept_voxels"][0.0] * rows[c]["voxel_ml"] for c in empty)
+    if volumes:
+        print(f"false-alarm volume on the reference-empty cases: median {np.median(volumes):.2f} ml, "
+              f"largest {volumes[-1]:.2f} ml")
+    emptied = np.array([rows[c]["dice_emptied"] for c in lesion])
+    alarms = sum(rows[c]["kept_voxels"][0.0] > 0 and not jobs[cases.index(c)][3] for c in empty)
+    line("empty the mask when the class is non-pneumonia", emptied, alarms)
+
+
+if __name__ == "__main__":
+    main()
