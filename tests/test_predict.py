@@ -38,7 +38,7 @@ from dscovid.measurements.findings import (
 )
 from dscovid.measurements.severity import severity_score
 from dscovid.model.findings_head import FEATURE_NAMES
-from dscovid.prediction.export import export_case
+from dscovid.prediction.export import drop_small_lesions, export_case
 from dscovid.prediction.inputs import load_case
 from dscovid.prediction.predict import predict_cases
 from dscovid.preprocessing.preprocessor import original_crop_slices, restore_to_original
@@ -414,3 +414,39 @@ def test_a_case_without_predicted_lesion_is_recorded_with_null_measurements(mode
     entry = json.loads((tmp_path / "out" / "predictions.json").read_text(encoding="utf-8"))["cases"][0]
     assert entry["lesion_volume_ml"] == 0 and entry["lesion_hu_mean"] is None
     assert (tmp_path / "out" / "oblique.nii.gz").exists()
+
+
+def test_drop_small_lesions_counts_26_connected_components_in_ml():
+    lesion = np.zeros((8, 8, 8), dtype=bool)
+    lesion[1:4, 1:4, 1:4] = True  # 27 voxels
+    lesion[4, 4, 4] = True  # touches the cube's corner: the same 26-connected component
+    lesion[6, 6, 0] = True  # alone
+    spacing = (2.0, 1.0, 0.5)  # 1 mm³ per voxel: 0.001 ml
+    assert drop_small_lesions(lesion.copy(), spacing, 0.0).sum() == 29
+    kept = drop_small_lesions(lesion.copy(), spacing, 0.028)
+    assert kept.sum() == 28 and not kept[6, 6, 0] and kept[4, 4, 4]
+    assert drop_small_lesions(lesion.copy(), spacing, 0.0281).sum() == 0
+
+
+def test_min_lesion_volume_drops_the_small_components_of_the_written_mask(model_dir, oblique_run, tmp_path):
+    """The post-processing gives the default run's mask without its components below the volume, the report measured
+    on what is kept, the setting in the header, and a folder of another setting is not mixed with it."""
+    _, default_output, geometry, inputs = oblique_run
+    default_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(default_output / "oblique.nii.gz"))).astype(bool)
+    from scipy import ndimage
+
+    labels, count = ndimage.label(default_mask, np.ones((3, 3, 3), bool))
+    volumes_ml = np.sort(np.bincount(labels.ravel())[1:]) * float(np.prod(geometry.spacing_zyx_mm)) / 1000
+    assert count >= 2 and volumes_ml[0] < volumes_ml[-1]  # random weights: components of several sizes
+    threshold = float(volumes_ml[-1] + volumes_ml[volumes_ml < volumes_ml[-1]].max()) / 2  # only the largest stay
+    target = tmp_path / "out"
+    summary = predict_cases(model_dir, inputs, target, device="cpu", progress=False, min_lesion_ml=threshold)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(target / "oblique.nii.gz")))
+    expected = drop_small_lesions(default_mask.copy(), geometry.spacing_zyx_mm, threshold)
+    np.testing.assert_array_equal(written, expected.astype(np.uint8))
+    assert 0 < written.sum() < default_mask.sum()
+    assert summary["min_lesion_ml"] == threshold and summary["cases"][0]["lesion_count"] < count
+    with pytest.raises(DscovidError, match="another model or setting"):
+        predict_cases(model_dir, inputs, target, device="cpu", progress=False)
+    with pytest.raises(DscovidError, match="minimum lesion volume"):
+        predict_cases(model_dir, inputs, tmp_path / "bad", device="cpu", progress=False, min_lesion_ml=-1.0)

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cases read and preprocessed ahead: 1 = a background thread, N > 1 = N processes")
     parser.add_argument("--peripheral-thickness", type=float, default=10.0, metavar="MM",
                         help="peripheral thickness of the reported peripheral lesion ratio, in mm (default 10)")
+    parser.add_argument("--min-lesion-ml", type=float, default=0.0, metavar="ML",
+                        help="drop predicted lesion components smaller than ML millilitres (default 0: keep all)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace predictions of another model already in OUT instead of refusing")
     parser.add_argument("--dicom", action=argparse.BooleanOptionalAction, default=None,
@@ -90,6 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         num_parts=args.num_parts,
         part_id=args.part_id,
         accept_implausible=args.accept_implausible,
+        min_lesion_ml=args.min_lesion_ml,
     )
     from dscovid.io.scans import find_scans
     from dscovid.prediction.inputs import select_part

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from dscovid.inference.engine import NetworkOutput
 from dscovid.io.atomic import staged_folder
@@ -32,6 +33,22 @@ from dscovid.preprocessing.preprocessor import original_crop_slices, restore_cro
 
 #: Lesion probability at or above which a voxel (inside the lung) is called lesion.
 LESION_THRESHOLD = 0.5
+_FULL_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def drop_small_lesions(lesion: np.ndarray, spacing_zyx_mm: Sequence[float], min_volume_ml: float) -> np.ndarray:
+    """``lesion`` (changed in place) without its 26-connected components smaller than ``min_volume_ml``.
+
+    0 keeps every component. The volumes are those of the grid the mask lies on (``spacing_zyx_mm``).
+    """
+    if min_volume_ml <= 0 or not lesion.any():
+        return lesion
+    labels, count = ndimage.label(lesion, _FULL_26)
+    voxel_ml = float(np.prod(spacing_zyx_mm)) / 1000.0
+    small = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml < min_volume_ml
+    small[0] = False
+    lesion[small[labels]] = 0
+    return lesion
 
 
 def export_case(
@@ -43,6 +60,7 @@ def export_case(
     peripheral_thickness_mm: float = DEFAULT_PERIPHERAL_THICKNESS_MM,
     dicom: DicomExport | None = None,
     device: torch.device | str | None = None,
+    min_lesion_ml: float = 0.0,
 ) -> dict:
     """Write one case's files on its original grid and return its ``predictions.json`` entry (without timings).
 
@@ -56,11 +74,13 @@ def export_case(
     float32 (:func:`~dscovid.io.image_io.uint8_scaling`; docs/formats.md §5). The evidence map, the file writes
     (gzip) and the lesion report run in parallel threads: each spends its time in code that releases the GIL
     (torch resampling, ITK's writer, zlib, NumPy and SciPy). If any part fails, nothing of the case is left (the
-    staging folder is removed), and files of the case from an earlier run are not touched.
+    staging folder is removed), and files of the case from an earlier run are not touched. With ``min_lesion_ml``
+    the lesion components smaller than that are dropped (:func:`drop_small_lesions`) before the mask is written or
+    measured.
     """
     with staged_folder(output_dir, loaded.name) as stage:
         return _write_case(loaded, output, stage, class_names, save_probabilities, peripheral_thickness_mm, dicom,
-                           device)
+                           device, min_lesion_ml)
 
 
 def _write_evidence(evidence_preprocessed: np.ndarray, properties: dict, geometry: Geometry, path: Path,
@@ -75,7 +95,7 @@ def _write_evidence(evidence_preprocessed: np.ndarray, properties: dict, geometr
 
 def _write_case(loaded: LoadedCase, output: NetworkOutput, stage: Path, class_names: Sequence[str],
                 save_probabilities: bool, peripheral_thickness_mm: float, dicom: DicomExport | None,
-                device: torch.device | str | None) -> dict:
+                device: torch.device | str | None, min_lesion_ml: float = 0.0) -> dict:
     name, geometry, properties = loaded.name, loaded.geometry, loaded.properties
     names = output_files(name)
     files = {"mask": names["mask"]}
@@ -96,6 +116,8 @@ def _write_case(loaded: LoadedCase, output: NetworkOutput, stage: Path, class_na
             allowed |= restore_crop(loaded.region_preprocessed, properties, 0.5, device) != 0
         lesion_box &= allowed
         del allowed
+        # Every lesion lies inside the lung or its margin, so inside the box: its components are whole there.
+        drop_small_lesions(lesion_box, geometry.spacing_zyx_mm, min_lesion_ml)
         lesion = np.zeros(geometry.shape_zyx, dtype=np.uint8)
         lesion[box] = lesion_box
         del lesion_box

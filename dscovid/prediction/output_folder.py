@@ -54,10 +54,21 @@ def output_files(name: str) -> dict[str, str]:
     }
 
 
-def run_identity(model: TrainedModel, step_fraction: float, peripheral_thickness_mm: float) -> dict:
-    """Everything that changes the predictions: outputs of runs that differ in any of these are never mixed."""
-    return {**model.identity(), "checkpoint": model.checkpoint_name, "step_fraction": float(step_fraction),
-            "peripheral_thickness_mm": float(peripheral_thickness_mm)}
+#: Settings recorded in the identity only when they differ from their default (so that folders written before
+#: the setting existed stay the same run); compared both ways, with the default standing in for a missing key.
+_OPTIONAL_IDENTITY = {"min_lesion_ml": 0.0}
+
+
+def run_identity(model: TrainedModel, step_fraction: float, peripheral_thickness_mm: float,
+                 min_lesion_ml: float = 0.0) -> dict:
+    """Everything that changes the predictions: outputs of runs that differ in any of these are never mixed.
+
+    ``min_lesion_ml`` is recorded only when set, so a folder written without it stays the same run."""
+    identity = {**model.identity(), "checkpoint": model.checkpoint_name, "step_fraction": float(step_fraction),
+                "peripheral_thickness_mm": float(peripheral_thickness_mm)}
+    if min_lesion_ml != _OPTIONAL_IDENTITY["min_lesion_ml"]:
+        identity["min_lesion_ml"] = float(min_lesion_ml)
+    return identity
 
 
 def _describe_identity(identity: Mapping) -> str:
@@ -91,7 +102,9 @@ def claim_folder(output_dir: Path, identity: dict, overwrite: bool) -> None:
         recorded = read_identity(output_dir)
         legacy = _legacy_summary(output_dir) if recorded is None else None
         previous = recorded if recorded is not None else legacy
-        same = previous is not None and all(previous.get(key) == value for key, value in identity.items())
+        same = (previous is not None and all(previous.get(key) == value for key, value in identity.items())
+                and all(previous.get(key, default) == identity.get(key, default)
+                        for key, default in _OPTIONAL_IDENTITY.items()))
         if previous is not None and not same:
             if not overwrite:
                 raise DscovidError(

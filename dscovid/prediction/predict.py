@@ -92,6 +92,7 @@ def predict_cases(
     num_parts: int = 1,
     part_id: int = 0,
     accept_implausible: bool = False,
+    min_lesion_ml: float = 0.0,
 ) -> dict:
     """Predict every case of ``inputs`` into ``output_dir`` (the function behind ``dscovid_predict``).
 
@@ -118,6 +119,8 @@ def predict_cases(
         K jobs share one input folder and one output folder.
     accept_implausible : predict scans the plausibility rule refuses (:mod:`dscovid.io.plausibility`), flagged,
         instead of failing them.
+    min_lesion_ml : drop predicted lesion components smaller than this volume in ml (0: keep all; docs/evaluation.md,
+        post-processing).
 
     Returns
     -------
@@ -154,7 +157,9 @@ def predict_cases(
     output_dir = check_output_folder(output_dir, input_paths)
     settings = model.inference
     step_used = float(step_fraction if step_fraction is not None else settings.step_fraction)
-    identity = run_identity(model, step_used, peripheral_thickness_mm)
+    if not min_lesion_ml >= 0:
+        raise DscovidError(f"the minimum lesion volume must be 0 or more ml, got {min_lesion_ml}")
+    identity = run_identity(model, step_used, peripheral_thickness_mm, min_lesion_ml)
     claim_folder(output_dir, identity, overwrite)
 
     done = 0
@@ -260,7 +265,7 @@ def predict_cases(
             collect_exports(wait=True)  # at most one case waits for export: bounded memory
             pending_exports.append((job.case, writer.submit(_timed_export, loaded, output, output_dir, class_names,
                                                         save_probabilities, peripheral_thickness_mm, timing,
-                                                        dicom_export, export_device), timing))
+                                                        dicom_export, export_device, min_lesion_ml), timing))
             bar.update()
         collect_exports(wait=True)
     finally:
@@ -277,6 +282,7 @@ def predict_cases(
         "weighting": settings.weighting,
         "device": str(device),
         "lesion_threshold": LESION_THRESHOLD,
+        "min_lesion_ml": float(min_lesion_ml),
     }
     summary = rebuild_predictions(output_dir, header, class_names, unrecorded)
     log.info("%d case(s) predicted, %d failed; results in %s", done, len(cases) - done, output_dir)
@@ -285,9 +291,10 @@ def predict_cases(
 
 def _timed_export(loaded: LoadedCase, output: NetworkOutput, output_dir: Path, class_names: Sequence[str],
                   save_probabilities: bool, peripheral_thickness_mm: float, timing: dict,
-                  dicom: DicomExport | None = None, device: torch.device | None = None) -> dict:
+                  dicom: DicomExport | None = None, device: torch.device | None = None,
+                  min_lesion_ml: float = 0.0) -> dict:
     start = time.perf_counter()
     entry = export_case(loaded, output, output_dir, class_names, save_probabilities, peripheral_thickness_mm, dicom,
-                        device)
+                        device, min_lesion_ml)
     timing["export"] = time.perf_counter() - start  # the caller's dict: read once the future is done
     return entry
