@@ -1,9 +1,10 @@
 """What removing small predicted lesion components would do, measured on a prediction folder against its reference.
 
 nnU-Net chooses its post-processing on the validation set; this script is the measurement such a choice needs for
-dscovid's lesion masks. For every case of ``dscovid_predict``'s output it labels the predicted mask's 26-connected
-components and, for each volume threshold, drops the components smaller than it; it also tries emptying the mask of
-every case the classifier calls non-pneumonia. It prints, per rule, the mean lesion Dice over the cases with a
+dscovid's lesion masks. For every case of ``dscovid_predict``'s output (run without ``--min-lesion-ml``) and each
+volume it applies what ``--min-lesion-ml`` would (:func:`dscovid.prediction.export.drop_small_lesions`: the
+26-connected components below the volume are dropped); it also tries emptying the mask of every case the classifier
+calls non-pneumonia. It prints, per rule, the mean lesion Dice over the cases with a
 reference lesion (paired to no post-processing, 95 % bootstrap interval), and how many reference-empty cases keep
 a false alarm. Nothing in the prediction folder is changed.
 
@@ -11,7 +12,7 @@ Examples::
 
     python benchmarks/postprocessing_components.py --pred WORK/full/predictions/dev/default \\
         --ref WORK/full/raw/Dataset981_AccuracyDev
-    python benchmarks/postprocessing_components.py --pred OUT --ref RAW/Dataset002_SyntheticTest --thresholds 0 50 500
+    python benchmarks/postprocessing_components.py --pred OUT --ref RAW/Dataset002_SyntheticTest --min-lesion-ml 0 5
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from dscovid.evaluation.intervals import bootstrap_interval, paired_bootstrap
 from dscovid.io.image_io import read_mask
+from dscovid.prediction.export import drop_small_lesions
 
-FULL_26 = np.ones((3, 3, 3), dtype=bool)
 NON_PNEUMONIA = "non_pneumonia"
 
 
@@ -37,19 +37,15 @@ def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
 
 
 def case_rows(args: tuple[Path, Path, tuple[float, ...], bool]) -> dict:
-    """Dice and the kept voxel count of one case under each threshold (mm³), and with the mask emptied."""
+    """Dice and the kept voxel count of one case under each minimum volume (ml), and with the mask emptied."""
     prediction_file, reference_file, thresholds, empty_it = args
     reference, geometry = read_mask(reference_file)
     prediction, _ = read_mask(prediction_file, geometry)
     prediction, reference = prediction > 0, reference > 0
-    voxel_mm3 = float(np.prod(geometry.spacing_zyx_mm))
-    labels, count = ndimage.label(prediction, FULL_26)
-    volumes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_mm3
-    row = {"reference_voxels": int(reference.sum()), "components": int(count), "voxel_ml": voxel_mm3 / 1000.0,
+    row = {"reference_voxels": int(reference.sum()), "voxel_ml": float(np.prod(geometry.spacing_zyx_mm)) / 1000.0,
            "dice": {}, "kept_voxels": {}}
     for threshold in thresholds:
-        keep = np.concatenate([[False], volumes >= threshold])
-        kept = keep[labels]
+        kept = drop_small_lesions(prediction.copy(), geometry.spacing_zyx_mm, threshold)
         row["dice"][threshold] = _dice(kept, reference)
         row["kept_voxels"][threshold] = int(kept.sum())
     row["dice_emptied"] = _dice(np.zeros_like(reference), reference) if empty_it else row["dice"][thresholds[0]]
@@ -60,12 +56,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pred", required=True, type=Path, help="dscovid_predict output folder")
     parser.add_argument("--ref", required=True, type=Path, help="raw dataset (labelsTr/, dataset.json)")
-    parser.add_argument("--thresholds", nargs="+", type=float, default=[0, 100, 500, 1000, 2000, 5000, 10000],
-                        help="component volumes in mm³ below which a component is dropped (0: none)")
+    parser.add_argument("--min-lesion-ml", nargs="+", type=float, default=[0, 0.1, 0.5, 1, 2, 5, 10],
+                        help="the volumes in ml to try, as dscovid_predict --min-lesion-ml (0: none)")
     parser.add_argument("-np", "--processes", type=int, default=2)
     parser.add_argument("-o", "--output", type=Path, default=None, help="per-case rows as JSON")
     args = parser.parse_args()
-    thresholds = tuple(sorted(set(args.thresholds) | {0.0}))
+    thresholds = tuple(sorted(set(args.min_lesion_ml) | {0.0}))
     predicted = json.loads((args.pred / "predictions.json").read_text(encoding="utf-8"))
     entries = {entry["case"]: entry for entry in predicted["cases"]}
     cases = sorted(entries)
@@ -92,7 +88,7 @@ def main() -> None:
     for threshold in thresholds:
         dice = np.array([rows[c]["dice"][threshold] for c in lesion])
         alarms = sum(rows[c]["kept_voxels"][threshold] > 0 for c in empty)
-        line("none" if threshold == 0 else f"drop components < {threshold:g} mm³", dice, alarms)
+        line("none" if threshold == 0 else f"--min-lesion-ml {threshold:g}", dice, alarms)
     volumes = sorted(rows[c]["kept_voxels"][0.0] * rows[c]["voxel_ml"] for c in empty)
     if volumes:
         print(f"false-alarm volume on the reference-empty cases: median {np.median(volumes):.2f} ml, "

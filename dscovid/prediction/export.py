@@ -25,6 +25,7 @@ from scipy import ndimage
 from dscovid.inference.engine import NetworkOutput
 from dscovid.io.atomic import staged_folder
 from dscovid.io.image_io import Geometry, quantize_uint8, uint8_scaling, write_image
+from dscovid.measurements.findings import STRUCTURE_26
 from dscovid.prediction.dicom_export import DicomExport, is_dicom_series
 from dscovid.prediction.inputs import LoadedCase
 from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM, lesion_report
@@ -33,7 +34,6 @@ from dscovid.preprocessing.preprocessor import original_crop_slices, restore_cro
 
 #: Lesion probability at or above which a voxel (inside the lung) is called lesion.
 LESION_THRESHOLD = 0.5
-_FULL_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 def drop_small_lesions(lesion: np.ndarray, spacing_zyx_mm: Sequence[float], min_volume_ml: float) -> np.ndarray:
@@ -43,7 +43,7 @@ def drop_small_lesions(lesion: np.ndarray, spacing_zyx_mm: Sequence[float], min_
     """
     if min_volume_ml <= 0 or not lesion.any():
         return lesion
-    labels, count = ndimage.label(lesion, _FULL_26)
+    labels, count = ndimage.label(lesion, STRUCTURE_26)
     voxel_ml = float(np.prod(spacing_zyx_mm)) / 1000.0
     small = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml < min_volume_ml
     small[0] = False

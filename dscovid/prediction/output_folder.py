@@ -75,7 +75,8 @@ def _describe_identity(identity: Mapping) -> str:
     if not identity:
         return "an unreadable record of the model"
     return (f"{identity.get('trainer')}__{identity.get('configuration')} folds {identity.get('folds')} from "
-            f"{identity.get('model_dir')}, {identity.get('checkpoint')}, step {identity.get('step_fraction')}")
+            f"{identity.get('model_dir')}, {identity.get('checkpoint')}, step {identity.get('step_fraction')}"
+            + "".join(f", {key} {identity[key]}" for key in _OPTIONAL_IDENTITY if key in identity))
 
 
 def _legacy_summary(output_dir: Path) -> dict | None:

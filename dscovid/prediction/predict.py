@@ -146,6 +146,8 @@ def predict_cases(
         raise DscovidError(f"{model.model_dir}: holds configuration {model.configuration_name!r}, not {configuration!r}")
     if step_fraction is not None and not 0.0 < float(step_fraction) <= 1.0:
         raise DscovidError(f"the sliding-window step must be in (0, 1], got {step_fraction}")
+    if not min_lesion_ml >= 0:  # NaN too
+        raise DscovidError(f"the minimum lesion volume must be 0 or more ml, got {min_lesion_ml}")
     every_case = find_scans(inputs)
     # Name problems over all parts (each part refuses the same duplicates); keyed by object: an input given twice
     # is two equal Scans, and only the second is the duplicate.
@@ -157,8 +159,6 @@ def predict_cases(
     output_dir = check_output_folder(output_dir, input_paths)
     settings = model.inference
     step_used = float(step_fraction if step_fraction is not None else settings.step_fraction)
-    if not min_lesion_ml >= 0:
-        raise DscovidError(f"the minimum lesion volume must be 0 or more ml, got {min_lesion_ml}")
     identity = run_identity(model, step_used, peripheral_thickness_mm, min_lesion_ml)
     claim_folder(output_dir, identity, overwrite)
 
