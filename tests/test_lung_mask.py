@@ -22,6 +22,17 @@ from dscovid.preprocessing.lung import (
     segment_lungs,
 )
 from dscovid.preprocessing.lung.filling import _label_maxima
+from dscovid.preprocessing.lung.grid import block_mean
+from dscovid.preprocessing.lung.morphology import (
+    CROSS_3D,
+    IN_PLANE,
+    _ball_steps,
+    convex_hull,
+    dilate,
+    erode,
+    fill_holes_per_slice,
+    opening,
+)
 from dscovid.preprocessing.orientation import reorientation_of
 
 SPACING_ZYX_MM = (4.0, 3.0, 3.0)
@@ -336,3 +347,66 @@ def test_the_dent_depths_are_scipys_label_maxima():
         values = rng.random((40, 57)) * 30.0
         assert np.array_equal(_label_maxima(values, labels, count),
                               np.asarray(ndimage.maximum(values, labels, np.arange(1, count + 1))))
+
+
+def _random_masks(seed: int, count: int):
+    """Smooth random 3D masks of odd sizes, some a single slice or row thick."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        shape = tuple(int(v) for v in rng.integers(1, 22, 3))
+        yield rng, ndimage.gaussian_filter(rng.random(shape), 1.2) > rng.uniform(0.4, 0.6)
+
+
+def test_the_fast_morphology_is_scipys():
+    """The shifted-view dilations, erosions and openings give SciPy's results for every step the lung mask uses."""
+    steps = [IN_PLANE, CROSS_3D, *_ball_steps(8.0, np.array([2.0, 1.0, 1.0]))[:2]]
+    for rng, mask in _random_masks(5, 25):
+        within = rng.random(mask.shape) > 0.3
+        for step in steps:
+            for iterations in (1, 2):
+                assert np.array_equal(dilate(mask, step, iterations), ndimage.binary_dilation(mask, step, iterations))
+                assert np.array_equal(dilate(mask, step, iterations, within=within),
+                                      ndimage.binary_dilation(mask, step, iterations, mask=within))
+                for border in (0, 1):
+                    assert np.array_equal(erode(mask, step, iterations, border_value=border),
+                                          ndimage.binary_erosion(mask, step, iterations, border_value=border))
+                assert np.array_equal(opening(mask, step, iterations), ndimage.binary_opening(mask, step, iterations))
+        assert np.array_equal(fill_holes_per_slice(mask), ndimage.binary_fill_holes(mask, IN_PLANE))
+        assert np.array_equal(fill_holes_per_slice(~mask), ndimage.binary_fill_holes(~mask, IN_PLANE))
+    with pytest.raises(ValueError, match="in-plane cross or square"):
+        dilate(np.ones((3, 3, 3), dtype=bool), np.ones((3, 3, 3), dtype=bool))
+
+
+def test_convex_hull_is_scikit_images():
+    """Row by row, the hull is scikit-image's ``convex_hull_image`` pixel for pixel, outline pixels included."""
+    from skimage.morphology import convex_hull_image
+
+    rng = np.random.default_rng(6)
+    for trial in range(600):
+        shape = tuple(int(v) for v in rng.integers(1, 50, 2))
+        if trial % 3 == 0:
+            mask = rng.random(shape) > rng.uniform(0.9, 0.999)  # scattered points: long thin edges
+        elif trial % 3 == 1:
+            mask = ndimage.gaussian_filter(rng.random(shape), 2.0) > rng.uniform(0.45, 0.55)
+        else:
+            mask = np.zeros(shape, dtype=bool)  # a single pixel or a row: the smallest hulls
+            mask[rng.integers(shape[0]), rng.integers(shape[1]) : rng.integers(shape[1]) + 1 + trial % 2] = True
+        if not mask.any():
+            continue
+        rows = np.flatnonzero(mask.any(axis=1))
+        columns = np.flatnonzero(mask.any(axis=0))
+        box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+        expected = np.zeros(shape, dtype=bool)
+        expected[box] = convex_hull_image(mask[box])
+        assert np.array_equal(convex_hull(mask), expected), trial
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.int32, np.float32])
+def test_block_mean_is_the_mean_of_the_clipped_blocks(dtype):
+    rng = np.random.default_rng(7)
+    image = rng.integers(0 if dtype == np.uint16 else -3024, 4000, (37, 23, 40)).astype(dtype)
+    for factors in [(1, 1, 1), (2, 2, 2), (3, 2, 3), (4, 3, 3)]:
+        nz, ny, nx = (n // f for n, f in zip(image.shape, factors))
+        clipped = np.clip(image.astype(np.float64), -1024, 3071)[: nz * factors[0], : ny * factors[1], : nx * factors[2]]
+        expected = clipped.reshape(nz, factors[0], ny, factors[1], nx, factors[2]).mean(axis=(1, 3, 5))
+        assert np.array_equal(block_mean(image, factors), expected.astype(np.float32))

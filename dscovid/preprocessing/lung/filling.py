@@ -11,7 +11,15 @@ import logging
 import numpy as np
 from scipy import ndimage
 
-from dscovid.preprocessing.lung.morphology import IN_PLANE, bounding_box, closing, convex_hull, fill_holes_per_slice
+from dscovid.preprocessing.lung.morphology import (
+    IN_PLANE,
+    bounding_box,
+    closing,
+    convex_hull,
+    dilate,
+    fill_holes_per_slice,
+    opening,
+)
 from dscovid.preprocessing.lung.settings import LEFT_LUNG, RIGHT_LUNG, LungMaskSettings
 
 log = logging.getLogger(__name__)
@@ -59,7 +67,7 @@ def fill_enclosed_blobs(filled: np.ndarray, hulls: np.ndarray, tissue: np.ndarra
     filled, hulls, tissue, region = filled[box], hulls[box], tissue[box], out[box]
     for side in (RIGHT_LUNG, LEFT_LUNG):
         candidate = (hulls == side) & (filled == 0) & tissue
-        cores = ndimage.binary_opening(candidate, IN_PLANE, iterations=settings.enclosed_opening)
+        cores = opening(candidate, IN_PLANE, iterations=settings.enclosed_opening)
         labels, count = ndimage.label(cores)
         if count == 0:
             continue
@@ -81,8 +89,7 @@ def fill_enclosed_blobs(filled: np.ndarray, hulls: np.ndarray, tissue: np.ndarra
         keep[0] = False
         if not keep.any():
             continue
-        kept = ndimage.binary_dilation(keep[labels], IN_PLANE, iterations=settings.enclosed_opening + 1,
-                                       mask=candidate)
+        kept = dilate(keep[labels], IN_PLANE, iterations=settings.enclosed_opening + 1, within=candidate)
         region[kept & (region == 0)] = side
         log.debug("enclosed blobs filled in lung %d: %d voxels", side, int(kept.sum()))
     return out
@@ -228,7 +235,11 @@ def fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarra
             mediastinum = ndimage.binary_dilation(joint & ~hulls[RIGHT_LUNG] & ~hulls[LEFT_LUNG])
         for side, hull in hulls.items():
             hull_labels[z][hull & (hull_labels[z] == 0)] = side
-            labels, count = ndimage.label(hull & (filled[z] == 0) & tissue[z])
+            # Everything below happens inside the hull's box and one pixel around it (the dents' mouths), which
+            # gives the same distances as the whole slice: the ring around the box is outside the hull.
+            box = bounding_box(hull, np.ones(2, dtype=int))
+            hull = hull[box]
+            labels, count = ndimage.label(hull & (filled[z][box] == 0) & tissue[z][box])
             if count == 0:
                 continue
             index = np.arange(1, count + 1)
@@ -237,12 +248,12 @@ def fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarra
             # label where two meet, which is rare and harmless).
             mouth = ndimage.grey_dilation(labels, footprint=ndimage.generate_binary_structure(2, 1)) * ~hull
             mouth_size = np.bincount(mouth.ravel(), minlength=count + 1)[1:]
-            facing = np.bincount(mouth[mediastinum].ravel(), minlength=count + 1)[1:]
+            facing = np.bincount(mouth[mediastinum[box]].ravel(), minlength=count + 1)[1:]
             keep = (depth <= settings.dent_max_depth_mm) & (
                 facing <= settings.dent_mediastinal_fraction * np.maximum(mouth_size, 1))
             bottom, top = heights[side]
             if z >= bottom + settings.deep_dent_min_height_fraction * (top - bottom):
                 keep |= (depth <= settings.deep_dent_max_depth_mm) & (facing == 0) & (
                     mouth_size * pixel_mm >= settings.deep_dent_min_mouth_mm)
-            out[z][np.isin(labels, index[keep])] = side
+            out[z][box][np.isin(labels, index[keep])] = side
     return out, hull_labels

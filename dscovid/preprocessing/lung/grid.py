@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from dscovid.errors import DscovidError
-from dscovid.preprocessing.lung.morphology import IN_PLANE, bounding_box
+from dscovid.preprocessing.lung.morphology import IN_PLANE, bounding_box, dilate, erode, opening
 from dscovid.preprocessing.lung.settings import LEFT_LUNG, RIGHT_LUNG
 
 _AIR_HU = -1024.0
@@ -17,7 +16,9 @@ _AIR_HU = -1024.0
 def block_mean(image: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """Mean over blocks of ``factors`` voxels (a trailing partial block is dropped), HU clipped to [-1024, 3071].
 
-    Done in slabs of slices with integer sums, so a 512×512×600 scan never needs a full float copy.
+    Done in slabs of slices, so a 512×512×600 scan never needs a full float copy. An integer scan (the usual
+    case) is summed exactly in int32 as one strided view per offset within the block, which is several times
+    faster than NumPy's sum over three interleaved axes.
     """
     fz, fy, fx = factors
     nz, ny, nx = (n // f for n, f in zip(image.shape, factors))
@@ -28,11 +29,15 @@ def block_mean(image: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     slab = max(1, 32 // fz)
     for start in range(0, nz, slab):
         stop = min(nz, start + slab)
-        block = np.clip(image[start * fz : stop * fz, : ny * fy, : nx * fx], _AIR_HU, 3071.0)
+        region = image[start * fz : stop * fz, : ny * fy, : nx * fx]
         if integral:
-            block = block.astype(np.int16, copy=False)
-        blocks = block.reshape(stop - start, fz, ny, fy, nx, fx)
-        total = blocks.sum(axis=(1, 3, 5), dtype=np.int32 if integral else np.float64)
+            block = np.clip(region.astype(np.int32), int(_AIR_HU), 3071)
+            total = np.zeros((stop - start, ny, nx), dtype=np.int32)
+            for offset in np.ndindex(fz, fy, fx):
+                total += block[offset[0]::fz, offset[1]::fy, offset[2]::fx]
+        else:
+            block = np.clip(region, _AIR_HU, 3071.0).reshape(stop - start, fz, ny, fy, nx, fx)
+            total = block.sum(axis=(1, 3, 5), dtype=np.float64)
         out[start:stop] = total / float(fz * fy * fx)
     return out
 
@@ -71,12 +76,12 @@ def refine(
         lung = filled == side
         if not lung.any():
             continue
-        core = ndimage.binary_erosion(lung, border_value=1)  # the scan's edge is not the lung's edge
+        core = erode(lung, border_value=1)  # the scan's edge is not the lung's edge
         inner[core] = side
-        band[ndimage.binary_dilation(lung) & ~core & (band == 0) & ((filled == 0) | lung)] = side
+        band[dilate(lung) & ~core & (band == 0) & ((filled == 0) | lung)] = side
         # Filled, not aerated, and thicker than the one-voxel partial-volume rim of every lung.
         added = lung & (sides != side)
-        lesion |= lung & ~core & (ndimage.binary_opening(added, IN_PLANE) | ~ndimage.binary_dilation(sides == side))
+        lesion |= lung & ~core & (opening(added, IN_PLANE) | ~dilate(sides == side))
     # One coarse code per voxel, so a single upsampling carries all three maps.
     code = inner + 3 * band + 9 * lesion.astype(np.uint8)
     full_box = tuple(

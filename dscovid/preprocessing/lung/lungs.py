@@ -8,7 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from dscovid.errors import DscovidError
-from dscovid.preprocessing.lung.morphology import IN_PLANE, bounding_box, components, fill_holes_per_slice
+from dscovid.preprocessing.lung.morphology import IN_PLANE, bounding_box, components, erode, fill_holes_per_slice
 from dscovid.preprocessing.lung.settings import LEFT_LUNG, RIGHT_LUNG, LungMaskSettings
 
 log = logging.getLogger(__name__)
@@ -32,21 +32,23 @@ def airway(air: np.ndarray, body: np.ndarray, spacing: np.ndarray, settings: Lun
     pixel_mm2 = spacing[1] * spacing[2]
     max_pixels = settings.airway_max_area_mm2 / pixel_mm2
     max_offset = settings.airway_max_offset_mm / spacing[2]
-    candidates = np.zeros_like(air)
-    slices_with_air = np.flatnonzero(air.any(axis=(1, 2)))
-    if slices_with_air.size == 0:
-        return candidates
-    for z in slices_with_air:
-        body_columns = np.flatnonzero(body[z].any(axis=0))
-        mid_x = 0.5 * (body_columns[0] + body_columns[-1])
-        labels, sizes = components(air[z])
-        small = np.flatnonzero((sizes <= max_pixels) & (sizes > 0))
-        small = small[small > 0]
-        if small.size == 0:
-            continue
-        centres_x = np.asarray(ndimage.center_of_mass(air[z], labels, small))[:, 1]
-        near = small[np.abs(centres_x - mid_x) <= max_offset]
-        candidates[z] = np.isin(labels, near)
+    if not air.any():
+        return np.zeros_like(air)
+    # The axial air pieces of every slice in one labelling (in-plane connectivity), each with its size, slice and
+    # centre; a piece is a candidate when small and near the mid-line of its slice's body.
+    labels, sizes = components(air, IN_PLANE)
+    z, y, x = np.nonzero(labels)
+    piece = labels[z, y, x]
+    centres_x = np.bincount(piece, weights=x, minlength=sizes.size) / np.maximum(sizes, 1)
+    piece_z = np.zeros(sizes.size, dtype=int)
+    piece_z[piece] = z
+    columns = body.any(axis=1)  # (Z, X): the body's columns per slice
+    first = np.argmax(columns, axis=1)
+    last = columns.shape[1] - 1 - np.argmax(columns[:, ::-1], axis=1)
+    mid_x = 0.5 * (first + last)
+    near = (sizes <= max_pixels) & (np.abs(centres_x - mid_x[piece_z]) <= max_offset)
+    near[0] = False
+    candidates = near[labels]
 
     # The top of the air region is its largest component's top (canonical axis 0 runs upward).
     air_labels, sizes = components(air)
@@ -131,7 +133,7 @@ def _split_if_both_sides(lung: np.ndarray, mid_x: float, spacing: np.ndarray) ->
     inside = lung[box]
     core = inside
     for erosions in range(1, 9):
-        core = ndimage.binary_erosion(core, IN_PLANE)
+        core = erode(core, IN_PLANE)
         labels, sizes = components(core)
         sizes[0] = 0
         if len(sizes) < 3:

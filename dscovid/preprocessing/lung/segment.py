@@ -46,13 +46,12 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from dscovid.errors import DscovidError
 from dscovid.preprocessing.lung.filling import fill_chest_wall_gaps, fill_costal_dents, fill_enclosed_blobs, fill_lesions
 from dscovid.preprocessing.lung.grid import block_mean, refine
 from dscovid.preprocessing.lung.lungs import airway, body_mask, pick_lungs
-from dscovid.preprocessing.lung.morphology import IN_PLANE
+from dscovid.preprocessing.lung.morphology import IN_PLANE, opening
 from dscovid.preprocessing.lung.settings import LEFT_LUNG, RIGHT_LUNG, LungMaskSettings
 from dscovid.preprocessing.orientation import from_canonical, reorientation_of, to_canonical
 
@@ -120,7 +119,7 @@ def segment_lung_sides(
     sides = pick_lungs(air, body, coarse_spacing, settings)
     # Lesions are denser than fat; mediastinal and pericardial fat next to the lungs is what filling must not take.
     # The opening drops the one-voxel rim where lesion and aerated lung average to fat-like values.
-    fat = ndimage.binary_opening((coarse > settings.fat_hu[0]) & (coarse < settings.fat_hu[1]), IN_PLANE)
+    fat = opening((coarse > settings.fat_hu[0]) & (coarse < settings.fat_hu[1]), IN_PLANE)
     filled = fill_lesions(sides, body & ~fat, coarse_spacing, settings)
     filled, hulls = fill_costal_dents(filled, body & ~fat, coarse_spacing, settings)
     blobs = fill_enclosed_blobs(filled, hulls, body & ~fat, settings)
