@@ -75,6 +75,24 @@ def test_plr_matches_brute_force_erosion_with_anisotropic_spacing():
     assert findings.peripheral_lesion_ratio(lesion, lung, spacing, 3.5) == pytest.approx(expected[3])
 
 
+def test_plr_of_small_lesions_deep_in_a_large_lung_matches_brute_force():
+    """Small lesions far from each other: the distances are taken in a window around each slice's lesions, whose
+    edges lie inside the lung; the counts must still be those of the erosion over the whole slice."""
+    rng = np.random.default_rng(3)
+    zz, yy, xx = np.mgrid[0:8, 0:90, 0:80]
+    lung = ((yy - 45) / 42.0) ** 2 + ((xx - 40) / 38.0) ** 2 < 1.0
+    lung[:, 40:50, 10:14] = False  # a vessel-like hole inside the lung
+    lesion = np.zeros_like(lung)
+    for _ in range(12):
+        z, y, x = rng.integers(0, 8), rng.integers(3, 87), rng.integers(3, 77)
+        lesion[z, y - 2 : y + 2, x - 2 : x + 3] = True
+    spacing = (2.0, 0.8, 0.65)
+    thicknesses = [0.5, 2.0, 4.0, 9.0]
+    expected = [_brute_force_plr(lesion, lung, spacing, t) for t in thicknesses]
+    assert 0.0 < expected[-1] < 1.0
+    assert findings.peripheral_lesion_ratios(lesion, lung, spacing, thicknesses) == pytest.approx(expected)
+
+
 def test_plr_is_nan_without_lesion_and_zero_without_lung():
     lung = np.ones((3, 8, 8), dtype=bool)
     assert np.isnan(findings.peripheral_lesion_ratio(np.zeros_like(lung), lung, (1, 1, 1), 5.0))

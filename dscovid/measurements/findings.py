@@ -193,10 +193,18 @@ def peripheral_lesion_ratios(
     # pixel onto that ring never increases its distance to a pixel inside.
     rows = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, lung.shape[1]))
     cols = slice(max(box[2].start - 1, 0), min(box[2].stop + 1, lung.shape[2]))
+    # Only whether a lesion pixel lies within the largest σ of non-lung matters, so each slice's distances are taken
+    # in the box of its lesion pixels grown by more than that σ: the non-lung ring the padding puts around a box
+    # cut inside the lung is farther than σ from every lesion pixel, and changes no comparison.
+    reach = np.ceil(thresholds.max(initial=0.0) / spacing[1:]).astype(int) + 1
     for z in np.flatnonzero(np.any(inside, axis=(1, 2))):
-        lung_slice = np.pad(lung[z, rows, cols], 1)
+        lesion_slice = inside[z, rows, cols]
+        ys, xs = np.flatnonzero(lesion_slice.any(axis=1)), np.flatnonzero(lesion_slice.any(axis=0))
+        window = (slice(max(ys[0] - reach[0], 0), ys[-1] + 1 + reach[0]),
+                  slice(max(xs[0] - reach[1], 0), xs[-1] + 1 + reach[1]))
+        lung_slice = np.pad(lung[z, rows, cols][window], 1)
         distance = ndimage.distance_transform_edt(lung_slice, sampling=spacing[1:])[1:-1, 1:-1]
-        lesion_distances = distance[inside[z, rows, cols]]
+        lesion_distances = distance[lesion_slice[window]]
         # The erosion by a closed disk of radius σ keeps exactly the pixels farther than σ from every non-lung pixel.
         in_rim += np.count_nonzero(lesion_distances[None, :] <= thresholds[:, None], axis=1)
     return in_rim / float(total)
