@@ -15,6 +15,7 @@ COMMANDS = {
     "dscovid_predict": "dscovid.cli.predict:main",
     "dscovid_evaluate": "dscovid.cli.evaluate:main",
     "dscovid_cv_summary": "dscovid.cli.cv_summary:main",
+    "dscovid_find_postprocessing": "dscovid.cli.find_postprocessing:main",
     "dscovid_analyze": "dscovid.cli.analyze:main",
     "dscovid_convert": "dscovid.cli.convert:main",
     "dscovid_demo": "dscovid.cli.demo:main",

@@ -104,11 +104,12 @@ MODELS = {
     "stage1": Model("default after stage 1 (no joint stage)", "DeepSCCOVIDTrainer", stage_checkpoint(1)),
     "plain": Model("plain cascade (none of the paper's parts)", "PlainCascadeTrainer"),
     "noCrossStitch": Model("without cross-stitch", "DeepSCCOVIDTrainer_noCrossStitch"),
+    "crossStitch": Model("with the paper's cross-stitch unit", "DeepSCCOVIDTrainer_crossStitch"),
     "noTaskAware": Model("without task-aware loss", "DeepSCCOVIDTrainer_noTaskAware"),
     "convStem": Model("plain convolution instead of inception", "DeepSCCOVIDTrainer_convStem"),
     "inceptionStem": Model("with the paper's inception stem", "DeepSCCOVIDTrainer_inceptionStem"),
     "taskAware": Model("with the paper's task-aware loss", "DeepSCCOVIDTrainer_taskAware"),
-    "paperParts": Model("with both (the paper's network and loss)", "DeepSCCOVIDTrainer_paperParts"),
+    "paperParts": Model("with all three (the paper's network and loss)", "DeepSCCOVIDTrainer_paperParts"),
     "noFindings": Model("without findings head", "DeepSCCOVIDTrainer_noFindings"),
     "lastSideOutput": Model("without the fusion of the coarse side outputs", "DeepSCCOVIDTrainer_lastSideOutput"),
     "detachLesionMap": Model("without the classification gradient into Ŝ", "DeepSCCOVIDTrainer_detachLesionMap"),
@@ -186,7 +187,8 @@ def ensure_predictions(roots: Roots, work: Path, run: str, model_dir: Path, chec
         return summary_file
     started = time.perf_counter()
     predict_cases(model_dir=model_dir, inputs=roots.raw / dataset / "imagesTr", output_dir=out_dir, folds=["0"],
-                  device=device, checkpoint_name=checkpoint, num_workers=processes, progress=False, overwrite=True)
+                  device=device, checkpoint_name=checkpoint, num_workers=processes, progress=False, overwrite=True,
+                  min_lesion_ml=0.0)  # the network as it is: no model folder's post-processing
     evaluate_folder(out_dir, roots.raw / dataset, summary_file, plots=False, num_processes=processes)
     print(f"[predict] {run} on {evaluation_set}: {time.perf_counter() - started:.0f} s", flush=True)
     return summary_file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +22,17 @@ from dscovid.plans.presets import preset_configuration
 
 # Tests share two cores with everything else on the machine; one thread keeps them predictable.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Undo a command's ``logging.basicConfig`` (run_command) after each test: its handler writes to the test's
+    captured stderr, which is closed once the test ends."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
@@ -45,14 +57,14 @@ TINY_VOLUME = (40, 64, 48)
 #: The paper's parts that 3d_cpu leaves out (inception stem, task-aware loss) are on: the model tests cover the
 #: paper's network, which 3d_paper trains.
 _TINY_NETWORK = {"segmentation_widths": [8, 16, 32], "classification_widths": [8, 16, 32], "findings_head": False,
-                 "stem": "inception"}
+                 "stem": "inception", "cross_stitch": True}
 _TINY_LOSS = {"lambda_ta": 10.0}
 
 
 def tiny_configuration(network: dict | None = None, loss: dict | None = None, patch=TINY_PATCH, grid=TINY_GRID,
                        class_weights=(1.0, 2.0, 0.5)) -> Configuration:
-    """The shipped 3d_cpu preset with narrower widths, no findings head, the paper's inception stem and task-aware
-    loss, a tiny patch and grid, unequal class weights, and the given ``network`` and ``training.loss`` keys changed
+    """The shipped 3d_cpu preset with narrower widths, no findings head, the paper's inception stem, cross-stitch unit
+    and task-aware loss, a tiny patch and grid, unequal class weights, and the given ``network`` and ``training.loss`` keys changed
     (validated as any configuration)."""
     overrides = {"segmentation.patch_size_zyx": list(patch), "classification.grid_zyx": list(grid),
                  "training.class_weights": list(class_weights)}

@@ -47,6 +47,7 @@ from dscovid.prediction.inputs import (
 )
 from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM
 from dscovid.prediction.output_folder import claim_folder, rebuild_predictions, run_identity
+from dscovid.prediction.postprocessing import model_postprocessing
 from dscovid.results.checkpoint import FINAL
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def predict_cases(
     num_parts: int = 1,
     part_id: int = 0,
     accept_implausible: bool = False,
-    min_lesion_ml: float = 0.0,
+    min_lesion_ml: float | None = None,
 ) -> dict:
     """Predict every case of ``inputs`` into ``output_dir`` (the function behind ``dscovid_predict``).
 
@@ -119,8 +120,9 @@ def predict_cases(
         K jobs share one input folder and one output folder.
     accept_implausible : predict scans the plausibility rule refuses (:mod:`dscovid.io.plausibility`), flagged,
         instead of failing them.
-    min_lesion_ml : drop predicted lesion components smaller than this volume in ml (0: keep all; docs/evaluation.md,
-        post-processing).
+    min_lesion_ml : drop predicted lesion components smaller than this volume in ml (0: keep all); None: the volume
+        the model folder's ``postprocessing.json`` chose for these checkpoints, else 0
+        (:mod:`dscovid.prediction.postprocessing`; docs/evaluation.md, post-processing).
 
     Returns
     -------
@@ -146,7 +148,7 @@ def predict_cases(
         raise DscovidError(f"{model.model_dir}: holds configuration {model.configuration_name!r}, not {configuration!r}")
     if step_fraction is not None and not 0.0 < float(step_fraction) <= 1.0:
         raise DscovidError(f"the sliding-window step must be in (0, 1], got {step_fraction}")
-    if not min_lesion_ml >= 0:  # NaN too
+    if min_lesion_ml is not None and not min_lesion_ml >= 0:  # NaN too
         raise DscovidError(f"the minimum lesion volume must be 0 or more ml, got {min_lesion_ml}")
     every_case = find_scans(inputs)
     # Name problems over all parts (each part refuses the same duplicates); keyed by object: an input given twice
@@ -159,6 +161,7 @@ def predict_cases(
     output_dir = check_output_folder(output_dir, input_paths)
     settings = model.inference
     step_used = float(step_fraction if step_fraction is not None else settings.step_fraction)
+    min_lesion_ml = model_postprocessing(model) if min_lesion_ml is None else float(min_lesion_ml)
     identity = run_identity(model, step_used, peripheral_thickness_mm, min_lesion_ml)
     claim_folder(output_dir, identity, overwrite)
 

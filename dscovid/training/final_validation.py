@@ -47,7 +47,7 @@ def validate_fold(
     log.info("Final validation: predicting %d held-out cases into %s", len(images), out_dir)
     predictions = predict_cases(model_dir=fold_dir.parent, inputs=images, output_dir=out_dir,
                                 folds=[fold_dir.name.removeprefix("fold_")], configuration=configuration,
-                                device=device, progress=False)
+                                device=device, progress=False, min_lesion_ml=0.0)
     for failure in predictions.get("failed", []):
         log.warning("Final validation: %s could not be predicted: %s", failure["case"], failure["reason"])
     summary = evaluate_folder(out_dir, raw_dir, out_dir / "summary.json", cases=val_cases)
