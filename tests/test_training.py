@@ -94,9 +94,10 @@ def test_two_stage_training_learns_and_writes_the_results_folder(tmp_path):
     assert after["seg"] < before["seg"] and after["cls"] < before["cls"], (before, after)
 
 
-def _trainer(tmp_path, **loss_overrides) -> DeepSCCOVIDTrainer:
+def _trainer(tmp_path, network: dict | None = None, **loss_overrides) -> DeepSCCOVIDTrainer:
     plans = make_plans("Dataset900_Tiny")
     plans["configurations"]["3d_cpu"]["training"]["loss"].update(loss_overrides)
+    plans["configurations"]["3d_cpu"]["network"].update(network or {})
     dataset_dir = make_cache(tmp_path / "pre", n_cases=4, plans=plans)
     cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
     plans = Plans.from_dict(plans)
@@ -133,12 +134,14 @@ def test_findings_head_learns_at_its_own_rate_in_both_stages(tmp_path):
     assert "findings" in terms and trainer.network.findings_head.linear.weight.grad is not None
 
 
+@pytest.mark.parametrize("cross_stitch", [False, True])
 @pytest.mark.parametrize("silenced", ["seg", "cls"])
-def test_stage_one_routes_each_loss_to_its_own_part(tmp_path, silenced):
+def test_stage_one_routes_each_loss_to_its_own_part(tmp_path, silenced, cross_stitch):
     """Stage 1 pre-trains the parts separately: a task's loss must not move the other task's part (the findings
-    head's own cross-entropy belongs to the classification task, with the head)."""
+    head's own cross-entropy belongs to the classification task, with the head); with and without the cross-stitch
+    unit (3d_paper has it, 3d_cpu not)."""
     silence = {"seg": ("lambda_seg",), "cls": ("lambda_cls", "lambda_findings")}[silenced]
-    trainer = _trainer(tmp_path, **dict.fromkeys(silence, 0.0))
+    trainer = _trainer(tmp_path, {"cross_stitch": cross_stitch}, **dict.fromkeys(silence, 0.0))
     assert trainer.step_mode(trainer.stages[0]) == "separate"
     batch = _fixed_batch(tmp_path / "pre" / "Dataset900_Tiny")
     trainer.optimizer.zero_grad(set_to_none=False)
@@ -149,8 +152,9 @@ def test_stage_one_routes_each_loss_to_its_own_part(tmp_path, silenced):
     assert all(float(g.abs().sum()) == 0 for n, g in grads.items() if n.startswith(quiet))
     assert sum(float(g.abs().sum()) > 0 for n, g in grads.items() if n.startswith(active)) > 5
     # both rows of the cross-stitch are covered by exactly one part
-    assert {n for n in grads if n.startswith("cross_stitch")} == {
-        "cross_stitch.w_seg1", "cross_stitch.w_cls2", "cross_stitch.w_seg2", "cross_stitch.w_cls1"}
+    assert {n for n in grads if n.startswith("cross_stitch")} == ({
+        "cross_stitch.w_seg1", "cross_stitch.w_cls2", "cross_stitch.w_seg2", "cross_stitch.w_cls1"} if cross_stitch
+        else set())
 
 
 def test_joint_stage_backpropagates_task_aware_loss_into_both_parts(tmp_path):
@@ -183,7 +187,7 @@ def test_deterministic_seed_gives_identical_weights(tmp_path, nondeterministic_a
 
 @pytest.mark.parametrize("name, tasks", [("SegmentationTrainer", "segmentation"),
                                          ("ClassificationTrainer", "classification"),
-                                         ("DeepSCCOVIDTrainer_noCrossStitch", "joint"),
+                                         ("DeepSCCOVIDTrainer_crossStitch", "joint"),
                                          ("DeepSCCOVIDTrainer_findings", "joint")])
 def test_single_task_and_ablation_trainers_train(tmp_path, name, tasks):
     make_cache(tmp_path / "pre", n_cases=10, plans=make_plans("Dataset900_Tiny", epochs=(1, 1), iterations=2))
@@ -193,9 +197,9 @@ def test_single_task_and_ablation_trainers_train(tmp_path, name, tasks):
     assert state["configuration"]["network"]["tasks"] == tasks
     saved = json.loads((result.fold_dir / "plans.json").read_text(encoding="utf-8"))
     assert saved["configurations"]["3d_cpu"]["network"]["tasks"] == tasks  # what the predictor will rebuild
-    if name.endswith("noCrossStitch"):
-        assert not any(k.startswith("cross_stitch") for k in state["network_weights"])
-        assert saved["configurations"]["3d_cpu"]["network"]["cross_stitch"] is False
+    stitched = any(k.startswith("cross_stitch") for k in state["network_weights"])
+    assert stitched == name.endswith("crossStitch")  # 3d_cpu has none; the variant puts it back
+    assert saved["configurations"]["3d_cpu"]["network"]["cross_stitch"] is stitched
     if name.endswith("findings"):
         # Trained in both stages (stage 1 counts it with the classification part).
         assert int(state["network_weights"]["findings_head.updates"]) == 4
@@ -207,10 +211,12 @@ def test_registry_and_ablation_overrides():
         get_trainer("Nope")
     base = Configuration.from_dict("3d_cpu", make_plans("x")["configurations"]["3d_cpu"])
     assert TRAINERS["DeepSCCOVIDTrainer_lambdaTA100"].effective_configuration(base).training.loss.lambda_ta == 100
-    assert base.network.stem == "conv" and base.training.loss.lambda_ta == 0  # 3d_cpu drops the two parts
+    # 3d_cpu drops the three parts
+    assert base.network.stem == "conv" and base.training.loss.lambda_ta == 0 and not base.network.cross_stitch
     assert TRAINERS["DeepSCCOVIDTrainer_inceptionStem"].effective_configuration(base).network.stem == "inception"
     paper = TRAINERS["DeepSCCOVIDTrainer_paperParts"].effective_configuration(base)
-    assert (paper.network.stem, paper.training.loss.lambda_ta) == ("inception", 10)
+    assert (paper.network.stem, paper.training.loss.lambda_ta, paper.network.cross_stitch) == ("inception", 10, True)
+    assert TRAINERS["DeepSCCOVIDTrainer_crossStitch"].effective_configuration(base).network.cross_stitch
     assert TRAINERS["DeepSCCOVIDTrainer_taskAware"].effective_configuration(base).network.stem == "conv"
     assert base.network.stem == "conv" and base.training.loss.lambda_ta == 0  # the plans are not changed in place
 

@@ -8,18 +8,20 @@ trainer                                                paper
 =====================================================  ===========================================================
 ``DeepSCCOVIDTrainer``                                 DeepSC-COVID (two stages: separate pre-training, joint
                                                        fine-tuning with equation 11); the parts the configuration
-                                                       holds: ``3d_paper`` has the paper's inception stem and
-                                                       λ_ta = 10, ``3d_cpu`` a plain stem and λ_ta = 0
+                                                       holds: ``3d_paper`` has the paper's inception stem,
+                                                       λ_ta = 10 and cross-stitch, ``3d_cpu`` a plain stem,
+                                                       λ_ta = 0 and no cross-stitch
 ``SegmentationTrainer``                                Table II "DeepSC-COVID w/o Cls." (lesion subnet alone)
 ``ClassificationTrainer``                              Table II "DeepSC-COVID w/o Seg." (classifier alone)
 ``DeepSCCOVIDTrainer_noCrossStitch``                   Fig. 8: without the cross-stitch unit
+``DeepSCCOVIDTrainer_crossStitch``                     the cross-stitch unit, whatever the configuration says
 ``DeepSCCOVIDTrainer_convStem``                        Fig. 8: plain convolution instead of the inception block
 ``DeepSCCOVIDTrainer_noTaskAware``                     λ_ta = 0 (supplementary ablation)
 ``DeepSCCOVIDTrainer_inceptionStem``                   the paper's inception stem, whatever the configuration says
 ``DeepSCCOVIDTrainer_taskAware``                       the paper's task-aware loss (λ_ta = 10), whatever the
                                                        configuration says
-``DeepSCCOVIDTrainer_paperParts``                      both: the paper's network and loss on any configuration
-                                                       (``3d_cpu`` as it was before it dropped them)
+``DeepSCCOVIDTrainer_paperParts``                      all three: the paper's network and loss on any
+                                                       configuration (``3d_cpu`` as it was before it dropped them)
 ``DeepSCCOVIDTrainer_lambdaTA1``/``_lambdaTA100``      λ_ta = 1 / 100 (supplementary ablation)
 ``DeepSCCOVIDTrainer_singleScaleTaskAware``            Table III: task-aware loss on one scale only
 ``DeepSCCOVIDTrainer_lastSideOutput``                  the lesion map from the full-resolution side output alone
@@ -74,6 +76,10 @@ class DeepSCCOVIDTrainer_noCrossStitch(DeepSCCOVIDTrainer):  # noqa: N801 - nnU-
     overrides = {"network.cross_stitch": False}
 
 
+class DeepSCCOVIDTrainer_crossStitch(DeepSCCOVIDTrainer):  # noqa: N801
+    overrides = {"network.cross_stitch": True}
+
+
 class DeepSCCOVIDTrainer_convStem(DeepSCCOVIDTrainer):  # noqa: N801
     overrides = {"network.stem": "conv"}
 
@@ -91,9 +97,10 @@ class DeepSCCOVIDTrainer_taskAware(DeepSCCOVIDTrainer):  # noqa: N801
 
 
 class DeepSCCOVIDTrainer_paperParts(DeepSCCOVIDTrainer):  # noqa: N801
-    """The paper's inception stem and task-aware loss (λ_ta = 10) on any configuration."""
+    """The paper's inception stem, task-aware loss (λ_ta = 10) and cross-stitch unit on any configuration."""
 
-    overrides = {**DeepSCCOVIDTrainer_inceptionStem.overrides, **DeepSCCOVIDTrainer_taskAware.overrides}
+    overrides = {**DeepSCCOVIDTrainer_inceptionStem.overrides, **DeepSCCOVIDTrainer_taskAware.overrides,
+                 **DeepSCCOVIDTrainer_crossStitch.overrides}
 
 
 class DeepSCCOVIDTrainer_lambdaTA1(DeepSCCOVIDTrainer):  # noqa: N801
@@ -190,6 +197,7 @@ TRAINERS: dict[str, type[Trainer]] = {
         SegmentationTrainer,
         ClassificationTrainer,
         DeepSCCOVIDTrainer_noCrossStitch,
+        DeepSCCOVIDTrainer_crossStitch,
         DeepSCCOVIDTrainer_convStem,
         DeepSCCOVIDTrainer_noTaskAware,
         DeepSCCOVIDTrainer_inceptionStem,
