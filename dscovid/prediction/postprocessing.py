@@ -254,7 +254,8 @@ def model_postprocessing(model: TrainedModel) -> float:
     for fold in model.folds:
         file = trained_fold_dir(model.model_dir, fold, model.checkpoint_name) / model.checkpoint_name
         if digests.get(fold) != checkpoint_digest(file):
-            log.warning("%s: chosen for other weights than %s (retrained?); no post-processing applied (run "
+            log.warning("%s: chosen for other weights than %s (a fold retrained, or not among those it was chosen "
+                        "on); no post-processing applied (run "
                         "dscovid_find_postprocessing again)", path, file)
             return 0.0
     if not volume >= 0:
