@@ -6,7 +6,8 @@ volume it applies what ``--min-lesion-ml`` would (:func:`dscovid.prediction.expo
 26-connected components below the volume are dropped); it also tries emptying the mask of every case the classifier
 calls non-pneumonia. It prints, per rule, the mean lesion Dice over the cases with a
 reference lesion (paired to no post-processing, 95 % bootstrap interval), and how many reference-empty cases keep
-a false alarm. Nothing in the prediction folder is changed.
+a false alarm. Each case is scored by :func:`dscovid.prediction.postprocessing.score_case`, what
+``dscovid_find_postprocessing`` measures. Nothing in the prediction folder is changed.
 
 Examples::
 
@@ -19,37 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from dscovid.evaluation.intervals import bootstrap_interval, paired_bootstrap
-from dscovid.io.image_io import read_mask
-from dscovid.prediction.export import drop_small_lesions
+from dscovid.parallel import map_cases
+from dscovid.prediction.postprocessing import CaseJob, score_case
 
 NON_PNEUMONIA = "non_pneumonia"
-
-
-def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    total = int(prediction.sum()) + int(reference.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(prediction, reference).sum()) / total
-
-
-def case_rows(args: tuple[Path, Path, tuple[float, ...], bool]) -> dict:
-    """Dice and the kept voxel count of one case under each minimum volume (ml), and with the mask emptied."""
-    prediction_file, reference_file, thresholds, empty_it = args
-    reference, geometry = read_mask(reference_file)
-    prediction, _ = read_mask(prediction_file, geometry)
-    prediction, reference = prediction > 0, reference > 0
-    row = {"reference_voxels": int(reference.sum()), "voxel_ml": float(np.prod(geometry.spacing_zyx_mm)) / 1000.0,
-           "dice": {}, "kept_voxels": {}}
-    for threshold in thresholds:
-        kept = drop_small_lesions(prediction.copy(), geometry.spacing_zyx_mm, threshold)
-        row["dice"][threshold] = _dice(kept, reference)
-        row["kept_voxels"][threshold] = int(kept.sum())
-    row["dice_emptied"] = _dice(np.zeros_like(reference), reference) if empty_it else row["dice"][thresholds[0]]
-    return row
 
 
 def main() -> None:
@@ -65,16 +44,16 @@ def main() -> None:
     predicted = json.loads((args.pred / "predictions.json").read_text(encoding="utf-8"))
     entries = {entry["case"]: entry for entry in predicted["cases"]}
     cases = sorted(entries)
-    jobs = [(args.pred / f"{case}.nii.gz", args.ref / "labelsTr" / f"{case}.nii.gz", thresholds,
-             entries[case].get("predicted_class") == NON_PNEUMONIA) for case in cases]
-    with ProcessPoolExecutor(args.processes) as pool:
-        rows = dict(zip(cases, pool.map(case_rows, jobs)))
+    jobs = [CaseJob(case, args.pred / f"{case}.nii.gz", args.ref / "labelsTr" / f"{case}.nii.gz", thresholds)
+            for case in cases]
+    rows = dict(zip(cases, map_cases(score_case, jobs, args.processes, progress=False)))
     if args.output:
         args.output.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    called_non_pneumonia = {c for c in cases if entries[c].get("predicted_class") == NON_PNEUMONIA}
 
-    lesion = [c for c in cases if rows[c]["reference_voxels"] > 0]
-    empty = [c for c in cases if rows[c]["reference_voxels"] == 0]
-    base = np.array([rows[c]["dice"][0.0] for c in lesion])
+    lesion = [c for c in cases if rows[c]["reference_ml"] > 0]
+    empty = [c for c in cases if rows[c]["reference_ml"] == 0]
+    base = np.array([rows[c]["dice"][0] for c in lesion])
     print(f"{len(cases)} cases: {len(lesion)} with a reference lesion, {len(empty)} without")
     print("| rule | lesion Dice (%) | − none (paired) | reference-empty cases with a false alarm |")
     print("|---|---|---|---|")
@@ -85,16 +64,17 @@ def main() -> None:
         print(f"| {name} | {100 * mean:.1f} ({100 * low:.1f}-{100 * high:.1f}) | {100 * diff:+.1f} "
               f"({100 * dlow:+.1f} to {100 * dhigh:+.1f}) | {alarms} of {len(empty)} |")
 
-    for threshold in thresholds:
-        dice = np.array([rows[c]["dice"][threshold] for c in lesion])
-        alarms = sum(rows[c]["kept_voxels"][threshold] > 0 for c in empty)
+    for k, threshold in enumerate(thresholds):
+        dice = np.array([rows[c]["dice"][k] for c in lesion])
+        alarms = sum(rows[c]["kept_ml"][k] > 0 for c in empty)
         line("none" if threshold == 0 else f"--min-lesion-ml {threshold:g}", dice, alarms)
-    volumes = sorted(rows[c]["kept_voxels"][0.0] * rows[c]["voxel_ml"] for c in empty)
+    volumes = sorted(rows[c]["kept_ml"][0] for c in empty)
     if volumes:
         print(f"false-alarm volume on the reference-empty cases: median {np.median(volumes):.2f} ml, "
               f"largest {volumes[-1]:.2f} ml")
-    emptied = np.array([rows[c]["dice_emptied"] for c in lesion])
-    alarms = sum(rows[c]["kept_voxels"][0.0] > 0 and not jobs[cases.index(c)][3] for c in empty)
+    # An emptied mask scores 0 on a case with a reference lesion.
+    emptied = np.array([0.0 if c in called_non_pneumonia else rows[c]["dice"][0] for c in lesion])
+    alarms = sum(rows[c]["kept_ml"][0] > 0 and c not in called_non_pneumonia for c in empty)
     line("empty the mask when the class is non-pneumonia", emptied, alarms)
 
 

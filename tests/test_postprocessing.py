@@ -238,4 +238,6 @@ def test_predictions_that_cannot_choose_are_refused_in_one_line(validated, tmp_p
     assert len(error) == 1 and "without post-processing" in error[0]
     assert find_main(["-m", str(other), "--reference", str(raw)]) == 1
     assert "no fold has a final validation" in capsys.readouterr().err
+    assert find_main(["-m", str(model_dir), "--reference", str(raw), "--candidates", "nan"]) == 1
+    assert "candidate volumes must be 0 or more ml, got nan" in capsys.readouterr().err
     assert not (other / POSTPROCESSING_FILE).exists()

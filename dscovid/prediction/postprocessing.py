@@ -186,9 +186,10 @@ def find_postprocessing(
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise DscovidError(f"{model_dir}: model folder not found")
+    bad = [c for c in candidates_ml if not float(c) >= 0]  # NaN too
+    if bad:
+        raise DscovidError(f"candidate volumes must be 0 or more ml, got {bad[0]}")
     candidates = tuple(sorted({float(c) for c in candidates_ml} | {0.0}))
-    if candidates[0] < 0:
-        raise DscovidError(f"candidate volumes must be 0 or more ml, got {candidates[0]}")
     if predictions:
         folders = [Path(folder) for folder in predictions]
         source = "prediction folders"

@@ -62,10 +62,10 @@ def erode(mask: np.ndarray, structure: np.ndarray = CROSS_3D, iterations: int = 
           border_value: int = 0) -> np.ndarray:
     """``ndimage.binary_erosion(mask, structure, iterations, border_value=border_value)`` for a 3×3×3 step."""
     out = np.asarray(mask, dtype=bool)
+    through = _step_parts(structure)[1]
     for _ in range(iterations):
         out = _combine(out, structure, np.logical_and)
         if not border_value:  # outside the array is background: the faces the structure reaches across are eroded
-            square, through = _step_parts(structure)
             out[:, [0, -1]] = False
             out[:, :, [0, -1]] = False
             if through:
