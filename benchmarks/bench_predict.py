@@ -102,10 +102,10 @@ def _run_configuration(args: dict, queue) -> None:
     from monai.inferers import sliding_window_inference
     from untrained_model import save_untrained_model
 
-    from dscovid.inference.engine import _autocast
     from dscovid.inference.model_loading import load_trained_model
     from dscovid.inference.sliding_window import plan_tiles, sliding_window_predict
     from dscovid.io.scans import Scan
+    from dscovid.model.precision import autocast
     from dscovid.planning.planner import plan_experiment
     from dscovid.prediction.inputs import load_case
     from dscovid.prediction.predict import predict_cases
@@ -129,6 +129,7 @@ def _run_configuration(args: dict, queue) -> None:
         step_fraction=args["step"],
         progress=False,
         overwrite=True,
+        mirroring=args["mirroring"],
     )
     wall = time.perf_counter() - start
     rss_predict = _rss_gb()
@@ -144,14 +145,15 @@ def _run_configuration(args: dict, queue) -> None:
         start = time.perf_counter()
         folder_summary = predict_cases(model=model, inputs=args["folder"], output_dir=work / f"out_folder_{name}",
                                        device=device, step_fraction=args["step"], progress=False, overwrite=True,
-                                       num_workers=args["workers"])
+                                       num_workers=args["workers"], mirroring=args["mirroring"])
         seconds = time.perf_counter() - start
         if folder_summary["failed"]:
             raise RuntimeError(f"prediction failed: {folder_summary['failed']}")
         folder = {"scans": count, "workers": args["workers"], "wall_s": seconds, "s_per_scan": seconds / count,
                   "scans_per_hour": 3600.0 * count / seconds, "peak_rss_gb": _rss_gb()}
     if not args["peers"]:
-        queue.put({"configuration": name, "device": str(device), "scan_shape_zyx": list(_scan_shape(args["scan"])),
+        queue.put({"configuration": name, "device": str(device), "precision": summary["precision"],
+                   "mirror_axes": summary["mirror_axes"], "scan_shape_zyx": list(_scan_shape(args["scan"])),
                    "timing_s": entry["timing_s"], "wall_s": wall, "tiles": entry["tiles"],
                    "peak_rss_gb_predict": rss_predict, "peak_gpu_gb_predict": gpu_predict, "folder": folder})
         return
@@ -164,18 +166,18 @@ def _run_configuration(args: dict, queue) -> None:
     step = args["step"] or settings.step_fraction
     batch = settings.batch_size
     cls_t = torch.from_numpy(loaded.cls_image)[None, None].to(device)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         i_cls = network.encode_classification(cls_t)
     volume = torch.from_numpy(loaded.image)[None].to(device)
 
     def ours_fn(x, boxes, shape=tuple(loaded.image.shape)):
-        with _autocast(device):
+        with autocast(device):
             return network.segment_patches(x, boxes, shape, i_cls).lesion_probability.float()
 
     def monai_fn_for(shape):
         def monai_fn(x, slices):
             boxes = torch.tensor([[[s.start for s in sl[-3:]], list(patch)] for sl in slices])
-            with _autocast(device):
+            with autocast(device):
                 return network.segment_patches(x, boxes, shape, i_cls).lesion_probability.float()
 
         return monai_fn
@@ -240,6 +242,8 @@ def _run_configuration(args: dict, queue) -> None:
         {
             "configuration": name,
             "device": str(device),
+            "precision": summary["precision"],
+            "mirror_axes": summary["mirror_axes"],
             "scan_shape_zyx": list(loaded.image_hu.shape),
             "preprocessed_shape_zyx": list(loaded.image.shape),
             "whole_scan_at_target_spacing_zyx": list(whole.shape),
@@ -278,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="the small grid instead of 512×512 (quick check)")
     parser.add_argument("--step", type=float, default=None, help="sliding-window step (default: the plans')")
+    parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (dscovid_predict's flag)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--slices", type=int, default=None,
                         help="crop or edge-pad the scan to this many slices (e.g. 400: peak memory of a long scan)")
@@ -332,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             "scan": str(scan),
             "fingerprint": fingerprint,
             "step": args.step,
+            "mirroring": not args.disable_tta,
             "peers": not args.no_peers,
             "folder": str(folder) if folder else None,
             "workers": args.workers,
@@ -346,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for r in results:
         t = r["timing_s"]
-        print(f"\n== {r['configuration']} on {r['device']}: scan {r['scan_shape_zyx']}")
+        print(f"\n== {r['configuration']} on {r['device']} ({r.get('precision')}, mirror axes {r.get('mirror_axes')}): "
+              f"scan {r['scan_shape_zyx']}")
         print(
             f"seconds per scan: read {t['read']:.2f}  preprocess {t['preprocess']:.2f}  network {t['network']:.2f}"
             f"  export {t['export']:.2f}  (wall {r['wall_s']:.2f}); peak CPU resident {r['peak_rss_gb_predict']:.2f} GB"

@@ -38,6 +38,7 @@ from dscovid.measurements.findings import (
 )
 from dscovid.measurements.severity import severity_score
 from dscovid.model.findings_head import FEATURE_NAMES
+from dscovid.model.precision import precision_name
 from dscovid.prediction.export import drop_small_lesions, export_case
 from dscovid.prediction.inputs import load_case
 from dscovid.prediction.predict import predict_cases
@@ -314,6 +315,30 @@ def test_output_of_another_model_is_refused_unless_overwrite(model_dir, oblique_
     # Another sliding-window step changes the predictions: not mixed either.
     with pytest.raises(DscovidError, match="another model or setting"):
         predict_cases(model_dir, inputs, target, folds=["1"], device="cpu", progress=False, step_fraction=1.0)
+
+
+def test_disable_tta_runs_each_fold_once_and_is_not_mixed_with_mirrored_runs(model_dir, oblique_run, tmp_path):
+    """``--disable-tta`` writes the unmirrored network's probability, records the axes it used, and a folder of
+    mirrored predictions is not extended with it."""
+    _, mirrored_output, _, inputs = oblique_run
+    mirrored = json.loads((mirrored_output / "predictions.json").read_text(encoding="utf-8"))
+    assert mirrored["mirror_axes"] == [2] and mirrored["precision"] == precision_name("cpu")
+    target = tmp_path / "once"
+    status = predict_main(["-i", str(inputs), "-o", str(target), "-m", str(model_dir), "-q", "--device", "cpu",
+                           "--disable-tta", "--save-probabilities"])
+    assert status == 0
+    summary = json.loads((target / "predictions.json").read_text(encoding="utf-8"))
+    assert summary["mirror_axes"] == [] and summary["mirroring"] is False
+    model = load_trained_model(model_dir)
+    loaded = load_case(Scan("oblique", inputs / "oblique_0000.nii.gz"), model.preprocessing)
+    once = run_networks(model, loaded.image, loaded.region_preprocessed, loaded.cls_image, mirror_axes=[])
+    expected = restore_to_original(once.lesion_probability, loaded.properties, is_mask=False)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(target / "oblique_lesion_prob.nii.gz")))
+    np.testing.assert_allclose(written, expected, atol=1e-6)
+    both = sitk.GetArrayFromImage(sitk.ReadImage(str(mirrored_output / "oblique_lesion_prob.nii.gz")))
+    assert not np.allclose(written, both, atol=1e-3)
+    with pytest.raises(DscovidError, match="another model or setting .*mirroring False"):
+        predict_cases(model_dir, inputs, target, device="cpu", progress=False)
 
 
 def test_test_time_mirroring_averages_the_flipped_pass_flipped_back(model_dir):

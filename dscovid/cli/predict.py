@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step", type=float, default=None,
                         help="sliding-window step as a fraction of the patch: 1.0 no overlap (paper), 0.5 half "
                         "(default: the configuration's)")
+    parser.add_argument("--disable-tta", action="store_true",
+                        help="no test-time mirroring: each fold runs once (half the network time, for a slow device)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <case>_lesion_prob.nii.gz and <case>_lung.nii.gz")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
@@ -93,6 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         part_id=args.part_id,
         accept_implausible=args.accept_implausible,
         min_lesion_ml=args.min_lesion_ml,
+        mirroring=not args.disable_tta,
     )
     from dscovid.io.scans import find_scans
     from dscovid.prediction.inputs import select_part

@@ -13,7 +13,6 @@ context it caches (:mod:`dscovid.training.lesion_context`).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from dscovid.inference.sliding_window import plan_tiles, sliding_window_predict
 from dscovid.model.findings_head import FEATURE_NAMES as FINDINGS_NAMES
 from dscovid.model.findings_head import lesion_findings
 from dscovid.model.geometry import stitch_boxes
+from dscovid.model.precision import autocast
 from dscovid.preprocessing.resampling import resample_to_grid
 
 
@@ -49,12 +49,6 @@ class NetworkOutput:
     tiles_total: int
     findings_term: np.ndarray | None = None
     findings: dict[str, float] | None = None
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 @dataclass
@@ -96,12 +90,12 @@ def segment_scan(
     cross = bool(getattr(network, "uses_cross_stitch", False))
     i_cls = None
     if network.has_classification:
-        with torch.no_grad(), _autocast(device):
+        with torch.no_grad(), autocast(device):
             i_cls = network.encode_classification(cls_image)
     stitched: list = [None]
 
     def predict_fn(batch: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        with _autocast(device):
+        with autocast(device):
             result = network.segment_patches(
                 batch, boxes if cross else None, shape if cross else None, i_cls if cross else None
             )
@@ -181,7 +175,7 @@ def run_networks(
                 probability_sum += torch.flip(probability, flip) if flip else probability
             else:
                 probability, stitched = torch.zeros(shape, dtype=torch.float32, device=accumulate_on), None
-                with torch.no_grad(), _autocast(device):
+                with torch.no_grad(), autocast(device):
                     i_cls = network.encode_classification(cls_t)
             cross = bool(getattr(network, "uses_cross_stitch", False))
 
@@ -195,7 +189,7 @@ def run_networks(
                     total, weight = stitched
                     seg_on_grid = total / weight.clamp(min=1e-6)
                     coverage = weight.clamp(max=1.0)
-                with torch.no_grad(), _autocast(device):
+                with torch.no_grad(), autocast(device):
                     logits, evidence, term = network.classify_parts(i_cls, lesion_on_grid, seg_on_grid, coverage, cls_t)
                     if term is not None:
                         logits = logits + term

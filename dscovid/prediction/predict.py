@@ -37,6 +37,7 @@ from dscovid.inference.model_loading import TrainedModel, load_trained_model
 from dscovid.io.scans import Scan, case_name_problems, find_scans
 from dscovid.io.shared_output import check_output_folder, has_result, write_failure, write_result
 from dscovid.io.strict_json import json_safe
+from dscovid.model.precision import precision_name
 from dscovid.parallel import process_pool, progress_bar
 from dscovid.prediction.dicom_export import DicomExport, refuse_non_dicom
 from dscovid.prediction.export import LESION_THRESHOLD, export_case
@@ -94,6 +95,7 @@ def predict_cases(
     part_id: int = 0,
     accept_implausible: bool = False,
     min_lesion_ml: float | None = None,
+    mirroring: bool = True,
 ) -> dict:
     """Predict every case of ``inputs`` into ``output_dir`` (the function behind ``dscovid_predict``).
 
@@ -123,6 +125,8 @@ def predict_cases(
     min_lesion_ml : drop predicted lesion components smaller than this volume in ml (0: keep all); None: the volume
         the model folder's ``postprocessing.json`` chose for these checkpoints, else 0
         (:mod:`dscovid.prediction.postprocessing`; docs/evaluation.md, post-processing).
+    mirroring : the test-time mirroring along the configuration's ``inference.mirror_axes``; False runs each fold
+        once (half the network time, for a slow device).
 
     Returns
     -------
@@ -140,6 +144,10 @@ def predict_cases(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DscovidError("--device cuda was asked for, but no CUDA device is available")
+    try:
+        precision = precision_name(device)
+    except ValueError as error:
+        raise DscovidError(str(error)) from None
     if model is None:
         if model_dir is None:
             raise DscovidError("no model given: pass a model folder (-m) or a dataset (-d)")
@@ -162,7 +170,7 @@ def predict_cases(
     settings = model.inference
     step_used = float(step_fraction if step_fraction is not None else settings.step_fraction)
     min_lesion_ml = model_postprocessing(model) if min_lesion_ml is None else float(min_lesion_ml)
-    identity = run_identity(model, step_used, peripheral_thickness_mm, min_lesion_ml)
+    identity = run_identity(model, step_used, peripheral_thickness_mm, min_lesion_ml, mirroring)
     claim_folder(output_dir, identity, overwrite)
 
     done = 0
@@ -254,7 +262,7 @@ def predict_cases(
             try:
                 start = time.perf_counter()
                 output = run_networks(model, loaded.image, loaded.region_preprocessed, loaded.cls_image,
-                                      step_fraction=step_fraction)
+                                      step_fraction=step_fraction, mirror_axes=None if mirroring else [])
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 timing = dict(loaded.timing_s, network=time.perf_counter() - start)
@@ -283,7 +291,9 @@ def predict_cases(
         "dataset": model.plans.dataset_name,
         "class_names": list(class_names),
         "weighting": settings.weighting,
+        "mirror_axes": [int(axis) for axis in settings.mirror_axes] if mirroring else [],
         "device": str(device),
+        "precision": precision,
         "lesion_threshold": LESION_THRESHOLD,
         "min_lesion_ml": float(min_lesion_ml),
     }

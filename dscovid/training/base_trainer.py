@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dscovid.errors import DscovidError
 from dscovid.model import build_loss, build_network
 from dscovid.model.network import MODULE_GROUPS
+from dscovid.model.precision import autocast, autocast_dtype
 from dscovid.plans.configuration import Configuration, Plans, StageConfig
 from dscovid.results.checkpoint import (
     BEST,
@@ -104,7 +105,12 @@ class Trainer:
         self.lesion_context, self._unused_notes = self.make_lesion_context()
         self.findings_lr_scale = training.findings_head_lr_scale
         self.loss = build_loss(self.configuration)
-        self.use_amp = self.device.type == "cuda"
+        # float16 on CUDA needs the gradient scaler; bfloat16 (a CPU with native bfloat16) has float32's range.
+        try:
+            self.autocast_dtype = autocast_dtype(self.device)
+        except ValueError as error:
+            raise DscovidError(str(error)) from None
+        self.use_amp = self.autocast_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.history = History()
         self.epoch = 0  # the next epoch to run (= epochs finished)
@@ -169,8 +175,9 @@ class Trainer:
         self.val_loader = build_loader(val_cases, self.batch_size, patch, spacing, self.oversample,
                                        AugmentationSettings.none(), stream + 1, 1 if s.num_workers >= 2 else 0,
                                        context.folder)
-        log.info("%s on %s, fold folder %s: %d training / %d validation cases, batch %d x %d process(es), "
-                 "%d epochs in %d stage(s)", self.name, self.device, self.output_dir, len(s.train_cases),
+        precision = "float32" if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
+        log.info("%s on %s (%s), fold folder %s: %d training / %d validation cases, batch %d x %d process(es), "
+                 "%d epochs in %d stage(s)", self.name, self.device, precision, self.output_dir, len(s.train_cases),
                  len(s.val_cases), self.batch_size, self.context.world_size, self.total_epochs, len(self.stages))
 
     def augmentation(self) -> AugmentationSettings:
@@ -243,7 +250,7 @@ class Trainer:
         }
 
     def forward(self, inputs: dict):
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+        with autocast(self.device):
             return self.model(seg_patch=inputs["seg_patch"], patch_box=inputs["patch_box"],
                               volume_shape=inputs["volume_shape"], cls_image=inputs["cls_image"],
                               lesion_context=inputs["lesion_context"])

@@ -1,0 +1,97 @@
+"""The network's precision per device: the rule, the switch, and bfloat16 on the CPU against float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_fake_model
+
+from dscovid.inference.engine import run_networks
+from dscovid.inference.model_loading import load_trained_model
+from dscovid.model import build_loss, build_network, precision
+from dscovid.plans.presets import preset_configuration
+
+needs_bfloat16 = pytest.mark.skipif(not precision.cpu_has_native_bfloat16(),
+                                    reason="this CPU has no native bfloat16 (AMX or AVX-512 BF16)")
+
+
+def test_the_rule_per_device(monkeypatch):
+    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    assert precision.autocast_dtype("cuda") == torch.float16
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: True)
+    assert precision.autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: False)
+    assert precision.autocast_dtype("cpu") is None  # emulated bfloat16 would be slower than float32
+    assert isinstance(precision.autocast("cpu"), type(precision.contextlib.nullcontext()))
+
+
+def test_the_environment_switch(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setenv(precision.PRECISION_ENV, "Float32")
+    assert precision.autocast_dtype("cpu") is None and precision.autocast_dtype("cuda") is None
+    monkeypatch.setenv(precision.PRECISION_ENV, "auto")
+    assert precision.autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv(precision.PRECISION_ENV, "half")
+    with pytest.raises(ValueError, match="DSCOVID_PRECISION='half': must be one of auto, float32"):
+        precision.autocast_dtype("cpu")
+
+
+@needs_bfloat16
+def test_a_bfloat16_training_step_reaches_every_parameter_with_float32_losses(monkeypatch):
+    """Under CPU autocast the convolutions compute in bfloat16, the loss terms stay float32, every parameter gets a
+    finite gradient in float32, and the gradients point where float32's do."""
+    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    configuration = preset_configuration("3d_cpu", (1.0, 1.0, 1.0))
+    torch.manual_seed(0)
+    network = build_network(configuration)
+    loss_fn = build_loss(configuration)
+    patch, grid = list(configuration.segmentation.patch_size_zyx), list(configuration.classification.grid_zyx)
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "seg_patch": torch.rand(2, 1, *patch, generator=generator),
+        "patch_box": torch.tensor([[[p // 2 for p in patch], patch]] * 2),
+        "volume_shape": torch.tensor([[3 * p for p in patch]] * 2),
+        "cls_image": torch.rand(2, 1, *grid, generator=generator),
+        "lesion_context": torch.zeros(2, 1, *grid),
+    }
+    target = (torch.rand(2, 1, *patch, generator=generator) > 0.9).float()
+    labels = torch.tensor([0, 1])
+
+    def gradients(dtype):
+        network.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            outputs = network(**inputs)
+            result = loss_fn(outputs, target, labels)
+        if dtype is not None:
+            assert outputs.lesion_logits.dtype == torch.bfloat16
+        assert result.total.dtype == torch.float32
+        result.total.backward()
+        return {name: p.grad.clone() for name, p in network.named_parameters() if p.grad is not None}
+
+    reference, reduced = gradients(None), gradients(torch.bfloat16)
+    assert reduced.keys() == reference.keys()
+    for name, grad in reduced.items():
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+    flat_ref = torch.cat([g.flatten() for g in reference.values()])
+    flat_bf = torch.cat([reduced[k].flatten() for k in reference])
+    assert torch.nn.functional.cosine_similarity(flat_ref, flat_bf, dim=0) > 0.95  # 8-bit mantissa: ~0.99
+
+
+@needs_bfloat16
+def test_bfloat16_prediction_is_float32s_within_a_few_thousandths(tmp_path, monkeypatch):
+    """The whole engine (tiles, cross-stitch, classifier, evidence) in bfloat16 gives float32's outputs closely."""
+    model = load_trained_model(save_fake_model(tmp_path, folds=(0,)))
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(24, 64, 64)).astype(np.float32)
+    region = np.zeros(image.shape, np.uint8)
+    region[2:20, 8:56, 6:58] = 1
+    cls_image = rng.random((32, 64, 64), dtype=np.float32)
+    monkeypatch.setenv(precision.PRECISION_ENV, "float32")
+    exact = run_networks(model, image, region, cls_image)
+    monkeypatch.setenv(precision.PRECISION_ENV, "auto")
+    reduced = run_networks(model, image, region, cls_image)
+    assert not np.array_equal(exact.lesion_probability, reduced.lesion_probability)  # it did run in bfloat16
+    np.testing.assert_allclose(reduced.lesion_probability, exact.lesion_probability, atol=0.02)
+    np.testing.assert_allclose(reduced.class_probabilities, exact.class_probabilities, atol=0.02)
+    np.testing.assert_allclose(reduced.evidence, exact.evidence, atol=0.05)
