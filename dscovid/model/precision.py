@@ -47,10 +47,14 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     return None
 
 
-def precision_name(device: torch.device | str) -> str:
-    """``float32``, ``bfloat16`` or ``float16``: what the network computes in on ``device`` (for the records)."""
-    dtype = autocast_dtype(device)
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``float32`` for None (no autocast), else the dtype's name: ``bfloat16``, ``float16``."""
     return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def precision_name(device: torch.device | str) -> str:
+    """What the network computes in on ``device`` (for the records)."""
+    return dtype_name(autocast_dtype(device))
 
 
 def autocast(device: torch.device | str):

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dscovid.errors import DscovidError
 from dscovid.model import build_loss, build_network
 from dscovid.model.network import MODULE_GROUPS
-from dscovid.model.precision import autocast, autocast_dtype
+from dscovid.model.precision import autocast, autocast_dtype, dtype_name
 from dscovid.plans.configuration import Configuration, Plans, StageConfig
 from dscovid.results.checkpoint import (
     BEST,
@@ -175,10 +175,10 @@ class Trainer:
         self.val_loader = build_loader(val_cases, self.batch_size, patch, spacing, self.oversample,
                                        AugmentationSettings.none(), stream + 1, 1 if s.num_workers >= 2 else 0,
                                        context.folder)
-        precision = "float32" if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
         log.info("%s on %s (%s), fold folder %s: %d training / %d validation cases, batch %d x %d process(es), "
-                 "%d epochs in %d stage(s)", self.name, self.device, precision, self.output_dir, len(s.train_cases),
-                 len(s.val_cases), self.batch_size, self.context.world_size, self.total_epochs, len(self.stages))
+                 "%d epochs in %d stage(s)", self.name, self.device, dtype_name(self.autocast_dtype), self.output_dir,
+                 len(s.train_cases), len(s.val_cases), self.batch_size, self.context.world_size, self.total_epochs,
+                 len(self.stages))
 
     def augmentation(self) -> AugmentationSettings:
         """The training augmentation (a hook: a variant may return other settings)."""
