@@ -57,6 +57,7 @@ from dscovid.evaluation.evaluate import evaluate_folder
 from dscovid.evaluation.intervals import bootstrap_interval, paired_bootstrap, wilson_interval
 from dscovid.evaluation.metrics import roc_auc
 from dscovid.io.dataset import write_json_atomic
+from dscovid.model.precision import precision_name
 from dscovid.prediction.predict import predict_cases
 from dscovid.results.checkpoint import FINAL, stage_checkpoint
 from dscovid.roots import Roots
@@ -173,7 +174,8 @@ def ensure_model(roots: Roots, train_set: str, model: Model, configuration: str,
     logging.getLogger("dscovid").setLevel(logging.WARNING)
     record = {"trainer": model.trainer, "configuration": configuration, "training_set": train_set,
               "epochs_scale": epochs_scale, "seed": seed,
-              "training_s": time.perf_counter() - started, "threads": torch.get_num_threads()}
+              "training_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
+              "precision": precision_name(device)}
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from bench_accuracy import CONFIGURATION, MODELS, case_table, dataset_name, figures, paired
+from bench_accuracy import CONFIGURATION, MODELS, _fmt, case_table, dataset_name, figures, paired
 
 from dscovid.evaluation.evaluate import evaluate_folder
 from dscovid.evaluation.intervals import bootstrap_interval
@@ -33,14 +33,16 @@ from dscovid.training.run import model_folder
 CLASS_NAMES = ["covid", "cap", "non_pneumonia"]
 
 
-def predict(model_dir: Path, images: Path, out_dir: Path, reference: Path, choice: str, processes: int) -> float:
+def predict(model_dir: Path, checkpoint: str, images: Path, out_dir: Path, reference: Path, choice: str,
+            processes: int) -> float:
     """Predict and evaluate with ``DSCOVID_PRECISION=choice``; returns the wall seconds."""
     previous = os.environ.get(PRECISION_ENV)
     os.environ[PRECISION_ENV] = choice
     try:
         started = time.perf_counter()
         predict_cases(model_dir=model_dir, inputs=images, output_dir=out_dir, folds=["0"], device="cpu",
-                      num_workers=processes, progress=False, overwrite=True, min_lesion_ml=0.0)
+                      checkpoint_name=checkpoint, num_workers=processes, progress=False, overwrite=True,
+                      min_lesion_ml=0.0)
         seconds = time.perf_counter() - started
     finally:
         if previous is None:
@@ -49,6 +51,11 @@ def predict(model_dir: Path, images: Path, out_dir: Path, reference: Path, choic
             os.environ[PRECISION_ENV] = previous
     evaluate_folder(out_dir, reference, out_dir / "summary.json", plots=False, num_processes=processes)
     return seconds
+
+
+def _fmt_diff_fine(value: tuple | None) -> str:
+    """A paired difference in points with two decimals (the precisions differ by hundredths)."""
+    return "–" if not value else f"{100 * value[0]:+.2f} ({100 * value[1]:+.2f} to {100 * value[2]:+.2f})"
 
 
 def mask_agreement(first: Path, second: Path, cases: list[str]) -> np.ndarray:
@@ -88,7 +95,8 @@ def main() -> None:
     folders, walls = {}, {}
     for choice, name in (("float32", "float32"), ("auto", automatic)):
         folders[name] = base / "precision" / args.set / f"{args.run}@{name}"
-        walls[name] = predict(model_dir, reference / "imagesTr", folders[name], reference, choice, args.processes)
+        walls[name] = predict(model_dir, model.checkpoint, reference / "imagesTr", folders[name], reference, choice,
+                              args.processes)
     tables = {name: case_table(folder / "summary.json", CLASS_NAMES) for name, folder in folders.items()}
     cases = sorted(tables["float32"])
     agreement = mask_agreement(folders["float32"], folders[automatic], cases)
@@ -102,15 +110,8 @@ def main() -> None:
     for name, table in tables.items():
         row = figures(table)
         diff = paired(table, tables["float32"]) if name != "float32" else {}
-
-        def fmt(value, scale=100.0):
-            return "–" if not value else f"{scale * value[0]:.1f} ({scale * value[1]:.1f}-{scale * value[2]:.1f})"
-
-        def fmt_diff(value):
-            return "–" if not value else f"{100 * value[0]:+.2f} ({100 * value[1]:+.2f} to {100 * value[2]:+.2f})"
-
-        print(f"| {name} | {fmt(row.get('dice'))} | {fmt(row.get('accuracy'))} | {fmt(row.get('macro_auc'))} | "
-              f"{fmt_diff(diff.get('dice'))} | {fmt_diff(diff.get('accuracy'))} | "
+        print(f"| {name} | {_fmt(row.get('dice'))} | {_fmt(row.get('accuracy'))} | {_fmt(row.get('macro_auc'))} | "
+              f"{_fmt_diff_fine(diff.get('dice'))} | {_fmt_diff_fine(diff.get('accuracy'))} | "
               f"{network_seconds(folders[name]):.3f} | {walls[name]:.0f} s |")
     low, high = bootstrap_interval(agreement)
     print(f"\nmasks of the two precisions against each other: mean Dice {100 * agreement.mean():.2f} "

@@ -7,10 +7,12 @@ import pytest
 import torch
 from conftest import save_fake_model
 
+from dscovid.errors import DscovidError
 from dscovid.inference.engine import run_networks
 from dscovid.inference.model_loading import load_trained_model
 from dscovid.model import build_loss, build_network, precision
 from dscovid.plans.presets import preset_configuration
+from dscovid.prediction.predict import predict_cases
 
 needs_bfloat16 = pytest.mark.skipif(not precision.cpu_has_native_bfloat16(),
                                     reason="this CPU has no native bfloat16 (AMX or AVX-512 BF16)")
@@ -95,3 +97,13 @@ def test_bfloat16_prediction_is_float32s_within_a_few_thousandths(tmp_path, monk
     np.testing.assert_allclose(reduced.lesion_probability, exact.lesion_probability, atol=0.02)
     np.testing.assert_allclose(reduced.class_probabilities, exact.class_probabilities, atol=0.02)
     np.testing.assert_allclose(reduced.evidence, exact.evidence, atol=0.05)
+
+
+def test_a_bad_setting_is_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    model_dir = save_fake_model(tmp_path / "results", folds=(0,))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    monkeypatch.setenv(precision.PRECISION_ENV, "fp8")
+    with pytest.raises(DscovidError, match="^DSCOVID_PRECISION='fp8': must be one of auto, float32$"):
+        predict_cases(model_dir, inputs, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()

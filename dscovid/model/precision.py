@@ -13,6 +13,7 @@ to compare); ``auto``, the default, is the rule above.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -29,6 +30,7 @@ def precision_choice() -> str:
     return choice
 
 
+@functools.cache
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX-512 BF16)."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")

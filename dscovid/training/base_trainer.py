@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dscovid.errors import DscovidError
 from dscovid.model import build_loss, build_network
 from dscovid.model.network import MODULE_GROUPS
-from dscovid.model.precision import autocast, autocast_dtype, dtype_name
+from dscovid.model.precision import autocast_dtype, dtype_name
 from dscovid.plans.configuration import Configuration, Plans, StageConfig
 from dscovid.results.checkpoint import (
     BEST,
@@ -93,6 +93,11 @@ class Trainer:
         self.setup = setup
         self.configuration = setup.configuration
         self.device = setup.device
+        # float16 on CUDA needs the gradient scaler; bfloat16 (a CPU with native bfloat16) has float32's range.
+        try:
+            self.autocast_dtype = autocast_dtype(self.device)
+        except ValueError as error:
+            raise DscovidError(str(error)) from None
         self.context = setup.context
         self.output_dir = Path(setup.output_dir)
         training = self.configuration.training
@@ -105,11 +110,6 @@ class Trainer:
         self.lesion_context, self._unused_notes = self.make_lesion_context()
         self.findings_lr_scale = training.findings_head_lr_scale
         self.loss = build_loss(self.configuration)
-        # float16 on CUDA needs the gradient scaler; bfloat16 (a CPU with native bfloat16) has float32's range.
-        try:
-            self.autocast_dtype = autocast_dtype(self.device)
-        except ValueError as error:
-            raise DscovidError(str(error)) from None
         self.use_amp = self.autocast_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.history = History()
@@ -250,7 +250,7 @@ class Trainer:
         }
 
     def forward(self, inputs: dict):
-        with autocast(self.device):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.model(seg_patch=inputs["seg_patch"], patch_box=inputs["patch_box"],
                               volume_shape=inputs["volume_shape"], cls_image=inputs["cls_image"],
                               lesion_context=inputs["lesion_context"])
