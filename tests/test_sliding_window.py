@@ -197,7 +197,8 @@ def test_fitted_starts_cover_the_range_evenly_and_stay_inside_the_axis():
 
 @pytest.mark.parametrize("step_fraction", [1.0, 0.5])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_region_placement_covers_every_masked_voxel_with_fewer_tiles(step_fraction, seed):
+@pytest.mark.parametrize("bridged", [False, True])
+def test_region_placement_covers_every_masked_voxel_with_fewer_tiles(step_fraction, seed, bridged):
     rng = np.random.default_rng(seed)
     shape = (int(rng.integers(10, 40)), int(rng.integers(20, 60)), int(rng.integers(30, 80)))
     mask = np.zeros(shape, bool)
@@ -205,6 +206,9 @@ def test_region_placement_covers_every_masked_voxel_with_fewer_tiles(step_fracti
         corner = [int(rng.integers(0, s - 3)) for s in shape]
         size = [int(rng.integers(2, max(3, s // 3))) for s in shape]
         mask[tuple(slice(c, c + n) for c, n in zip(corner, size))] = True
+    if bridged:  # a thin strip across that joins them, as a margin joins the lungs: the pieces come from erosion
+        row = int(rng.integers(0, shape[1] - 2))
+        mask[:, row : row + 2, :] = True
     patch = (6, 16, 16)
     corners = plan_tiles(shape, patch, step_fraction, mask, placement="region")
     covered = np.zeros(shape, bool)
@@ -236,6 +240,24 @@ def test_region_placement_fits_one_tile_per_lung_where_the_grid_needs_more():
     torch.testing.assert_close(result[:, mask], whole[:, mask], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="placement"):
         plan_tiles(shape, patch, 1.0, mask, placement="lungs")
+
+
+def test_region_placement_splits_lungs_that_the_margin_joined():
+    # Two lungs 20 deep, one 10 voxels further back than the other, grown by a margin that meets between them
+    # (a bridge 4 voxels wide): one piece 30 deep and 44 wide, 2 × 2 tiles as one box; eroded, it falls apart
+    # into the two lungs again, one tile each (the bridge goes to the nearer lung, so it is covered too).
+    shape = (12, 40, 48)
+    mask = np.zeros(shape, bool)
+    mask[:, 2:22, 0:21] = True
+    mask[:, 12:32, 25:46] = True
+    mask[:, 14:18, 21:25] = True
+    patch = (12, 24, 24)
+    fitted = plan_tiles(shape, patch, 1.0, mask, placement="region")
+    assert len(fitted) == 2
+    covered = np.zeros(shape, bool)
+    for corner in fitted:
+        covered[tuple(slice(c, c + p) for c, p in zip(corner, patch))] = True
+    assert covered[mask].all()
 
 
 def test_empty_region_gives_zeros_of_the_right_shape():

@@ -12,9 +12,11 @@ with constant weighting) are the same as MONAI's.
 
 ``placement="region"`` fits the tiles to a region mask instead (the lung): slabs of ``pz`` slices over the
 region's z extent, and in each slab tiles laid over the slab's own in-plane extent of the region, or over each of
-its in-plane connected pieces (each lung) when that takes fewer tiles, centred on them. With large patches this
-is what makes the lung restriction pay: the paper's 24×256×256 tiles over a 444-voxel-wide lung box need 2 tiles
-in x everywhere on the volume grid, but one per lung, and one in y wherever the lung is shallower than 256 voxels.
+its in-plane pieces (each lung) when that takes fewer tiles, centred on them. The pieces are the connected ones,
+or, where a margin grown around the lungs joins them into one, the pieces that reappear when the footprint is
+eroded, each voxel given to the nearest. With large patches this is what makes the lung restriction pay: the
+paper's 24×256×256 tiles over a 444-voxel-wide lung box need 2 tiles in x everywhere on the volume grid, but one
+per lung, and one in y wherever the lung (with its margin) is shallower than 256 voxels.
 
 Memory stays bounded: the only full-size tensors are the output accumulator ``(K, Z, Y, X)`` and the
 weight map ``(Z, Y, X)`` (both float32); patches are cut from the image one batch at a time and padding
@@ -85,6 +87,31 @@ def fitted_starts(start: int, stop: int, length: int, patch: int, step: int) -> 
     return sorted({min(max(first + k * step, 0), length - patch) for k in range(count)})
 
 
+#: Erosion depths (in-plane voxels) at which a slab's footprint is tried for pieces that a margin joined.
+SPLIT_DEPTHS = (4, 8, 16, 32, 64)
+
+
+def _piece_labelings(footprint: np.ndarray) -> Iterator[np.ndarray]:
+    """Ways to cut a slab's in-plane footprint into pieces, each a label map over the footprint.
+
+    First its 8-connected pieces. Then, since the region is the lung grown by a margin, which can join the two
+    lungs into one piece across the mediastinum, the pieces that reappear when the footprint is eroded
+    (``SPLIT_DEPTHS``), every footprint voxel given to the nearest of them: the lungs apart again, with their
+    margins. Every labeling labels every footprint voxel, so tiles fitted to its pieces cover the footprint.
+    """
+    connectivity = np.ones((3, 3), dtype=bool)
+    yield ndimage.label(footprint, structure=connectivity)[0]
+    depth = ndimage.distance_transform_cdt(footprint, metric="chessboard")
+    for erosion in SPLIT_DEPTHS:
+        cores, count = ndimage.label(depth > erosion, structure=connectivity)
+        if count < 2:
+            if count == 0:
+                return
+            continue
+        nearest = ndimage.distance_transform_edt(cores == 0, return_distances=False, return_indices=True)
+        yield np.where(footprint, cores[nearest[0], nearest[1]], 0)
+
+
 def _fitted_corners(mask: np.ndarray, patch_size: tuple[int, int, int], step: tuple[int, int, int]):
     """Tile corners fitted to a boolean mask, slab by slab (see the module docstring)."""
     shape_zyx = mask.shape
@@ -96,23 +123,27 @@ def _fitted_corners(mask: np.ndarray, patch_size: tuple[int, int, int], step: tu
         footprint = mask[z : z + patch_size[0]].any(axis=0)
         if not footprint.any():
             continue
-        options = []
-        for pieces in (None, ndimage.label(footprint, structure=np.ones((3, 3), dtype=bool))[0]):
-            boxes = ndimage.find_objects(footprint.astype(np.int32) if pieces is None else pieces)
-            tiles = set()
-            for box in boxes:
-                if box is None:
-                    continue
-                ys = fitted_starts(box[0].start, box[0].stop, shape_zyx[1], patch_size[1], step[1])
-                xs = fitted_starts(box[1].start, box[1].stop, shape_zyx[2], patch_size[2], step[2])
-                tiles.update((y, x) for y in ys for x in xs
-                             if footprint[y : y + patch_size[1], x : x + patch_size[2]].any())
-            options.append(tiles)
-        # One grid over the slab's whole footprint, or one per connected piece (each lung): the fewer tiles.
+        # One grid over the slab's whole footprint, or one per piece (each lung): the fewest tiles.
+        options = [_tiles_over(footprint.astype(np.int32), footprint, shape_zyx, patch_size, step)]
+        options += [_tiles_over(pieces, footprint, shape_zyx, patch_size, step)
+                    for pieces in _piece_labelings(footprint)]
         chosen = min(options, key=len)
         corners.update((z, y, x) for y, x in chosen if mask[z : z + patch_size[0], y : y + patch_size[1],
                                                              x : x + patch_size[2]].any())
     return sorted(corners)
+
+
+def _tiles_over(pieces: np.ndarray, footprint: np.ndarray, shape_zyx: tuple[int, int, int],
+                patch_size: tuple[int, int, int], step: tuple[int, int, int]) -> set[tuple[int, int]]:
+    """In-plane tile corners fitted to each labelled piece's bounding box, keeping those that touch the footprint."""
+    tiles = set()
+    for box in ndimage.find_objects(pieces):
+        if box is None:
+            continue
+        ys = fitted_starts(box[0].start, box[0].stop, shape_zyx[1], patch_size[1], step[1])
+        xs = fitted_starts(box[1].start, box[1].stop, shape_zyx[2], patch_size[2], step[2])
+        tiles.update((y, x) for y in ys for x in xs if footprint[y : y + patch_size[1], x : x + patch_size[2]].any())
+    return tiles
 
 
 def plan_tiles(
