@@ -18,6 +18,9 @@ seeds, ``dscovid_make_synthetic --variant``: a model trained on the default phan
 differently); ``--train-variant NAME`` trains on a variant's training set instead (self-configuration: the planner
 and every stage run on it with no hand change). Such rows are named ``model~NAME``.
 
+``--train-cases N`` trains on N cases of the training seed instead of 60 (the first 60 are the demo's), in its own
+data folders; its rows are named ``modelnN`` and paired to the default model trained on 60.
+
 ``--configuration NAME`` trains and predicts the models with another configuration of the training set's plans;
 ``--preset FILE`` plans it first from a preset file (a copy of ``plans/3d_cpu.json`` with another ``name`` and the
 setting under test). Its rows are named ``model@NAME`` and paired to the default model of ``3d_cpu``.
@@ -65,6 +68,8 @@ from dscovid.training.run import model_folder, run_training
 
 CONFIGURATION = "3d_cpu"
 DEFAULT_VARIANT = "default"
+#: the training set's size (the demo's); another ``--train-cases`` gets its own data folders and run names
+TRAIN_CASES = 60
 #: role → (seed, first case index); the same for every generator variant, so a variant set holds the same patients.
 ROLES = {"train": (0, 0), "dev": (1, 1030), "test": (97, 5000)}
 #: the first dataset number of each variant's three datasets (train, dev, test)
@@ -85,12 +90,13 @@ def set_id(role: str, variant: str) -> str:
 
 
 def run_id(key: str, configuration: str = CONFIGURATION, train_variant: str = DEFAULT_VARIANT,
-           epochs_scale: float = 1.0, seed: int | None = None) -> str:
-    """A trained model's name: ``key``, plus ``@configuration``, ``~training variant``, ``xF`` (epochs scale) and
-    ``sN`` (training seed) where not the defaults."""
+           epochs_scale: float = 1.0, seed: int | None = None, train_cases: int = TRAIN_CASES) -> str:
+    """A trained model's name: ``key``, plus ``@configuration``, ``~training variant``, ``xF`` (epochs scale),
+    ``sN`` (training seed) and ``nN`` (training cases) where not the defaults."""
     return (key + ("" if configuration == CONFIGURATION else f"@{configuration}")
             + ("" if train_variant == DEFAULT_VARIANT else f"~{train_variant}")
-            + ("" if epochs_scale == 1.0 else f"x{epochs_scale:g}") + ("" if seed is None else f"s{seed}"))
+            + ("" if epochs_scale == 1.0 else f"x{epochs_scale:g}") + ("" if seed is None else f"s{seed}")
+            + ("" if train_cases == TRAIN_CASES else f"n{train_cases}"))
 
 
 @dataclass(frozen=True)
@@ -258,12 +264,13 @@ def _fmt_diff(value: tuple | None) -> str:
 
 
 def run_label(key: str, configuration: str = CONFIGURATION, train_variant: str = DEFAULT_VARIANT,
-              epochs_scale: float = 1.0, seed: int | None = None) -> str:
+              epochs_scale: float = 1.0, seed: int | None = None, train_cases: int = TRAIN_CASES) -> str:
     """The table's name of a run (see :func:`run_id`)."""
     return (MODELS[key].label + ("" if configuration == CONFIGURATION else f", {configuration}")
             + ("" if train_variant == DEFAULT_VARIANT else f", trained on {train_variant}")
             + ("" if epochs_scale == 1.0 else f", {epochs_scale:g}x the epochs")
-            + ("" if seed is None else f", training seed {seed}"))
+            + ("" if seed is None else f", training seed {seed}")
+            + ("" if train_cases == TRAIN_CASES else f", {train_cases} training cases"))
 
 
 def report(work: Path, runs: dict[str, str], evaluation_sets: list[str], records: dict[str, dict]) -> dict:
@@ -307,7 +314,8 @@ def main() -> None:
                         help="generator variant of the training set (self-configuration on another dataset)")
     parser.add_argument("--dev-cases", type=int, default=200)
     parser.add_argument("--test-cases", type=int, default=200)
-    parser.add_argument("--train-cases", type=int, default=60)
+    parser.add_argument("--train-cases", type=int, default=TRAIN_CASES,
+                        help="training set size (the same seed: a larger set holds the smaller one's cases)")
     parser.add_argument("-np", "--processes", type=int, default=2, help="processes for data, prediction, evaluation")
     parser.add_argument("--workers", type=int, default=1, help="training loader processes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -326,19 +334,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = args.work.resolve() / ("smoke" if args.smoke else "full")
     roots = Roots(raw=work / "raw", preprocessed=work / "preprocessed", results=work / "results")
+    # Another training-set size lives in its own raw and preprocessed folders (the dataset keeps its name).
+    n_suffix = "" if args.train_cases == TRAIN_CASES else f"_n{args.train_cases}"
+    train_roots = Roots(raw=work / f"raw{n_suffix}", preprocessed=work / f"preprocessed{n_suffix}",
+                        results=roots.results)
     counts = {"dev": args.dev_cases, "test": args.test_cases}
     scale = 0.6 if args.smoke else 1.0
     train_set = dataset_name("train", args.train_variant)
     evaluation_sets = [(set_id(role, variant), role, variant) for variant in args.variants for role in args.sets]
     records: dict[str, dict] = {}
     if not args.report:
-        train_set = ensure_training_set(roots, args.train_variant, args.train_cases, args.processes, scale,
+        train_set = ensure_training_set(train_roots, args.train_variant, args.train_cases, args.processes, scale,
                                         args.configuration, args.preset)
         for _, role, variant in evaluation_sets:
             ensure_dataset(roots, role, variant, counts[role], args.processes, scale)
-    spec = (args.configuration, args.train_variant, args.epochs_scale, args.seed)
+    spec = (args.configuration, args.train_variant, args.epochs_scale, args.seed, args.train_cases)
     runs = {run_id(key, *spec): run_label(key, *spec) for key in args.models}
-    suffix = ("" if args.epochs_scale == 1.0 else f"_x{args.epochs_scale:g}") + ("" if args.seed is None else f"_s{args.seed}")
+    suffix = (("" if args.epochs_scale == 1.0 else f"_x{args.epochs_scale:g}")
+              + ("" if args.seed is None else f"_s{args.seed}") + n_suffix)
     results_root = work / f"results{suffix}"
     for key, run in zip(args.models, list(runs)):
         model = MODELS[key]
@@ -348,7 +361,7 @@ def main() -> None:
             if record_file.exists():
                 records[run] = json.loads(record_file.read_text(encoding="utf-8"))
             continue
-        records[run] = ensure_model(roots, train_set, model, args.configuration, args.device, args.workers, args.smoke,
+        records[run] = ensure_model(train_roots, train_set, model, args.configuration, args.device, args.workers, args.smoke,
                                     args.epochs_scale, results_root, args.seed)
         for evaluation_set, role, variant in evaluation_sets:
             ensure_predictions(roots, work, run, model_dir, model.checkpoint, evaluation_set,
