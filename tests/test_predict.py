@@ -359,6 +359,34 @@ def test_test_time_mirroring_averages_the_flipped_pass_flipped_back(model_dir):
     assert not np.allclose(plain.lesion_probability, both.lesion_probability)
 
 
+@pytest.mark.parametrize("trainer", [TRAINER, "DeepSCCOVIDTrainer_crossStitch"])
+def test_the_channels_last_predictor_gives_the_default_layout_result(trainer, tmp_path, monkeypatch):
+    """On the CPU the loaded folds keep their 5D weights channels-last (faster 3D convolutions); the lesion map and
+    the class probabilities must be those of the same weights in PyTorch's default layout, with and without the
+    cross-stitch (whose stitched stem features feed the classifier)."""
+    from dscovid.planning.planner import plan_experiment
+
+    monkeypatch.setenv("DSCOVID_PRECISION", "float32")  # bfloat16 would round each layout's sums differently
+    plans = plan_experiment(CHEST_FINGERPRINT, "Dataset997_Layout", list(CLASS_NAMES), presets=[CONFIGURATION])
+    model = load_trained_model(save_untrained_model(tmp_path, plans, CONFIGURATION, trainer, (0,), seed=100),
+                               folds=["0"])
+    network = model.networks[0]
+    assert network.uses_cross_stitch == (trainer != TRAINER)
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in network.parameters() if p.dim() == 5)
+    rng = np.random.default_rng(3)
+    image = rng.random((20, 50, 60), dtype=np.float32)
+    region = np.zeros(image.shape, np.uint8)
+    region[3:17, 5:45, 4:50] = 1
+    cls_image = rng.random((32, 64, 64), dtype=np.float32)
+    channels_last = run_networks(model, image, region, cls_image, mirror_axes=[2])
+    network.to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in network.parameters())
+    default = run_networks(model, image, region, cls_image, mirror_axes=[2])
+    assert np.abs(channels_last.lesion_probability - default.lesion_probability).max() < 1e-4
+    np.testing.assert_allclose(channels_last.class_probabilities, default.class_probabilities, atol=1e-5)
+    assert channels_last.lesion_probability.max() > 0.0  # the region was predicted, not left empty
+
+
 def test_model_folder_and_fold_lookup(model_dir):
     results = model_dir.parent.parent
     assert find_model_folder(results, "Dataset999_Fake") == model_dir

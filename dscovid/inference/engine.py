@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dscovid.inference.model_loading import TrainedModel
+from dscovid.inference.model_loading import TrainedModel, inference_memory_format
 from dscovid.inference.sliding_window import plan_tiles, sliding_window_predict
 from dscovid.model.findings_head import FEATURE_NAMES as FINDINGS_NAMES
 from dscovid.model.findings_head import lesion_findings
@@ -94,7 +94,10 @@ def segment_scan(
             i_cls = network.encode_classification(cls_image)
     stitched: list = [None]
 
+    memory_format = inference_memory_format(device)
+
     def predict_fn(batch: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        batch = batch.contiguous(memory_format=memory_format)
         with autocast(device):
             result = network.segment_patches(
                 batch, boxes if cross else None, shape if cross else None, i_cls if cross else None
