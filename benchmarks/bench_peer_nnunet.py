@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -69,17 +68,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_predict import _rss_gb  # peak resident memory of this process (the one that runs the network)
 
 DATASET_ID = 991
 DATASET_NAME = f"Dataset{DATASET_ID}_DscovidPeer"
 CONFIGURATION = "3d_fullres"
 TRAINER = "nnUNetTrainer"
 PLANNERS = ("ExperimentPlanner", "nnUNetPlannerResEncM", "nnUNetPlannerResEncL", "nnUNetPlannerResEncXL")
-
-
-def _rss_gb() -> float:
-    """Peak resident memory of this process in GB (the one that runs the network)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class _TreeMemory(threading.Thread):

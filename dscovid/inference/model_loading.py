@@ -29,8 +29,8 @@ def inference_memory_format(device: torch.device) -> torch.memory_format:
 
     On the CPU, oneDNN's 3D convolutions run faster on channels-last tensors (the channels innermost, ``(N, Z, Y,
     X, C)`` in memory) than on PyTorch's default layout, and the predictor's results are the same within float
-    rounding (``benchmarks/bench_predict.py`` times it, ``tests/test_predict.py`` checks it). On CUDA the default
-    layout stays until it is measured there.
+    rounding (``tests/test_predict.py`` checks it; docs/prediction.md, memory layout, gives the timing). On CUDA the
+    default layout stays until it is measured there.
     """
     return torch.channels_last_3d if torch.device(device).type == "cpu" else torch.contiguous_format
 
