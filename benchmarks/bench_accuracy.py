@@ -121,6 +121,7 @@ MODELS = {
     "lastSideOutput": Model("without the fusion of the coarse side outputs", "DeepSCCOVIDTrainer_lastSideOutput"),
     "detachLesionMap": Model("without the classification gradient into Ŝ", "DeepSCCOVIDTrainer_detachLesionMap"),
     "scannerAug": Model("with other scanners' looks in the augmentation", "DeepSCCOVIDTrainer_scannerAug"),
+    "lesionSampling": Model("with per-lesion sampling of the forced patches", "DeepSCCOVIDTrainer_lesionSampling"),
     "segOnly": Model("segmentation only (w/o Cls.)", "SegmentationTrainer"),
     "clsOnly": Model("classification only (w/o Seg.)", "ClassificationTrainer"),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import make_cache, to_grid
 from scipy.ndimage import affine_transform, gaussian_filter
 
@@ -68,10 +69,12 @@ def test_mirror_moves_box_to_mirrored_position():
     assert np.allclose(out["cls_image"][0], to_grid(np.ascontiguousarray(flipped), (12, 24, 20)), atol=1e-5)
 
 
-def test_loader_batches_in_worker_process(tmp_path):
+@pytest.mark.parametrize("lesion_sampling", ["voxel", "lesion"])
+def test_loader_batches_in_worker_process(tmp_path, lesion_sampling):
     dataset_dir = make_cache(tmp_path, n_cases=6, unannotated=("case_0003",))
     cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
-    loader = build_loader(cases, 2, (8, 16, 16), (2.0, 1.5, 1.5), 0.5, AugmentationSettings(), seed=1, num_workers=1)
+    loader = build_loader(cases, 2, (8, 16, 16), (2.0, 1.5, 1.5), 0.5, AugmentationSettings(), seed=1, num_workers=1,
+                          lesion_sampling=lesion_sampling)
     try:
         batches = [next(loader) for _ in range(12)]
     finally:

@@ -184,6 +184,8 @@ def test_overwrite_target_spacing():
      "configurations.3d_cpu.preprocessing.target_spacing_zyx_mm"),
     (lambda c: c["training"].__setitem__("batch_size", 0), "configurations.3d_cpu.training.batch_size: must be"),
     (lambda c: c["training"].__setitem__("batch_sise", 2), "configurations.3d_cpu.training.batch_sise: unknown key"),
+    (lambda c: c["training"].__setitem__("lesion_sampling", "component"),
+     "configurations.3d_cpu.training.lesion_sampling: must be one of voxel, lesion"),
     (lambda c: c["training"]["stages"][1]["optimizer"].__setitem__("lr", "fast"),
      "configurations.3d_cpu.training.stages[1].optimizer.lr: must be a number"),
     (lambda c: c["network"].__setitem__("stem_chanels", 8), "configurations.3d_cpu.network.stem_chanels"),
@@ -224,12 +226,14 @@ def test_load_plans_names_the_file_and_round_trips(tmp_path, thin_and_thick):
 def test_optional_keys_take_their_defaults_from_the_dataclasses(thin_and_thick):
     data = copy.deepcopy(thin_and_thick[0]["configurations"]["3d_cpu"])
     for section, key in (("preprocessing", "lung_margin_mm"), ("training", "seed"),
-                         ("training", "hard_negative_fraction"), ("inference", "mirror_axes"),
+                         ("training", "hard_negative_fraction"), ("training", "lesion_sampling"),
+                         ("inference", "mirror_axes"),
                          ("inference", "tile_placement")):
         data[section].pop(key, None)
     configuration = Configuration.from_dict("3d_cpu", data)
     assert configuration.preprocessing.lung_margin_mm == 0.0 and configuration.training.seed == 12345
     assert configuration.training.hard_negative_fraction == 0.0
+    assert configuration.training.lesion_sampling == "voxel"
     assert (configuration.inference.mirror_axes, configuration.inference.tile_placement) == ((), "grid")
     assert configuration.to_dict()["inference"]["tile_placement"] == "grid"  # written out for the user to see
 

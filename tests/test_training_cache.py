@@ -9,7 +9,7 @@ from conftest import make_cache
 
 from dscovid.errors import DscovidError
 from dscovid.training.data import list_cache_cases
-from dscovid.training.sampling import choose_start, crop, forced_lesion_flags
+from dscovid.training.sampling import choose_start, crop, forced_lesion_flags, lesion_voxel_groups
 
 
 def test_cache_lists_cases_with_both_files(tmp_path):
@@ -39,3 +39,28 @@ def test_forced_patches_contain_lesion_and_crop_pads_with_zero():
         assert start[0] <= 0 and start[0] + 16 >= 10  # the short axis is covered entirely
     assert forced_lesion_flags(2, 0.33) == [False, True]
     assert forced_lesion_flags(3, 0.0) == [False, False, False]
+
+
+def test_per_lesion_sampling_puts_a_small_lesion_in_as_many_patches_as_a_large_one():
+    # One large lesion (2,400 voxels) and one small (8 voxels), far apart: a patch holds one or the other.
+    volume = np.zeros((12, 60, 60), dtype=np.uint8)
+    volume[2:10, 5:35, 5:15] = 1
+    volume[5:7, 50:52, 50:52] = 1
+    locations = np.argwhere(volume)
+    groups = lesion_voxel_groups(volume, max_voxels=500)
+    assert sorted(len(group) for group in groups) == [8, 500]
+    assert all(volume[tuple(group.T)].all() for group in groups)
+
+    def small_share(lesion_groups, draws=400):
+        rng = np.random.default_rng(1)
+        small = 0
+        for _ in range(draws):
+            start = choose_start(volume.shape, (8, 8, 8), locations, True, rng, lesion_groups)
+            patch = crop(volume, start, (8, 8, 8))
+            assert patch.sum() > 0
+            small += bool(start[1] + 8 > 45)  # reaches the small lesion, so cannot hold the large one
+        return small / draws
+
+    assert small_share(None) < 0.02  # voxel sampling: 8 of 2,408 voxels
+    assert 0.4 < small_share(groups) < 0.6  # per-lesion: one lesion in two
+    assert lesion_voxel_groups(np.zeros((4, 4, 4), dtype=np.uint8)) == []

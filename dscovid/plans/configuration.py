@@ -143,6 +143,9 @@ class TrainingConfig:
     """Fraction of the patches not forced onto a lesion that are centred on a mined false positive."""
     findings_head_lr_scale: float = 1.0
     """The findings head learns at this multiple of the stage's learning rate."""
+    lesion_sampling: str = "voxel"
+    """Where a patch forced onto a lesion lands: ``"voxel"`` on a lesion voxel drawn uniformly (nnU-Net's rule),
+    ``"lesion"`` on a lesion drawn uniformly, then one of its voxels (small lesions as often as large ones)."""
 
     @classmethod
     def from_dict(cls, values: Mapping) -> TrainingConfig:
@@ -157,6 +160,7 @@ class TrainingConfig:
                                                          cls.lesion_context_refresh_epochs)),
             hard_negative_fraction=float(values.get("hard_negative_fraction", cls.hard_negative_fraction)),
             findings_head_lr_scale=float(values.get("findings_head_lr_scale", cls.findings_head_lr_scale)),
+            lesion_sampling=str(values.get("lesion_sampling", cls.lesion_sampling)),
         )
 
     def to_dict(self) -> dict:

@@ -217,7 +217,8 @@ CONFIGURATION_SPEC = _Object(
             },
             optional={"seed": _Number(minimum=0, integer=True), "lesion_context_refresh_epochs": _POSITIVE_INT,
                       "hard_negative_fraction": _FRACTION,
-                      "findings_head_lr_scale": _Number(minimum=0, exclusive_minimum=True)},
+                      "findings_head_lr_scale": _Number(minimum=0, exclusive_minimum=True),
+                      "lesion_sampling": _Str(("voxel", "lesion"))},
         ),
         "inference": _Object(
             required={

@@ -124,6 +124,7 @@ class Trainer:
         self._last_plot = -math.inf
         self.batch_size = max(1, training.batch_size // self.context.world_size)
         self.oversample = training.oversample_foreground
+        self.lesion_sampling = training.lesion_sampling
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
@@ -170,11 +171,12 @@ class Trainer:
         context = self.lesion_context
         self.train_loader = build_loader(s.train_cases, self.batch_size, patch, spacing, self.oversample,
                                          self.augmentation(), stream, s.num_workers, context.folder,
-                                         context.hard_negative_folder, context.hard_negative_fraction)
+                                         context.hard_negative_folder, context.hard_negative_fraction,
+                                         self.lesion_sampling)
         val_cases = s.val_cases or s.train_cases
         self.val_loader = build_loader(val_cases, self.batch_size, patch, spacing, self.oversample,
                                        AugmentationSettings.none(), stream + 1, 1 if s.num_workers >= 2 else 0,
-                                       context.folder)
+                                       context.folder, lesion_sampling=self.lesion_sampling)
         log.info("%s on %s (%s), fold folder %s: %d training / %d validation cases, batch %d x %d process(es), "
                  "%d epochs in %d stage(s)", self.name, self.device, dtype_name(self.autocast_dtype), self.output_dir,
                  len(s.train_cases), len(s.val_cases), self.batch_size, self.context.world_size, self.total_epochs,

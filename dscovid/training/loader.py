@@ -44,7 +44,7 @@ from dscovid.training.augmentation import (
 )
 from dscovid.training.data import CacheCase
 from dscovid.training.lesion_context import read_context, read_hard_negatives
-from dscovid.training.sampling import choose_start, crop, forced_lesion_flags, lesion_start
+from dscovid.training.sampling import choose_start, crop, forced_lesion_flags, lesion_start, lesion_voxel_groups
 
 
 class PatchLoader(DataLoader):
@@ -69,6 +69,9 @@ class PatchLoader(DataLoader):
         there gets it as ``cls_lesion`` instead of its ground truth (re-read each time, so refreshes show up).
     hard_negative_dir, hard_negative_fraction : mined false-positive voxels; that fraction of the patches not
         forced onto a lesion is centred on one of them when the case has any.
+    lesion_sampling : ``"voxel"``: a forced patch is centred on one of the case's sampled lesion voxels (nnU-Net's
+        rule; a lesion's share of the patches grows with its volume); ``"lesion"``: on a lesion (26-connected) chosen
+        uniformly, then one of its voxels (``training.lesion_sampling``).
     """
 
     def __init__(
@@ -84,7 +87,10 @@ class PatchLoader(DataLoader):
         context_dir: Path | None = None,
         hard_negative_dir: Path | None = None,
         hard_negative_fraction: float = 0.0,
+        lesion_sampling: str = "voxel",
     ):
+        if lesion_sampling not in ("voxel", "lesion"):
+            raise ValueError(f"lesion_sampling must be 'voxel' or 'lesion', got {lesion_sampling!r}")
         super().__init__(list(cases), batch_size, num_threads_in_multithreaded=max(num_threads, 1),
                          seed_for_shuffle=seed, infinite=True)
         self.patch_size = tuple(int(s) for s in patch_size_zyx)
@@ -97,6 +103,16 @@ class PatchLoader(DataLoader):
         self.context_dir = context_dir
         self.hard_negative_dir = hard_negative_dir
         self.hard_negative_fraction = float(hard_negative_fraction)
+        self.lesion_sampling = lesion_sampling
+        self._lesion_groups: dict[str, list[np.ndarray]] = {}  # per case, made on first use in each worker
+
+    def lesion_groups(self, case: CacheCase, lesion: np.ndarray) -> list[np.ndarray] | None:
+        """The case's lesions for per-lesion sampling (None with voxel sampling or without annotated lesions)."""
+        if self.lesion_sampling != "lesion" or not case.lesion_annotated or not len(case.lesion_locations_zyx):
+            return None
+        if case.name not in self._lesion_groups:
+            self._lesion_groups[case.name] = lesion_voxel_groups(lesion)
+        return self._lesion_groups[case.name]
 
     def set_thread_id(self, thread_id: int) -> None:
         # Called once inside each background worker: its own stream, reproducible from the run seed.
@@ -117,7 +133,8 @@ class PatchLoader(DataLoader):
             if wrong is not None and len(wrong):  # a patch on the network's own false positives (lesion_context.py)
                 start = lesion_start(shape, self.patch_size, wrong, self.rng)
         if start is None:
-            start = choose_start(shape, self.patch_size, case.lesion_locations_zyx, force_lesion, self.rng)
+            groups = self.lesion_groups(case, arrays["lesion"]) if force_lesion else None
+            start = choose_start(shape, self.patch_size, case.lesion_locations_zyx, force_lesion, self.rng, groups)
         matrix = draw_spatial_matrix(self.augmentation, self.spacing, self.rng)
         if matrix is None:
             image = crop(arrays["image"], start, self.patch_size).astype(np.float32)
@@ -171,6 +188,7 @@ def build_loader(
     context_dir: Path | None = None,
     hard_negative_dir: Path | None = None,
     hard_negative_fraction: float = 0.0,
+    lesion_sampling: str = "voxel",
 ):
     """An endless iterator of (augmented) batches, in ``num_workers`` background processes (0: in this process).
 
@@ -178,7 +196,8 @@ def build_loader(
     """
     loader = PatchLoader(cases, batch_size, patch_size_zyx, spacing_zyx_mm, oversample_foreground, augmentation,
                          seed=seed, num_threads=num_workers, context_dir=context_dir,
-                         hard_negative_dir=hard_negative_dir, hard_negative_fraction=hard_negative_fraction)
+                         hard_negative_dir=hard_negative_dir, hard_negative_fraction=hard_negative_fraction,
+                         lesion_sampling=lesion_sampling)
     if num_workers <= 0:
         return SingleThreadedAugmenter(loader, None)
     # Random draws come from each worker's own generator (PatchLoader.set_thread_id), not from these seeds.

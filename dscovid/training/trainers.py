@@ -160,6 +160,13 @@ class DeepSCCOVIDTrainer_paperLiteral(DeepSCCOVIDTrainer):  # noqa: N801
     }
 
 
+class DeepSCCOVIDTrainer_lesionSampling(DeepSCCOVIDTrainer):  # noqa: N801
+    """The default with per-lesion sampling: a patch forced onto a lesion picks the lesion uniformly, then a voxel
+    of it, so small lesions are in as many patches as large ones (``training.lesion_sampling: "lesion"``)."""
+
+    overrides = {"training.lesion_sampling": "lesion"}
+
+
 class DeepSCCOVIDTrainer_scannerAug(DeepSCCOVIDTrainer):  # noqa: N801
     """The default with :meth:`AugmentationSettings.scanner`: trained to expect other reconstruction kernels, noise
     levels and slice thicknesses than its training set's."""
