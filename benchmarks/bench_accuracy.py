@@ -331,6 +331,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="a few minutes' check of the path: small cases, 1 epoch of 3 iterations per stage")
     args = parser.parse_args()
+    for option in ("dev_cases", "test_cases", "train_cases"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
     work = args.work.resolve() / ("smoke" if args.smoke else "full")

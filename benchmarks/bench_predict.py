@@ -99,7 +99,6 @@ def _scan_shape(scan: str) -> tuple[int, ...]:
 
 
 def _run_configuration(args: dict, queue) -> None:
-    from monai.inferers import sliding_window_inference
     from untrained_model import save_untrained_model
 
     from dscovid.inference.model_loading import load_trained_model
@@ -158,7 +157,10 @@ def _run_configuration(args: dict, queue) -> None:
                    "peak_rss_gb_predict": rss_predict, "peak_gpu_gb_predict": gpu_predict, "folder": folder})
         return
 
-    # The lesion branch alone: ours over the lung tiles, MONAI over the lung box and over the whole scan.
+    # The lesion branch alone: ours over the lung tiles, MONAI over the lung box and over the whole scan (MONAI is
+    # imported only here, so the peak memory of a run without the peers is the predictor's).
+    from monai.inferers import sliding_window_inference
+
     loaded = load_case(Scan("bench", Path(args["scan"])), model.preprocessing)
     network = model.networks[0]
     patch = model.patch_size_zyx
