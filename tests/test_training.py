@@ -219,6 +219,15 @@ def test_registry_and_ablation_overrides():
     assert TRAINERS["DeepSCCOVIDTrainer_crossStitch"].effective_configuration(base).network.cross_stitch
     assert TRAINERS["DeepSCCOVIDTrainer_taskAware"].effective_configuration(base).network.stem == "conv"
     assert base.network.stem == "conv" and base.training.loss.lambda_ta == 0  # the plans are not changed in place
+    sampling = TRAINERS["DeepSCCOVIDTrainer_lesionSampling"].effective_configuration(base).training.lesion_sampling
+    assert (base.training.lesion_sampling, sampling) == ("voxel", "lesion")
+    # Every trainer the module defines can be named with -tr.
+    import dscovid.training.trainers as module
+    from dscovid.training.base_trainer import Trainer
+
+    defined = {name for name, value in vars(module).items()
+               if isinstance(value, type) and issubclass(value, Trainer) and value.__module__ == module.__name__}
+    assert defined <= set(TRAINERS), f"not in TRAINERS: {sorted(defined - set(TRAINERS))}"
 
 
 def test_linear_decay_schedule():

@@ -33,6 +33,8 @@ trainer                                                paper
                                                        no hard negatives, non-overlapping tiles, no mirroring)
 ``DeepSCCOVIDTrainer_scannerAug``                      not in the paper: the default augmentation plus other
                                                        scanners' looks (noise, blur, sharpening, thick slices)
+``DeepSCCOVIDTrainer_lesionSampling``                  not in the paper: patches forced onto a lesion draw the
+                                                       lesion uniformly, then a voxel (small lesions as often)
 ``PlainCascadeTrainer``                                none of the paper's parts: a plain 3D U-Net and a small
                                                        classifier on the image and its predicted lesion map
 =====================================================  ===========================================================
@@ -219,6 +221,7 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_noFindings,
         DeepSCCOVIDTrainer_paperLiteral,
         DeepSCCOVIDTrainer_scannerAug,
+        DeepSCCOVIDTrainer_lesionSampling,
         PlainCascadeTrainer,
     )
 }
