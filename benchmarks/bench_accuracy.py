@@ -29,7 +29,8 @@ Models (``--models``): ``default`` (``DeepSCCOVIDTrainer``), ``stage1`` (the sam
 pre-training, before the joint stage), ``plain`` (``PlainCascadeTrainer``, none of the paper's parts),
 ``inceptionStem``, ``taskAware``, ``paperParts`` (the paper's parts that ``3d_cpu`` leaves out, one at a time and
 both), ``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``lastSideOutput``, ``detachLesionMap``,
-``scannerAug`` (other scanners' looks in the augmentation), ``segOnly`` / ``clsOnly`` (the paper's single-task
+``scannerAug`` (other scanners' looks in the augmentation), ``lesionSampling`` (forced patches drawn per lesion, not
+per voxel), ``segOnly`` / ``clsOnly`` (the paper's single-task
 rows). ``noTaskAware`` and ``convStem`` are the default itself on today's ``3d_cpu``; they remain for other
 configurations.
 
