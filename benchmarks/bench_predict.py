@@ -98,6 +98,22 @@ def _scan_shape(scan: str) -> tuple[int, ...]:
     return tuple(reversed(reader.GetSize()))
 
 
+def benchmark_case(seed: int, index: int, full_size: bool = True, slices: int | None = None):
+    """The benchmark's phantom, cropped or edge-padded to ``slices`` slices (the peak memory of a longer scan)."""
+    from dataset_conversion.synthetic import generate_case
+    from dscovid.io.image_io import Geometry
+
+    case = generate_case(seed, index, full_size=full_size)
+    if slices:
+        from bench_dicom_export import fit_slices
+
+        image = fit_slices(case.image_hu, slices)
+        geometry = Geometry(image.shape, case.geometry.spacing_zyx_mm, case.geometry.origin_xyz_mm,
+                            case.geometry.direction)
+        case = dataclasses.replace(case, image_hu=image, lung=fit_slices(case.lung, slices), geometry=geometry)
+    return case
+
+
 def _run_configuration(args: dict, queue) -> None:
     from untrained_model import save_untrained_model
 
@@ -296,18 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from dataset_conversion.synthetic import generate_case
-    from dscovid.io.image_io import Geometry, write_image
+    from dscovid.io.image_io import write_image
 
     work = Path(tempfile.mkdtemp(prefix="dscovid_bench_"))
     start = time.perf_counter()
-    case = generate_case(args.seed, args.index, full_size=not args.small)
-    if args.slices:  # the scan cropped or edge-padded to that many slices (the peak memory of a longer scan)
-        from bench_dicom_export import fit_slices
-
-        image = fit_slices(case.image_hu, args.slices)
-        geometry = Geometry(image.shape, case.geometry.spacing_zyx_mm, case.geometry.origin_xyz_mm,
-                            case.geometry.direction)
-        case = dataclasses.replace(case, image_hu=image, lung=fit_slices(case.lung, args.slices), geometry=geometry)
+    case = benchmark_case(args.seed, args.index, not args.small, args.slices)
     scan = work / "bench_0000.nii.gz"
     write_image(case.image_hu, case.geometry, scan)
     print(

@@ -25,6 +25,8 @@ tell the classes apart and the predicted masks' do not, the diagnosis is limited
 lesions (26-connected) are also listed by class, kind (median HU above -300: dense) and volume with the share the
 prediction detects (more than 10 % of its voxels predicted).
 
+Needs scikit-learn (the ``test`` extra, which ``make install`` installs).
+
     python benchmarks/ceiling_diagnosis.py --train 1000 4000 --test 4000 --json ceiling.json \
         --check $DSCOVID_raw/Dataset981_AccuracyDev
     python benchmarks/ceiling_diagnosis.py --train --dataset $DSCOVID_raw/Dataset981_AccuracyDev \
@@ -46,8 +48,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset_conversion.synthetic import _rng, class_for_index  # noqa: E402
-from dataset_conversion.synthetic_anatomy import lung_mask, sample_anatomy  # noqa: E402
-from dataset_conversion.synthetic_lesions import _IN_PLANE, plan_lesions, sample_lung  # noqa: E402
+from dataset_conversion.synthetic_anatomy import sample_anatomy  # noqa: E402
+from dataset_conversion.synthetic_lesions import plan_lesions, pleura_depth, sample_lung  # noqa: E402
 from dscovid.evaluation.intervals import wilson_interval  # noqa: E402
 
 CLASSES = ("covid", "cap", "non_pneumonia")
@@ -58,17 +60,6 @@ LESION_FEATURES = ("log_volume_ml", "level_hu", "core_hu", "edge_mm", "parts", "
                    "hilum_mm", "z_rel", "y_rel", "z_elongation", "flatness", "outward_flatness")
 #: The subset the paper's findings measure (with the count, the volume ratio and the spread).
 FINDINGS_FEATURES = ("level_hu", "core_hu", "depth_mm")
-
-
-def _depth_mm(anatomy, points: np.ndarray) -> np.ndarray:
-    """In-plane depth below the pleura of ``points`` (N, 3), as ``sample_lung`` measures it (2.5 mm steps, ≤ 60)."""
-    depth = np.full(len(points), 60.0)
-    for step in np.arange(2.5, 61.0, 2.5):
-        probe = points[:, None, :] + step * _IN_PLANE[None, :, :]
-        outside = ~lung_mask(anatomy, probe[..., 0], probe[..., 1], probe[..., 2])
-        hit = outside.any(axis=1) & (depth >= 60.0)
-        depth[hit] = step - 1.25
-    return depth
 
 
 def _lesion_row(lesion, anatomy, depth: float) -> dict[str, float]:
@@ -110,7 +101,7 @@ def case_features(seed: int, index: int) -> tuple[str, dict[str, float], list[tu
         features[f"n_{kind}"] = float(sum(lesion.kind == kind for lesion in lesions))
     if lesions:
         centres = np.array([lesion.centres[0] for lesion in lesions])
-        depths = _depth_mm(anatomy, centres)
+        depths = pleura_depth(anatomy, centres)[0]
         rows = [_lesion_row(lesion, anatomy, depth) for lesion, depth in zip(lesions, depths)]
         weights = volumes / volumes.sum()
         for name in LESION_FEATURES:
@@ -218,7 +209,9 @@ def _detections(image, reference, prediction, spacing) -> list[tuple[float, bool
     """(volume ml, dense, share of voxels predicted) of each 26-connected reference lesion."""
     from scipy import ndimage
 
-    labels, count = ndimage.label(reference, np.ones((3, 3, 3), dtype=bool))
+    from dscovid.measurements.findings import STRUCTURE_26
+
+    labels, _ = ndimage.label(reference, STRUCTURE_26)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     rows = []
     for index, box in enumerate(ndimage.find_objects(labels), start=1):

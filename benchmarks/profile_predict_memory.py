@@ -13,7 +13,6 @@ depend on the weights).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -31,18 +30,11 @@ PHASES = ("load_case", "run_networks", "_timed_export")
 
 
 def _write_scan(scan: str, fingerprint_file: str, slices: int | None) -> None:
-    from bench_dicom_export import fit_slices
-    from bench_predict import _fingerprint
+    from bench_predict import _fingerprint, benchmark_case
 
-    from dataset_conversion.synthetic import generate_case
-    from dscovid.io.image_io import Geometry, write_image
+    from dscovid.io.image_io import write_image
 
-    case = generate_case(3, 0, full_size=True)
-    if slices:
-        image = fit_slices(case.image_hu, slices)
-        geometry = Geometry(image.shape, case.geometry.spacing_zyx_mm, case.geometry.origin_xyz_mm,
-                            case.geometry.direction)
-        case = dataclasses.replace(case, image_hu=image, lung=fit_slices(case.lung, slices), geometry=geometry)
+    case = benchmark_case(3, 0, full_size=True, slices=slices)
     write_image(case.image_hu, case.geometry, scan)
     Path(fingerprint_file).write_text(json.dumps(_fingerprint(case)))
 

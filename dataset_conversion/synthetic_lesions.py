@@ -110,15 +110,24 @@ def sample_lung(anatomy: Anatomy, rng: np.random.Generator, count: int = 16000, 
     inside = lung_mask(anatomy, points[:, 0], points[:, 1], points[:, 2])
     volume_ml = float(inside.mean() * np.prod(high - low) / 1000.0)
     candidates = points[inside][:probes]
-    depth = np.full(len(candidates), 60.0)
-    outward = np.tile(_IN_PLANE[0], (len(candidates), 1))
+    depth, outward = pleura_depth(anatomy, candidates)
+    return LungSample(points=candidates, depth_mm=depth, outward=outward, volume_ml=volume_ml)
+
+
+def pleura_depth(anatomy: Anatomy, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane depth below the pleura (mm) of lung ``points`` (N, 3) and the unit vector toward the nearest pleura.
+
+    Measured along 8 in-plane rays in 2.5 mm steps up to 60 mm (a point deeper than that gets 60).
+    """
+    depth = np.full(len(points), 60.0)
+    outward = np.tile(_IN_PLANE[0], (len(points), 1))
     for step in np.arange(2.5, 61.0, 2.5):
-        probe = candidates[:, None, :] + step * _IN_PLANE[None, :, :]
+        probe = points[:, None, :] + step * _IN_PLANE[None, :, :]
         outside = ~lung_mask(anatomy, probe[..., 0], probe[..., 1], probe[..., 2])
         hit = outside.any(axis=1) & (depth >= 60.0)
         depth[hit] = step - 1.25
         outward[hit] = _IN_PLANE[np.argmax(outside[hit], axis=1)]
-    return LungSample(points=candidates, depth_mm=depth, outward=outward, volume_ml=volume_ml)
+    return depth, outward
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:

@@ -174,9 +174,11 @@ class Trainer:
                                          context.hard_negative_folder, context.hard_negative_fraction,
                                          self.lesion_sampling)
         val_cases = s.val_cases or s.train_cases
+        # Validation patches are always drawn by voxel: its pseudo-Dice (and the EMA that picks checkpoint_best)
+        # then measures the network the same way whatever sampling trained it.
         self.val_loader = build_loader(val_cases, self.batch_size, patch, spacing, self.oversample,
                                        AugmentationSettings.none(), stream + 1, 1 if s.num_workers >= 2 else 0,
-                                       context.folder, lesion_sampling=self.lesion_sampling)
+                                       context.folder)
         log.info("%s on %s (%s), fold folder %s: %d training / %d validation cases, batch %d x %d process(es), "
                  "%d epochs in %d stage(s)", self.name, self.device, dtype_name(self.autocast_dtype), self.output_dir,
                  len(s.train_cases), len(s.val_cases), self.batch_size, self.context.world_size, self.total_epochs,

@@ -67,7 +67,9 @@ def lesion_voxel_groups(lesion: np.ndarray, seed: int = 0,
     """
     from scipy import ndimage
 
-    labels, count = ndimage.label(np.asarray(lesion) > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    from dscovid.measurements.findings import STRUCTURE_26
+
+    labels, _ = ndimage.label(np.asarray(lesion) > 0, structure=STRUCTURE_26)
     rng = np.random.default_rng(seed)
     groups = []
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
