@@ -233,8 +233,12 @@ def measurement_ceiling(raw: Path, predictions: Path, repeats: int = 5) -> dict:
     from dscovid.io.image_io import read_image
 
     dataset = load_raw_dataset(raw)
-    predicted = {case["case"]: case for case in json.loads((predictions / "predictions.json").read_text())["cases"]}
     reference_folder = dataset.meta.get("synthetic", {}).get("lung_reference_folder", "lungsReference")
+    if not (raw / reference_folder).is_dir():
+        raise SystemExit(f"{raw}: no {reference_folder}/ folder (the reference lungs of a generated dataset)")
+    if not (predictions / "predictions.json").is_file():
+        raise SystemExit(f"{predictions}: no predictions.json (not a dscovid_predict output folder)")
+    predicted = {case["case"]: case for case in json.loads((predictions / "predictions.json").read_text())["cases"]}
     rows, labels, network, detections = {"reference": [], "predicted": []}, [], [], []
     for case in dataset.cases():
         if case.name not in predicted:
