@@ -21,6 +21,11 @@ and every stage run on it with no hand change). Such rows are named ``model~NAME
 ``--train-cases N`` trains on N cases of the training seed instead of 60 (the first 60 are the demo's), in its own
 data folders; its rows are named ``modelnN`` and paired to the default model trained on 60.
 
+``--folds K`` trains folds 0 to K-1 of the same model (the cross-validation's folds; fold 0 is the one every other
+row uses) and predicts with their ensemble, as ``dscovid_predict`` does by default for a model with several trained
+folds; its rows are named ``modelfK`` and paired to the single-fold default. The training time is the sum of the
+folds'.
+
 ``--configuration NAME`` trains and predicts the models with another configuration of the training set's plans;
 ``--preset FILE`` plans it first from a preset file (a copy of ``plans/3d_cpu.json`` with another ``name`` and the
 setting under test). Its rows are named ``model@NAME`` and paired to the default model of ``3d_cpu``.
@@ -91,13 +96,13 @@ def set_id(role: str, variant: str) -> str:
 
 
 def run_id(key: str, configuration: str = CONFIGURATION, train_variant: str = DEFAULT_VARIANT,
-           epochs_scale: float = 1.0, seed: int | None = None, train_cases: int = TRAIN_CASES) -> str:
+           epochs_scale: float = 1.0, seed: int | None = None, train_cases: int = TRAIN_CASES, folds: int = 1) -> str:
     """A trained model's name: ``key``, plus ``@configuration``, ``~training variant``, ``xF`` (epochs scale),
-    ``sN`` (training seed) and ``nN`` (training cases) where not the defaults."""
+    ``sN`` (training seed), ``nN`` (training cases) and ``fK`` (an ensemble of K folds) where not the defaults."""
     return (key + ("" if configuration == CONFIGURATION else f"@{configuration}")
             + ("" if train_variant == DEFAULT_VARIANT else f"~{train_variant}")
             + ("" if epochs_scale == 1.0 else f"x{epochs_scale:g}") + ("" if seed is None else f"s{seed}")
-            + ("" if train_cases == TRAIN_CASES else f"n{train_cases}"))
+            + ("" if train_cases == TRAIN_CASES else f"n{train_cases}") + ("" if folds == 1 else f"f{folds}"))
 
 
 @dataclass(frozen=True)
@@ -159,13 +164,13 @@ def ensure_training_set(roots: Roots, variant: str, count: int, processes: int, 
 
 def ensure_model(roots: Roots, train_set: str, model: Model, configuration: str, device: str, workers: int,
                  smoke: bool = False, epochs_scale: float = 1.0, results: Path | None = None,
-                 seed: int | None = None) -> dict:
-    """Train the model's trainer on fold 0 unless its checkpoint exists; returns its training record.
+                 seed: int | None = None, fold: int = 0) -> dict:
+    """Train the model's trainer on one fold unless its checkpoint exists; returns its training record.
 
     ``epochs_scale`` F gives every stage ``round(F × the longest stage's epochs)`` epochs (as ``dscovid_demo
     --epochs-scale``), in its own results folder ``results``; ``seed`` replaces the plans' training seed.
     """
-    fold_dir = model_folder(results or roots.results, train_set, model.trainer, configuration) / "fold_0"
+    fold_dir = model_folder(results or roots.results, train_set, model.trainer, configuration) / f"fold_{fold}"
     record_path = fold_dir / "bench_training.json"
     if (fold_dir / FINAL).exists() and record_path.exists():
         return json.loads(record_path.read_text(encoding="utf-8"))
@@ -176,27 +181,37 @@ def ensure_model(roots: Roots, train_set: str, model: Model, configuration: str,
         plans = json.loads((roots.preprocessed / train_set / "plans.json").read_text(encoding="utf-8"))
         epochs = round(epochs_scale * max(s["epochs"] for s in plans["configurations"][configuration]["training"]["stages"]))
     run_training(Roots(raw=roots.raw, preprocessed=roots.preprocessed, results=results or roots.results), train_set,
-                 configuration, 0, model.trainer, continue_training=(fold_dir / "checkpoint_latest.pt").exists(),
+                 configuration, fold, model.trainer, continue_training=(fold_dir / "checkpoint_latest.pt").exists(),
                  device=device, num_workers=workers, run_final_validation=False, epochs=1 if smoke else epochs,
                  iterations_per_epoch=3 if smoke else None, seed=seed)
     logging.getLogger("dscovid").setLevel(logging.WARNING)
     record = {"trainer": model.trainer, "configuration": configuration, "training_set": train_set,
-              "epochs_scale": epochs_scale, "seed": seed,
+              "fold": fold, "epochs_scale": epochs_scale, "seed": seed,
               "training_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
               "precision": precision_name(device)}
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 
 
+def combined_record(records: list[dict]) -> dict:
+    """One training record for an ensemble: the first fold's, with the folds' summed training time."""
+    if len(records) == 1:
+        return records[0]
+    return {**records[0], "fold": [record.get("fold", 0) for record in records],
+            "training_s": sum(record["training_s"] for record in records)}
+
+
 def ensure_predictions(roots: Roots, work: Path, run: str, model_dir: Path, checkpoint: str, evaluation_set: str,
-                       dataset: str, device: str, processes: int) -> Path:
-    """Predict and evaluate one model on one set unless its summary exists; returns the summary file."""
+                       dataset: str, device: str, processes: int, folds: int = 1) -> Path:
+    """Predict and evaluate one model (the ensemble of its folds 0 to ``folds`` - 1) on one set unless its summary
+    exists; returns the summary file."""
     out_dir = work / "predictions" / evaluation_set / run
     summary_file = out_dir / "summary.json"
     if summary_file.exists():
         return summary_file
     started = time.perf_counter()
-    predict_cases(model_dir=model_dir, inputs=roots.raw / dataset / "imagesTr", output_dir=out_dir, folds=["0"],
+    predict_cases(model_dir=model_dir, inputs=roots.raw / dataset / "imagesTr", output_dir=out_dir,
+                  folds=[str(fold) for fold in range(folds)],
                   device=device, checkpoint_name=checkpoint, num_workers=processes, progress=False, overwrite=True,
                   min_lesion_ml=0.0)  # the network as it is: no model folder's post-processing
     evaluate_folder(out_dir, roots.raw / dataset, summary_file, plots=False, num_processes=processes)
@@ -266,13 +281,15 @@ def _fmt_diff(value: tuple | None) -> str:
 
 
 def run_label(key: str, configuration: str = CONFIGURATION, train_variant: str = DEFAULT_VARIANT,
-              epochs_scale: float = 1.0, seed: int | None = None, train_cases: int = TRAIN_CASES) -> str:
+              epochs_scale: float = 1.0, seed: int | None = None, train_cases: int = TRAIN_CASES,
+              folds: int = 1) -> str:
     """The table's name of a run (see :func:`run_id`)."""
     return (MODELS[key].label + ("" if configuration == CONFIGURATION else f", {configuration}")
             + ("" if train_variant == DEFAULT_VARIANT else f", trained on {train_variant}")
             + ("" if epochs_scale == 1.0 else f", {epochs_scale:g}x the epochs")
             + ("" if seed is None else f", training seed {seed}")
-            + ("" if train_cases == TRAIN_CASES else f", {train_cases} training cases"))
+            + ("" if train_cases == TRAIN_CASES else f", {train_cases} training cases")
+            + ("" if folds == 1 else f", ensemble of {folds} folds"))
 
 
 def report(work: Path, runs: dict[str, str], evaluation_sets: list[str], records: dict[str, dict]) -> dict:
@@ -328,11 +345,13 @@ def main() -> None:
                         help="train F times longer (rows named modelxF; a ceiling of the CPU budget)")
     parser.add_argument("--seed", type=int, default=None,
                         help="another training seed (rows named modelsN; the spread between trainings)")
+    parser.add_argument("--folds", type=int, default=1,
+                        help="train folds 0 to K-1 and predict with their ensemble (rows named modelfK)")
     parser.add_argument("--report", action="store_true", help="only print the tables of what is already done")
     parser.add_argument("--smoke", action="store_true",
                         help="a few minutes' check of the path: small cases, 1 epoch of 3 iterations per stage")
     args = parser.parse_args()
-    for option in ("dev_cases", "test_cases", "train_cases"):
+    for option in ("dev_cases", "test_cases", "train_cases", "folds"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -353,7 +372,7 @@ def main() -> None:
                                         args.configuration, args.preset)
         for _, role, variant in evaluation_sets:
             ensure_dataset(roots, role, variant, counts[role], args.processes, scale)
-    spec = (args.configuration, args.train_variant, args.epochs_scale, args.seed, args.train_cases)
+    spec = (args.configuration, args.train_variant, args.epochs_scale, args.seed, args.train_cases, args.folds)
     runs = {run_id(key, *spec): run_label(key, *spec) for key in args.models}
     suffix = (("" if args.epochs_scale == 1.0 else f"_x{args.epochs_scale:g}")
               + ("" if args.seed is None else f"_s{args.seed}") + n_suffix)
@@ -361,16 +380,17 @@ def main() -> None:
     for key, run in zip(args.models, list(runs)):
         model = MODELS[key]
         model_dir = model_folder(results_root, train_set, model.trainer, args.configuration)
-        record_file = model_dir / "fold_0" / "bench_training.json"
+        record_files = [model_dir / f"fold_{fold}" / "bench_training.json" for fold in range(args.folds)]
         if args.report:
-            if record_file.exists():
-                records[run] = json.loads(record_file.read_text(encoding="utf-8"))
+            if all(path.exists() for path in record_files):
+                records[run] = combined_record([json.loads(path.read_text(encoding="utf-8")) for path in record_files])
             continue
-        records[run] = ensure_model(train_roots, train_set, model, args.configuration, args.device, args.workers, args.smoke,
-                                    args.epochs_scale, results_root, args.seed)
+        records[run] = combined_record([
+            ensure_model(train_roots, train_set, model, args.configuration, args.device, args.workers, args.smoke,
+                         args.epochs_scale, results_root, args.seed, fold) for fold in range(args.folds)])
         for evaluation_set, role, variant in evaluation_sets:
             ensure_predictions(roots, work, run, model_dir, model.checkpoint, evaluation_set,
-                               dataset_name(role, variant), args.device, args.processes)
+                               dataset_name(role, variant), args.device, args.processes, args.folds)
     if "default" not in runs:
         runs = {"default": run_label("default"), **runs}  # the reference every row is paired to
     results = report(work, runs, [name for name, _, _ in evaluation_sets], records)
