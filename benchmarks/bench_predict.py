@@ -145,6 +145,7 @@ def _run_configuration(args: dict, queue) -> None:
         progress=False,
         overwrite=True,
         mirroring=args["mirroring"],
+        batch_size=args["tile_batch"],
     )
     wall = time.perf_counter() - start
     rss_predict = _rss_gb()
@@ -160,7 +161,8 @@ def _run_configuration(args: dict, queue) -> None:
         start = time.perf_counter()
         folder_summary = predict_cases(model=model, inputs=args["folder"], output_dir=work / f"out_folder_{name}",
                                        device=device, step_fraction=args["step"], progress=False, overwrite=True,
-                                       num_workers=args["workers"], mirroring=args["mirroring"])
+                                       num_workers=args["workers"], mirroring=args["mirroring"],
+                                       batch_size=args["tile_batch"])
         seconds = time.perf_counter() - start
         if folder_summary["failed"]:
             raise RuntimeError(f"prediction failed: {folder_summary['failed']}")
@@ -169,7 +171,7 @@ def _run_configuration(args: dict, queue) -> None:
     if not args["peers"]:
         queue.put({"configuration": name, "device": str(device), "precision": summary["precision"],
                    "mirror_axes": summary["mirror_axes"], "scan_shape_zyx": list(_scan_shape(args["scan"])),
-                   "timing_s": entry["timing_s"], "wall_s": wall, "tiles": entry["tiles"],
+                   "timing_s": entry["timing_s"], "wall_s": wall, "tiles": entry["tiles"], "tile_batch": args["tile_batch"],
                    "peak_rss_gb_predict": rss_predict, "peak_gpu_gb_predict": gpu_predict, "folder": folder})
         return
 
@@ -307,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scans", type=int, default=1,
                         help="also predict a folder of this many scans in one call (throughput)")
     parser.add_argument("--workers", type=int, default=1, help="-np of the folder run (reading and preprocessing)")
+    parser.add_argument("--tile-batch", type=int, default=None,
+                        help="sliding-window tiles per network call (default: the predictor's choice for the device)")
     parser.add_argument("--no-peers", action="store_true",
                         help="only the predictor's own timing (not the lesion branch beside MONAI)")
     args = parser.parse_args(argv)
@@ -352,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "peers": not args.no_peers,
             "folder": str(folder) if folder else None,
             "workers": args.workers,
+            "tile_batch": args.tile_batch,
         }
         process = context.Process(target=_run_configuration, args=(job, queue))
         process.start()

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=float, default=None)
     parser.add_argument("--disable-tta", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tile-batch", type=int, default=None,
+                        help="sliding-window tiles per network call (default: the predictor's choice for the device)")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--json", type=Path, default=None, help="write the timeline (seconds, phase, GB) here")
     args = parser.parse_args(argv)
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler.start()
     summary = predict.predict_cases(model=model, inputs=str(scan), output_dir=args.work / "out",
                                     device=torch.device("cpu"), step_fraction=args.step, progress=False,
-                                    overwrite=True, mirroring=not args.disable_tta)
+                                    overwrite=True, mirroring=not args.disable_tta, batch_size=args.tile_batch)
     done.set()
     sampler.join()
     if summary["failed"]:

@@ -387,6 +387,51 @@ def test_the_channels_last_predictor_gives_the_default_layout_result(trainer, tm
     assert channels_last.lesion_probability.max() > 0.0  # the region was predicted, not left empty
 
 
+@pytest.mark.parametrize("trainer", [TRAINER, "DeepSCCOVIDTrainer_crossStitch"])
+def test_tiles_one_per_call_give_the_batched_result(trainer, tmp_path, monkeypatch):
+    """The tile batch is a memory and speed setting only: run one tile per network call, the lesion map and the
+    class probabilities must be those of the configuration's batch of tiles (the norms are per sample, and the
+    cross-stitch's stitched stem features do not depend on the batching)."""
+    from dscovid.planning.planner import plan_experiment
+
+    monkeypatch.setenv("DSCOVID_PRECISION", "float32")
+    plans = plan_experiment(CHEST_FINGERPRINT, "Dataset996_Batch", list(CLASS_NAMES), presets=[CONFIGURATION])
+    model = load_trained_model(save_untrained_model(tmp_path, plans, CONFIGURATION, trainer, (0,), seed=7),
+                               folds=["0"])
+    assert model.inference.batch_size > 1  # otherwise this test compares a run with itself
+    rng = np.random.default_rng(5)
+    image = rng.random((20, 90, 80), dtype=np.float32)
+    region = np.zeros(image.shape, np.uint8)
+    region[2:18, 5:80, 4:44] = 1
+    cls_image = rng.random((32, 64, 64), dtype=np.float32)
+    one = run_networks(model, image, region, cls_image, mirror_axes=[], batch_size=1)
+    batched = run_networks(model, image, region, cls_image, mirror_axes=[], batch_size=model.inference.batch_size)
+    assert one.tiles_run % model.inference.batch_size == 1  # the last batch is a short one
+    assert np.abs(one.lesion_probability - batched.lesion_probability).max() < 1e-5
+    np.testing.assert_allclose(one.class_probabilities, batched.class_probabilities, atol=1e-6)
+    assert one.lesion_probability.max() > 0.0
+
+
+def test_the_cpu_runs_large_tiles_one_per_call_and_small_tiles_in_batches():
+    """On the CPU a call's convolution outputs stay within the limit: the paper's 24×256×256 tiles (about 1 GB each
+    in float32) go one per call, the small 3d_cpu tiles keep the configured batch (a single small tile takes
+    PyTorch's slow convolution); on a GPU the configured batch stays."""
+    from dscovid.inference.engine import CPU_CALL_ACTIVATION_BYTES, tile_activation_bytes, tile_batch_size
+    from dscovid.planning.planner import plan_experiment
+    from dscovid.plans.configuration import Plans
+
+    plans = Plans.from_dict(plan_experiment(CHEST_FINGERPRINT, "Dataset996_Batch", list(CLASS_NAMES),
+                                            presets=["3d_paper", "3d_cpu"]))
+    paper, cpu = plans.configuration("3d_paper"), plans.configuration("3d_cpu")
+    assert paper.segmentation.patch_size_zyx == (24, 256, 256) and paper.inference.batch_size == 2
+    # the 32-channel full-resolution end alone: three maps of 32 channels over 24×256×256 voxels
+    assert tile_activation_bytes(paper) > 3 * 32 * 24 * 256 * 256 * 4 > CPU_CALL_ACTIVATION_BYTES
+    assert tile_batch_size(paper, torch.device("cpu")) == 1
+    assert tile_batch_size(paper, torch.device("cuda")) == 2
+    assert 2 * tile_activation_bytes(cpu) < CPU_CALL_ACTIVATION_BYTES
+    assert tile_batch_size(cpu, torch.device("cpu")) == cpu.inference.batch_size > 1
+
+
 def test_model_folder_and_fold_lookup(model_dir):
     results = model_dir.parent.parent
     assert find_model_folder(results, "Dataset999_Fake") == model_dir

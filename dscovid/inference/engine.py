@@ -26,6 +26,8 @@ from dscovid.model.findings_head import FEATURE_NAMES as FINDINGS_NAMES
 from dscovid.model.findings_head import lesion_findings
 from dscovid.model.geometry import stitch_boxes
 from dscovid.model.precision import autocast
+from dscovid.planning.budget import segmentation_layers
+from dscovid.plans.configuration import Configuration
 from dscovid.preprocessing.resampling import resample_to_grid
 
 
@@ -117,6 +119,33 @@ def segment_scan(
     return ScanSegmentation(probability, i_cls, stitched[0])
 
 
+#: On the CPU, the most bytes of convolution outputs one network call may produce (all tiles of its batch).
+CPU_CALL_ACTIVATION_BYTES = 512 * 2**20
+
+
+def tile_activation_bytes(configuration: Configuration) -> int:
+    """float32 bytes of the convolution outputs of one tile through the segmentation branch (the planner's budget
+    model, :func:`dscovid.planning.budget.segmentation_layers`)."""
+    layers = segmentation_layers(configuration.segmentation.patch_size_zyx, configuration.to_dict()["network"])
+    return 4 * sum(layer.voxels * layer.out_channels for layer in layers)
+
+
+def tile_batch_size(configuration: Configuration, device: torch.device) -> int:
+    """Sliding-window tiles per network call: the configuration's ``inference.batch_size`` on a GPU; on the CPU as
+    many of them as keep the call's convolution outputs within :data:`CPU_CALL_ACTIVATION_BYTES`, at least one.
+
+    On the CPU a batch of large tiles runs little faster than its tiles one after the other, while the activations
+    of every tile of the batch are alive at once (the paper's 24×256×256 tiles hold 32-channel maps of the whole
+    tile at full resolution). Small tiles keep
+    their batch: PyTorch runs a single small 3D input through its slow native convolution instead of oneDNN's
+    (docs/prediction.md, memory).
+    """
+    configured = int(configuration.inference.batch_size)
+    if device.type == "cuda":
+        return configured
+    return max(1, min(configured, CPU_CALL_ACTIVATION_BYTES // tile_activation_bytes(configuration)))
+
+
 def run_networks(
     model: TrainedModel,
     image: np.ndarray,
@@ -138,7 +167,8 @@ def run_networks(
     region : (Z', Y', X') 0/1, where the network looks (the preprocessed ``region``: the lung plus its margin);
         only tiles touching it are run, and Ŝ is 0 outside it.
     cls_image : (N, H, W) float32, ``image`` on the classification grid.
-    step_fraction, weighting, batch_size : sliding-window settings (default: the configuration's ``inference``).
+    step_fraction, weighting : sliding-window settings (default: the configuration's ``inference``).
+    batch_size : tiles per network call (default: :func:`tile_batch_size`).
     mirror_axes : volume axes (0 z, 1 y, 2 x) to mirror at test time (default: ``inference.mirror_axes``); each
         costs one more pass of every fold.
     placement : tile placement, ``"grid"`` or ``"region"`` (default: ``inference.tile_placement``).
@@ -146,7 +176,7 @@ def run_networks(
     settings = model.inference
     step_fraction = float(step_fraction if step_fraction is not None else settings.step_fraction)
     weighting = weighting or settings.weighting
-    batch_size = int(batch_size or settings.batch_size)
+    batch_size = int(batch_size or tile_batch_size(model.network_configuration, model.device))
     mirror_axes = list(settings.mirror_axes if mirror_axes is None else mirror_axes)
     placement = placement or settings.tile_placement
     device = model.device

@@ -65,29 +65,33 @@ def _stem(prefix: str, shape: Sequence[int], channels: int) -> list[ConvLayer]:
     ]
 
 
+def segmentation_layers(patch_zyx: Sequence[int], network: Mapping) -> list[ConvLayer]:
+    """The convolutions of the segmentation branch (stem and lesion subnet) for one patch."""
+    c0 = int(network["stem_channels"])
+    s1, s2, s3 = (int(v) for v in network["segmentation_widths"])
+    p = patch_zyx
+    return _stem("stem_seg", p, c0) + [
+        ConvLayer("seg.down1a", _voxels(p, 2), c0, c0), ConvLayer("seg.down1b", _voxels(p, 2), c0, s1),
+        ConvLayer("seg.down2a", _voxels(p, 4), s1, s1), ConvLayer("seg.down2b", _voxels(p, 4), s1, s2),
+        ConvLayer("seg.down3a", _voxels(p, 8), s2, s2), ConvLayer("seg.down3b", _voxels(p, 8), s2, s3),
+        ConvLayer("seg.up2t", _voxels(p, 4), s3, s2, 2),
+        ConvLayer("seg.up2a", _voxels(p, 4), 2 * s2, s2), ConvLayer("seg.up2b", _voxels(p, 4), s2, s2),
+        ConvLayer("seg.up1t", _voxels(p, 2), s2, s1, 2),
+        ConvLayer("seg.up1a", _voxels(p, 2), 2 * s1, s1), ConvLayer("seg.up1b", _voxels(p, 2), s1, s1),
+        ConvLayer("seg.up0t", _voxels(p, 1), s1, c0, 2),
+        ConvLayer("seg.up0a", _voxels(p, 1), c0, c0), ConvLayer("seg.up0b", _voxels(p, 1), c0, c0),
+    ] + [ConvLayer(f"seg.side{i}", _voxels(p, 1), w, 1, 1) for i, w in enumerate((s3, s2, s1, c0))]
+
+
 def network_layers(patch_zyx: Sequence[int], grid_zyx: Sequence[int], network: Mapping) -> list[ConvLayer]:
     """The convolutions of the joint network for one patch and one classification grid (batch 1)."""
     c0 = int(network["stem_channels"])
-    s1, s2, s3 = (int(v) for v in network["segmentation_widths"])
     k1, k2, k3 = (int(v) for v in network["classification_widths"])
     lesion_channels = int(network.get("lesion_channels", c0 // 2))
     tasks = network.get("tasks", "joint")
     layers: list[ConvLayer] = []
     if tasks in ("joint", "segmentation"):
-        p = patch_zyx
-        layers += _stem("stem_seg", p, c0)
-        layers += [
-            ConvLayer("seg.down1a", _voxels(p, 2), c0, c0), ConvLayer("seg.down1b", _voxels(p, 2), c0, s1),
-            ConvLayer("seg.down2a", _voxels(p, 4), s1, s1), ConvLayer("seg.down2b", _voxels(p, 4), s1, s2),
-            ConvLayer("seg.down3a", _voxels(p, 8), s2, s2), ConvLayer("seg.down3b", _voxels(p, 8), s2, s3),
-            ConvLayer("seg.up2t", _voxels(p, 4), s3, s2, 2),
-            ConvLayer("seg.up2a", _voxels(p, 4), 2 * s2, s2), ConvLayer("seg.up2b", _voxels(p, 4), s2, s2),
-            ConvLayer("seg.up1t", _voxels(p, 2), s2, s1, 2),
-            ConvLayer("seg.up1a", _voxels(p, 2), 2 * s1, s1), ConvLayer("seg.up1b", _voxels(p, 2), s1, s1),
-            ConvLayer("seg.up0t", _voxels(p, 1), s1, c0, 2),
-            ConvLayer("seg.up0a", _voxels(p, 1), c0, c0), ConvLayer("seg.up0b", _voxels(p, 1), c0, c0),
-        ]
-        layers += [ConvLayer(f"seg.side{i}", _voxels(p, 1), w, 1, 1) for i, w in enumerate((s3, s2, s1, c0))]
+        layers += segmentation_layers(patch_zyx, network)
     if tasks in ("joint", "classification"):
         g = grid_zyx
         layers += _stem("stem_cls", g, c0)

@@ -96,6 +96,7 @@ def predict_cases(
     accept_implausible: bool = False,
     min_lesion_ml: float | None = None,
     mirroring: bool = True,
+    batch_size: int | None = None,
 ) -> dict:
     """Predict every case of ``inputs`` into ``output_dir`` (the function behind ``dscovid_predict``).
 
@@ -127,6 +128,8 @@ def predict_cases(
         (:mod:`dscovid.prediction.postprocessing`; docs/evaluation.md, post-processing).
     mirroring : the test-time mirroring along the configuration's ``inference.mirror_axes``; False runs each fold
         once (half the network time, for a slow device).
+    batch_size : sliding-window tiles per network call (default: :func:`dscovid.inference.engine.tile_batch_size`:
+        the configuration's ``inference.batch_size``, on the CPU fewer where the tiles are large).
 
     Returns
     -------
@@ -154,6 +157,8 @@ def predict_cases(
         model = load_trained_model(model_dir, folds, device, checkpoint_name)
     if configuration is not None and configuration != model.configuration_name:
         raise DscovidError(f"{model.model_dir}: holds configuration {model.configuration_name!r}, not {configuration!r}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise DscovidError(f"the tile batch size must be at least 1, got {batch_size}")
     if step_fraction is not None and not 0.0 < float(step_fraction) <= 1.0:
         raise DscovidError(f"the sliding-window step must be in (0, 1], got {step_fraction}")
     if min_lesion_ml is not None and not min_lesion_ml >= 0:  # NaN too
@@ -262,7 +267,8 @@ def predict_cases(
             try:
                 start = time.perf_counter()
                 output = run_networks(model, loaded.image, loaded.region_preprocessed, loaded.cls_image,
-                                      step_fraction=step_fraction, mirror_axes=None if mirroring else [])
+                                      step_fraction=step_fraction, mirror_axes=None if mirroring else [],
+                                      batch_size=batch_size)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 timing = dict(loaded.timing_s, network=time.perf_counter() - start)
