@@ -25,12 +25,19 @@ tell the classes apart and the predicted masks' do not, the diagnosis is limited
 lesions (26-connected) are also listed by class, kind (median HU above -300: dense) and volume with the share the
 prediction detects (more than 10 % of its voxels predicted).
 
+With ``--fit-dataset RAW --fit-predictions PRED`` as well, the classifiers of the predicted masks' measurements are
+fitted on those predictions (e.g. the model's own training cases, predicted by it) and scored on ``--predictions``,
+instead of cross-validated within them: whether such a classifier could be shipped with a single trained fold.
+
 Needs scikit-learn (the ``test`` extra, which ``make install`` installs).
 
     python benchmarks/ceiling_diagnosis.py --train 1000 4000 --test 4000 --json ceiling.json \
         --check $DSCOVID_raw/Dataset981_AccuracyDev
     python benchmarks/ceiling_diagnosis.py --train --dataset $DSCOVID_raw/Dataset981_AccuracyDev \
         --predictions WORK/predictions/dev/default --json measurements.json
+    python benchmarks/ceiling_diagnosis.py --train --dataset $DSCOVID_raw/Dataset981_AccuracyDev \
+        --predictions WORK/predictions/dev/default --fit-dataset $DSCOVID_raw/Dataset980_AccuracyTrain \
+        --fit-predictions TRAINING_CASES_PREDICTED
 """
 
 from __future__ import annotations
@@ -221,14 +228,21 @@ def _detections(image, reference, prediction, spacing) -> list[tuple[float, bool
     return rows
 
 
-def measurement_ceiling(raw: Path, predictions: Path, repeats: int = 5) -> dict:
-    """Cross-validated accuracy of the report's measurements from reference vs predicted masks, and detections."""
+def _classifiers() -> dict:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    return {"gradient-boosted trees": lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05),
+            "logistic regression": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))}
+
+
+def read_measurements(raw: Path, predictions: Path) -> tuple[dict, np.ndarray, np.ndarray, list]:
+    """The six measurements of every predicted case from its reference and its predicted mask.
+
+    Returns (rows {"reference": [...], "predicted": [...]}, class indices, the network's class indices, detections).
+    """
     from dscovid.io.dataset import load_raw_dataset
     from dscovid.io.image_io import read_image
 
@@ -253,13 +267,18 @@ def measurement_ceiling(raw: Path, predictions: Path, repeats: int = 5) -> dict:
         labels.append(CLASSES.index(case.class_name))
         network.append(CLASSES.index(predicted[case.name]["predicted_class"]))
         detections += [(case.class_name, *row) for row in _detections(image, reference, prediction, spacing)]
-    y = np.array(labels)
-    result = {"cases": len(y), "network_accuracy": float((np.array(network) == y).mean()), "classifiers": []}
-    models = {"gradient-boosted trees": lambda: HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05),
-              "logistic regression": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))}
+    return rows, np.array(labels), np.array(network), detections
+
+
+def measurement_ceiling(raw: Path, predictions: Path, repeats: int = 5) -> dict:
+    """Cross-validated accuracy of the report's measurements from reference vs predicted masks, and detections."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    rows, y, network, detections = read_measurements(raw, predictions)
+    result = {"cases": len(y), "network_accuracy": float((network == y).mean()), "classifiers": []}
     for source, values in rows.items():
         X = np.array(values)
-        for model_name, model in models.items():
+        for model_name, model in _classifiers().items():
             scores, confusion = [], np.zeros((len(CLASSES), len(CLASSES)), dtype=int)
             for repeat in range(repeats):
                 folds = StratifiedKFold(5, shuffle=True, random_state=repeat)
@@ -282,6 +301,37 @@ def measurement_ceiling(raw: Path, predictions: Path, repeats: int = 5) -> dict:
                                   "voxel_sensitivity": float(np.mean(hits))})
     result["detection"] = table
     return result
+
+
+def fitted_on_other_predictions(fit_raw: Path, fit_predictions: Path, raw: Path, predictions: Path) -> dict:
+    """A classifier of the predicted masks' six measurements fitted on one set of predictions (e.g. the model's own
+    training cases, the only labelled predictions a single trained fold has) and scored on another."""
+    fit_rows, fit_y, fit_network, _ = read_measurements(fit_raw, fit_predictions)
+    rows, y, network, _ = read_measurements(raw, predictions)
+    result = {"fitted_on": str(fit_predictions), "fit_cases": len(fit_y),
+              "network_accuracy_on_fit_cases": float((fit_network == fit_y).mean()), "scored_on": str(predictions),
+              "cases": len(y), "network_accuracy": float((network == y).mean()),
+              "network_interval": list(wilson_interval(int((network == y).sum()), len(y))), "classifiers": []}
+    for model_name, model in _classifiers().items():
+        guessed = model().fit(np.array(fit_rows["predicted"]), fit_y).predict(np.array(rows["predicted"]))
+        confusion = np.zeros((len(CLASSES), len(CLASSES)), dtype=int)
+        np.add.at(confusion, (y, guessed), 1)
+        result["classifiers"].append({"model": model_name, "accuracy": float((guessed == y).mean()),
+                                      "interval": list(wilson_interval(int((guessed == y).sum()), len(y))),
+                                      "confusion": confusion.tolist()})
+    return result
+
+
+def _print_fitted(result: dict) -> None:
+    low, high = result["network_interval"]
+    print(f"\nfitted on {result['fit_cases']} cases' predictions (the network's accuracy on them "
+          f"{100 * result['network_accuracy_on_fit_cases']:.1f} %), scored on {result['cases']} cases")
+    print("| classifier of the predicted masks' six measurements | accuracy (95 % CI) | confusion |")
+    print("|---|---|---|")
+    print(f"| the network's own | {100 * result['network_accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f}) | – |")
+    for row in result["classifiers"]:
+        low, high = row["interval"]
+        print(f"| {row['model']} | {100 * row['accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f}) | {row['confusion']} |")
 
 
 def _print_measurements(result: dict) -> None:
@@ -313,10 +363,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="a generated default-variant raw dataset whose recorded lesions the plans must match")
     parser.add_argument("--dataset", type=Path, default=None, help="a raw dataset with lungsReference/ (--predictions)")
     parser.add_argument("--predictions", type=Path, default=None, help="dscovid_predict's output for --dataset")
+    parser.add_argument("--fit-dataset", type=Path, default=None,
+                        help="with --fit-predictions: fit the measurements' classifiers on these predictions "
+                             "instead of cross-validating over --dataset")
+    parser.add_argument("--fit-predictions", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if (args.dataset is None) != (args.predictions is None):
         parser.error("--dataset and --predictions go together")
+    if (args.fit_dataset is None) != (args.fit_predictions is None) or (args.fit_dataset and args.dataset is None):
+        parser.error("--fit-dataset and --fit-predictions go together, with --dataset and --predictions")
 
     result: dict = {"train_seed": args.train_seed, "test_seed": args.test_seed, "rows": []}
     if args.check is not None:
@@ -324,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         result["checked_cases"] = check_against_dataset(args.check, args.workers)
         print(f"{result['checked_cases']} plans of {args.check} redrawn identically "
               f"({time.perf_counter() - started:.0f} s)")
-    if args.dataset is not None:
+    if args.fit_dataset is not None:
+        result["fitted"] = fitted_on_other_predictions(args.fit_dataset, args.fit_predictions, args.dataset,
+                                                       args.predictions)
+        _print_fitted(result["fitted"])
+    elif args.dataset is not None:
         result["measurements"] = measurement_ceiling(args.dataset, args.predictions)
         _print_measurements(result["measurements"])
     if not args.train:
