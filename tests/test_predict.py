@@ -390,8 +390,8 @@ def test_the_channels_last_predictor_gives_the_default_layout_result(trainer, tm
 @pytest.mark.parametrize("trainer", [TRAINER, "DeepSCCOVIDTrainer_crossStitch"])
 def test_tiles_one_per_call_give_the_batched_result(trainer, tmp_path, monkeypatch):
     """The tile batch is a memory and speed setting only: run one tile per network call, the lesion map and the
-    class probabilities must be those of the configuration's batch of tiles (the norms are per sample, and the
-    cross-stitch's stitched stem features do not depend on the batching)."""
+    class probabilities must be those of the configuration's batch of tiles, whose short last batch the CPU pads
+    with copies (the norms are per sample, and the copies' outputs and stem features are dropped)."""
     from dscovid.planning.planner import plan_experiment
 
     monkeypatch.setenv("DSCOVID_PRECISION", "float32")
@@ -405,8 +405,13 @@ def test_tiles_one_per_call_give_the_batched_result(trainer, tmp_path, monkeypat
     region[2:18, 5:80, 4:44] = 1
     cls_image = rng.random((32, 64, 64), dtype=np.float32)
     one = run_networks(model, image, region, cls_image, mirror_axes=[], batch_size=1)
+    network, calls = model.networks[0], []
+    segment = network.segment_patches
+    monkeypatch.setattr(network, "segment_patches", lambda patches, *a: calls.append(len(patches)) or segment(patches, *a))
     batched = run_networks(model, image, region, cls_image, mirror_axes=[], batch_size=model.inference.batch_size)
     assert one.tiles_run % model.inference.batch_size == 1  # the last batch is a short one
+    # ... which the CPU fills up with copies of its last tile (a single small tile takes the slow convolution)
+    assert calls == [model.inference.batch_size] * (one.tiles_run // model.inference.batch_size + 1)
     assert np.abs(one.lesion_probability - batched.lesion_probability).max() < 1e-5
     np.testing.assert_allclose(one.class_probabilities, batched.class_probabilities, atol=1e-6)
     assert one.lesion_probability.max() > 0.0

@@ -99,6 +99,12 @@ def segment_scan(
     memory_format = inference_memory_format(device)
 
     def predict_fn(batch: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        count = batch.shape[0]
+        if device.type == "cpu" and count < batch_size:
+            # The short last batch gets copies of its last tile, whose outputs are dropped: on the CPU a single
+            # small tile runs through PyTorch's slow native convolution (tile_batch_size).
+            batch = torch.cat([batch, batch[-1:].expand(batch_size - count, *batch.shape[1:])])
+            boxes = torch.cat([boxes, boxes[-1:].expand(batch_size - count, *boxes.shape[1:])])
         batch = batch.contiguous(memory_format=memory_format)
         with autocast(device):
             result = network.segment_patches(
@@ -107,8 +113,9 @@ def segment_scan(
         if cross:
             # The segmentation stem features enter the classifier through the cross-stitch: stitch them onto
             # the classification stem grid with their coverage, as training pastes one patch.
-            stitched[0] = stitch_boxes(result.seg_features.float(), boxes, shape, i_cls.shape[2:], stitched[0])
-        return result.lesion_probability.float()
+            stitched[0] = stitch_boxes(result.seg_features[:count].float(), boxes[:count], shape, i_cls.shape[2:],
+                                       stitched[0])
+        return result.lesion_probability[:count].float()
 
     probability = sliding_window_predict(
         predict_fn, image, patch_size_zyx, step_fraction=step_fraction, weighting=weighting, batch_size=batch_size,
