@@ -22,11 +22,11 @@ import torch.nn.functional as F
 
 from dscovid.inference.model_loading import TrainedModel, inference_memory_format
 from dscovid.inference.sliding_window import plan_tiles, sliding_window_predict
+from dscovid.model.conv_layers import segmentation_layers
 from dscovid.model.findings_head import FEATURE_NAMES as FINDINGS_NAMES
 from dscovid.model.findings_head import lesion_findings
 from dscovid.model.geometry import stitch_boxes
 from dscovid.model.precision import autocast
-from dscovid.planning.budget import segmentation_layers
 from dscovid.plans.configuration import Configuration
 from dscovid.preprocessing.resampling import resample_to_grid
 
@@ -132,7 +132,7 @@ CPU_CALL_ACTIVATION_BYTES = 512 * 2**20
 
 def tile_activation_bytes(configuration: Configuration) -> int:
     """float32 bytes of the convolution outputs of one tile through the segmentation branch (the planner's budget
-    model, :func:`dscovid.planning.budget.segmentation_layers`)."""
+    model, :func:`dscovid.model.conv_layers.segmentation_layers`)."""
     layers = segmentation_layers(configuration.segmentation.patch_size_zyx, configuration.to_dict()["network"])
     return 4 * sum(layer.voxels * layer.out_channels for layer in layers)
 
