@@ -38,6 +38,18 @@ import torch
 
 
 def _rss_gb() -> float:
+    """This process's own peak resident memory in GiB.
+
+    Linux's ``VmHWM`` (the process image's high-water mark), not ``ru_maxrss``: a spawned child's ``ru_maxrss``
+    starts at its parent's peak (it survives the fork and the exec), here the parent that generated the scan.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
