@@ -71,6 +71,7 @@ from dscovid.prediction.predict import predict_cases
 from dscovid.results.checkpoint import FINAL, stage_checkpoint
 from dscovid.roots import Roots
 from dscovid.training.run import model_folder, run_training
+from dscovid.training.splits import DEFAULT_NUM_FOLDS
 
 CONFIGURATION = "3d_cpu"
 DEFAULT_VARIANT = "default"
@@ -354,6 +355,8 @@ def main() -> None:
     for option in ("dev_cases", "test_cases", "train_cases", "folds"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    if args.folds > DEFAULT_NUM_FOLDS:
+        parser.error(f"--folds must be at most {DEFAULT_NUM_FOLDS} (the cross-validation's folds)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
     work = args.work.resolve() / ("smoke" if args.smoke else "full")

@@ -184,14 +184,18 @@ def fit_and_score(X_train, y_train, X_test, y_test, seed: int) -> dict:
                                            validation_fraction=0.15, n_iter_no_change=30, random_state=seed)
     model.fit(X_train, y_train)
     predicted = model.predict(X_test)
-    correct = int((predicted == y_test).sum())
-    low, high = wilson_interval(correct, len(y_test))
-    confusion = np.zeros((len(CLASSES), len(CLASSES)), dtype=int)
-    np.add.at(confusion, (y_test, predicted), 1)
     pneumonia = y_test < 2
-    return {"accuracy": correct / len(y_test), "interval": [low, high], "confusion": confusion.tolist(),
-            "covid_vs_cap_errors": int((predicted[pneumonia] != y_test[pneumonia]).sum()),
+    return {**_score(predicted, y_test), "covid_vs_cap_errors": int((predicted[pneumonia] != y_test[pneumonia]).sum()),
             "iterations": int(model.n_iter_)}
+
+
+def _score(predicted: np.ndarray, y: np.ndarray) -> dict:
+    """Accuracy, its 95 % Wilson interval and the confusion matrix (rows: true class)."""
+    correct = int((predicted == y).sum())
+    confusion = np.zeros((len(CLASSES), len(CLASSES)), dtype=int)
+    np.add.at(confusion, (y, predicted), 1)
+    return {"accuracy": correct / len(y), "interval": list(wilson_interval(correct, len(y))),
+            "confusion": confusion.tolist()}
 
 
 #: The report's measurements used by ``--predictions`` (names of the per-case columns).
@@ -310,25 +314,21 @@ def fitted_on_other_predictions(fit_raw: Path, fit_predictions: Path, raw: Path,
     rows, y, network, _ = read_measurements(raw, predictions)
     result = {"fitted_on": str(fit_predictions), "fit_cases": len(fit_y),
               "network_accuracy_on_fit_cases": float((fit_network == fit_y).mean()), "scored_on": str(predictions),
-              "cases": len(y), "network_accuracy": float((network == y).mean()),
-              "network_interval": list(wilson_interval(int((network == y).sum()), len(y))), "classifiers": []}
+              "cases": len(y), "network": _score(network, y), "classifiers": []}
     for model_name, model in _classifiers().items():
         guessed = model().fit(np.array(fit_rows["predicted"]), fit_y).predict(np.array(rows["predicted"]))
-        confusion = np.zeros((len(CLASSES), len(CLASSES)), dtype=int)
-        np.add.at(confusion, (y, guessed), 1)
-        result["classifiers"].append({"model": model_name, "accuracy": float((guessed == y).mean()),
-                                      "interval": list(wilson_interval(int((guessed == y).sum()), len(y))),
-                                      "confusion": confusion.tolist()})
+        result["classifiers"].append({"model": model_name, **_score(guessed, y)})
     return result
 
 
 def _print_fitted(result: dict) -> None:
-    low, high = result["network_interval"]
+    low, high = result["network"]["interval"]
     print(f"\nfitted on {result['fit_cases']} cases' predictions (the network's accuracy on them "
           f"{100 * result['network_accuracy_on_fit_cases']:.1f} %), scored on {result['cases']} cases")
     print("| classifier of the predicted masks' six measurements | accuracy (95 % CI) | confusion |")
     print("|---|---|---|")
-    print(f"| the network's own | {100 * result['network_accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f}) | – |")
+    print(f"| the network's own | {100 * result['network']['accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f}) "
+          f"| {result['network']['confusion']} |")
     for row in result["classifiers"]:
         low, high = row["interval"]
         print(f"| {row['model']} | {100 * row['accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f}) | {row['confusion']} |")

@@ -36,22 +36,13 @@ from dscovid.io.scans import Scan  # noqa: E402
 from dscovid.model.precision import autocast  # noqa: E402
 from dscovid.prediction.inputs import load_case  # noqa: E402
 from dscovid.preprocessing.resampling import resample_to_grid  # noqa: E402
-from dscovid.training.augmentation import resample_grid  # noqa: E402
+from dscovid.training.augmentation import resample_grid, spatial_matrix  # noqa: E402
 
 #: (in-plane rotation in degrees, zoom) of each extra view; training draws up to 15 degrees and 0.85-1.15.
 VIEWS = {"identity": (0.0, 1.0), "rot-10": (-10.0, 1.0), "rot+10": (10.0, 1.0), "zoom0.9": (0.0, 0.9),
          "zoom1.1": (0.0, 1.1)}
 VIEW_SETS = {"predictor (identity)": ["identity"], "+ rotations": ["identity", "rot-10", "rot+10"],
              "+ zooms": ["identity", "zoom0.9", "zoom1.1"], "all five": list(VIEWS)}
-
-
-def view_matrix(angle_deg: float, zoom: float, spacing_zyx_mm) -> np.ndarray:
-    """Output-to-input voxel map of an in-plane rotation and zoom (as ``draw_spatial_matrix`` builds it)."""
-    angle = np.deg2rad(angle_deg)
-    cos, sin = np.cos(angle), np.sin(angle)
-    rotation = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-    spacing = np.asarray(spacing_zyx_mm, dtype=np.float64)
-    return np.diag(1.0 / spacing) @ (rotation.T / zoom) @ np.diag(spacing)
 
 
 def case_probabilities(model, loaded, spacing_zyx_mm) -> dict[str, np.ndarray]:
@@ -79,7 +70,7 @@ def case_probabilities(model, loaded, spacing_zyx_mm) -> dict[str, np.ndarray]:
                 if name == "identity":
                     cls_view, lesion_view = cls_image, lesion
                 else:
-                    matrix = view_matrix(angle, zoom, spacing_zyx_mm)
+                    matrix = spatial_matrix(np.deg2rad(angle), zoom, spacing_zyx_mm)
                     centre = np.zeros(3)
                     cls_view = resample_grid(cls_image, shape, centre, shape, matrix)
                     lesion_view = resample_grid(lesion, shape, centre, shape, matrix)

@@ -133,7 +133,7 @@ CPU_CALL_ACTIVATION_BYTES = 512 * 2**20
 def tile_activation_bytes(configuration: Configuration) -> int:
     """float32 bytes of the convolution outputs of one tile through the segmentation branch (the planner's budget
     model, :func:`dscovid.model.conv_layers.segmentation_layers`)."""
-    layers = segmentation_layers(configuration.segmentation.patch_size_zyx, configuration.to_dict()["network"])
+    layers = segmentation_layers(configuration.segmentation.patch_size_zyx, configuration.network.to_dict())
     return 4 * sum(layer.voxels * layer.out_channels for layer in layers)
 
 
@@ -143,9 +143,8 @@ def tile_batch_size(configuration: Configuration, device: torch.device) -> int:
 
     On the CPU a batch of large tiles runs little faster than its tiles one after the other, while the activations
     of every tile of the batch are alive at once (the paper's 24×256×256 tiles hold 32-channel maps of the whole
-    tile at full resolution). Small tiles keep
-    their batch: PyTorch runs a single small 3D input through its slow native convolution instead of oneDNN's
-    (docs/prediction.md, memory).
+    tile at full resolution). Small tiles keep their batch: PyTorch runs a single small 3D input through its slow
+    native convolution instead of oneDNN's (docs/prediction.md, memory).
     """
     configured = int(configuration.inference.batch_size)
     if device.type == "cuda":

@@ -83,7 +83,13 @@ def draw_spatial_matrix(
         return None
     angle = np.deg2rad(rng.uniform(-settings.rotation_deg, settings.rotation_deg)) if rotate else 0.0
     scale = rng.uniform(*settings.scale_range) if zoom else 1.0
-    cos, sin = np.cos(angle), np.sin(angle)
+    return spatial_matrix(angle, scale, spacing_zyx_mm)
+
+
+def spatial_matrix(angle_rad: float, scale: float, spacing_zyx_mm: Sequence[float]) -> np.ndarray:
+    """The (3, 3) output-to-input voxel map of an in-plane rotation by ``angle_rad`` about z and a zoom by
+    ``scale``: ``R(-angle) / scale`` in millimetres, ``S^-1 M S`` in voxels."""
+    cos, sin = np.cos(angle_rad), np.sin(angle_rad)
     rotation = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
     spacing = np.asarray(spacing_zyx_mm, dtype=np.float64)
     return np.diag(1.0 / spacing) @ (rotation.T / scale) @ np.diag(spacing)
