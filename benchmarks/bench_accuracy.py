@@ -129,6 +129,7 @@ MODELS = {
     "detachLesionMap": Model("without the classification gradient into Ŝ", "DeepSCCOVIDTrainer_detachLesionMap"),
     "scannerAug": Model("with other scanners' looks in the augmentation", "DeepSCCOVIDTrainer_scannerAug"),
     "lesionSampling": Model("with per-lesion sampling of the forced patches", "DeepSCCOVIDTrainer_lesionSampling"),
+    "contextDegrade": Model("with the lesion context degraded as on unseen scans", "DeepSCCOVIDTrainer_contextDegrade"),
     "segOnly": Model("segmentation only (w/o Cls.)", "SegmentationTrainer"),
     "clsOnly": Model("classification only (w/o Seg.)", "ClassificationTrainer"),
 }

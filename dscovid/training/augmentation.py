@@ -19,6 +19,11 @@ different anatomy. Three decisions follow:
   segmentation patch only: it imitates another reconstruction kernel (in-plane Gaussian blur, or unsharp masking
   for a sharp kernel) and thicker slices (the patch taken down to fewer slices and back), which change the texture
   at the patch's resolution; each cell of the classification grid already averages many scan voxels.
+- **Lesion context** (off by default, a trainer variant turns it on) acts on the classifier's lesion map alone,
+  the ground truth or the network's cached Ŝ that stands for Ŝ outside the patch: it removes whole lesions, small
+  ones more often than large ones, and scales what is left down, as the network's map of an unseen scan misses
+  and under-segments lesions that its map of a training scan (or the ground truth) has. The classifier then learns
+  not to read "few small lesions" as CAP or non-pneumonia from a map that only lost them.
 
 All random parameters come from the data loader's own generator (one stream per background worker, derived from
 the run seed), not from numpy's or Python's global generators, so a seeded run sees the same batches again.
@@ -31,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import affine_transform, gaussian_filter, zoom
+from scipy.ndimage import affine_transform, gaussian_filter, label, zoom
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class AugmentationSettings:
     sharpen_amount: tuple[float, float] = (0.3, 1.0)  # unsharp masking, in-plane sigma 1 voxel
     p_thick_slices: float = 0.0
     slice_zoom: tuple[float, float] = (0.4, 0.8)  # slices kept, as a share of the patch's
+    p_context: float = 0.0  # the lesion context degraded (degrade_context)
+    context_drop: tuple[tuple[float, float], ...] = ((10.0, 0.9), (30.0, 0.4), (100.0, 0.05))  # (below ml, p)
+    context_gain: tuple[float, float] = (0.5, 1.0)
 
     @classmethod
     def none(cls) -> AugmentationSettings:
@@ -67,6 +75,11 @@ class AugmentationSettings:
     def scanner(cls) -> AugmentationSettings:
         """The defaults plus other scanners: noise three times as often, blur, sharpening and thick slices."""
         return cls(p_noise=0.3, p_blur=0.2, p_sharpen=0.2, p_thick_slices=0.25)
+
+    @classmethod
+    def context(cls) -> AugmentationSettings:
+        """The defaults plus the lesion context of an unseen scan's quality for half of the samples."""
+        return cls(p_context=0.5)
 
 
 def draw_spatial_matrix(
@@ -192,17 +205,47 @@ def degrade_patch(image: np.ndarray, blur: float | None, sharpen: float | None,
     return out[None]
 
 
+#: Cells of the lesion map above this belong to a lesion (the network's map is a small positive number elsewhere).
+CONTEXT_LESION_THRESHOLD = 0.05
+
+
+def degrade_context(grid: np.ndarray, cell_ml: float, drop: Sequence[tuple[float, float]], gain: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """The lesion map (1, N, H, W) with some lesions removed and the rest scaled by ``gain``.
+
+    A lesion is a 26-connected component of the cells above :data:`CONTEXT_LESION_THRESHOLD`; its volume is the sum
+    of its cells' values times ``cell_ml``. ``drop`` lists (volume below which, probability) in increasing volume:
+    a lesion is removed with the probability of the first bound its volume is under, larger ones are kept.
+    """
+    labels, count = label(grid[0] > CONTEXT_LESION_THRESHOLD, structure=np.ones((3, 3, 3), dtype=bool))
+    out = grid.astype(np.float32, copy=True)
+    if count:
+        volumes = np.bincount(labels.ravel(), weights=grid[0].ravel().astype(np.float64), minlength=count + 1)
+        volumes = volumes[1:] * cell_ml
+        chances = np.zeros(count)
+        for bound, chance in reversed(tuple(drop)):
+            chances[volumes < bound] = chance
+        removed = np.flatnonzero(rng.random(count) < chances) + 1
+        out[0][np.isin(labels, removed)] = 0.0
+    out *= gain
+    return out
+
+
 def augment_sample(sample: dict, settings: AugmentationSettings, rng: np.random.Generator) -> dict:
     """Mirroring, then intensity with one draw for both views, then the scanner's look of the patch (only where
     its probability is above 0, so the default draws the same random numbers as without it), then independent
     Gaussian noise (in place).
 
     Contrast is taken about the classification image's mean inside the lung (the scan's mean, the same for both
-    views); gamma acts on the fixed [0, 1] range of the preprocessed image.
+    views); gamma acts on the fixed [0, 1] range of the preprocessed image. The lesion context is degraded (with
+    ``settings.p_context`` > 0 only) using ``sample["cell_ml"]``, the volume of one classification-grid cell.
     """
     for axis in settings.mirror_axes:
         if rng.random() < 0.5:
             mirror(sample, axis)
+    if settings.p_context > 0 and rng.random() < settings.p_context:
+        sample["cls_lesion"] = degrade_context(sample["cls_lesion"], float(sample["cell_ml"]), settings.context_drop,
+                                               rng.uniform(*settings.context_gain), rng)
     brightness = rng.uniform(*settings.brightness_range) if rng.random() < settings.p_brightness else None
     contrast = rng.uniform(*settings.contrast_range) if rng.random() < settings.p_contrast else None
     gamma = rng.uniform(*settings.gamma_range) if rng.random() < settings.p_gamma else None

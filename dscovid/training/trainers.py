@@ -35,6 +35,8 @@ trainer                                                paper
                                                        scanners' looks (noise, blur, sharpening, thick slices)
 ``DeepSCCOVIDTrainer_lesionSampling``                  not in the paper: patches forced onto a lesion draw the
                                                        lesion uniformly, then a voxel (small lesions as often)
+``DeepSCCOVIDTrainer_contextDegrade``                  not in the paper: the classifier's lesion context loses
+                                                       lesions (small ones most) as an unseen scan's map does
 ``PlainCascadeTrainer``                                none of the paper's parts: a plain 3D U-Net and a small
                                                        classifier on the image and its predicted lesion map
 =====================================================  ===========================================================
@@ -177,6 +179,15 @@ class DeepSCCOVIDTrainer_scannerAug(DeepSCCOVIDTrainer):  # noqa: N801
         return AugmentationSettings.scanner()
 
 
+class DeepSCCOVIDTrainer_contextDegrade(DeepSCCOVIDTrainer):  # noqa: N801
+    """The default with :meth:`AugmentationSettings.context`: for half of the samples the classifier's lesion map
+    outside the patch loses lesions (small ones most often) and is scaled down, as the network's map of an unseen
+    scan misses and under-segments what the ground truth and its map of a training scan hold."""
+
+    def augmentation(self) -> AugmentationSettings:
+        return AugmentationSettings.context()
+
+
 class PlainCascadeTrainer(DeepSCCOVIDTrainer):
     """The baseline the paper's parts must beat: none of them, on the same data, schedule and predictor.
 
@@ -222,6 +233,7 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_paperLiteral,
         DeepSCCOVIDTrainer_scannerAug,
         DeepSCCOVIDTrainer_lesionSampling,
+        DeepSCCOVIDTrainer_contextDegrade,
         PlainCascadeTrainer,
     )
 }
