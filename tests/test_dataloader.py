@@ -15,7 +15,7 @@ from dscovid.training.augmentation import (
     resample_patch,
 )
 from dscovid.training.data import list_cache_cases
-from dscovid.training.loader import build_loader, close_loader
+from dscovid.training.loader import PatchLoader, build_loader, close_loader
 from dscovid.training.sampling import crop
 
 
@@ -165,3 +165,46 @@ def test_scanner_looks_are_off_by_default_and_draw_no_random_number():
     assert rng.random() == reference.random()
     assert np.array_equal(out["data"], _lung_patch())
     assert AugmentationSettings().p_blur == AugmentationSettings().p_sharpen == AugmentationSettings().p_thick_slices == 0
+    assert AugmentationSettings().p_context == 0
+
+
+def _two_lesion_map(cell_ml: float) -> np.ndarray:
+    """(1, 16, 32, 32): a 4-cell lesion (small), a 6x10x10 lesion (large) and a faint 0.01 haze elsewhere."""
+    grid = np.full((1, 16, 32, 32), 0.01, np.float32)
+    grid[0, 2:4, 2:4, 2] = 1.0
+    grid[0, 8:14, 15:25, 15:25] = 0.8
+    assert 4 * cell_ml < 10 < 480 * cell_ml
+    return grid
+
+
+def test_context_degradation_drops_small_lesions_and_scales_the_rest():
+    from dscovid.training.augmentation import degrade_context
+
+    grid = _two_lesion_map(cell_ml=0.5)
+    out = degrade_context(grid, 0.5, ((10.0, 1.0),), 0.8, np.random.default_rng(0))
+    assert np.all(out[0, 2:4, 2:4, 2] == 0)  # the small lesion is gone
+    assert np.allclose(out[0, 8:14, 15:25, 15:25], 0.64)  # the large one kept and scaled
+    assert np.isclose(out[0, 0, 31, 31], 0.008)  # the haze is no lesion: scaled, not removed
+    assert np.array_equal(grid, _two_lesion_map(cell_ml=0.5))  # the input is not changed
+    # A lesion is removed with the probability of the first volume bound it is under, per lesion and draw.
+    rng = np.random.default_rng(1)
+    drops = ((10.0, 0.5), (1000.0, 0.1))
+    small, large = zip(*[(out[0, 2, 2, 2] == 0, out[0, 10, 20, 20] == 0) for out in
+                         (degrade_context(grid, 0.5, drops, 1.0, rng) for _ in range(400))])
+    assert 0.4 < np.mean(small) < 0.6 and 0.05 < np.mean(large) < 0.15
+
+
+def test_loader_knows_the_volume_of_a_grid_cell(tmp_path):
+    """``cell_ml`` turns the lesion context back into millilitres: the preprocessor's map of a lesion mask, summed
+    over the grid, gives the mask's volume at the preprocessed spacing (the degradation's bounds are in ml)."""
+    from dscovid.preprocessing.resampling import resample_to_grid
+
+    dataset_dir = make_cache(tmp_path, n_cases=3)
+    cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
+    spacing = (2.0, 1.5, 1.5)
+    loader = PatchLoader(cases, 1, (8, 16, 16), spacing, 0.0, AugmentationSettings.none())
+    for case in cases:
+        sample = loader.make_sample(case, False)
+        lesion = case.load()["lesion"].astype(np.float32)
+        on_grid = resample_to_grid(lesion, sample["cls_lesion"].shape[1:], sparse=True)
+        assert np.isclose(on_grid.sum() * sample["cell_ml"], lesion.sum() * np.prod(spacing) / 1000, rtol=0.03)
