@@ -35,7 +35,8 @@ pre-training, before the joint stage), ``plain`` (``PlainCascadeTrainer``, none 
 ``inceptionStem``, ``taskAware``, ``paperParts`` (the paper's parts that ``3d_cpu`` leaves out, one at a time and
 both), ``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``lastSideOutput``, ``detachLesionMap``,
 ``scannerAug`` (other scanners' looks in the augmentation), ``lesionSampling`` (forced patches drawn per lesion, not
-per voxel), ``segOnly`` / ``clsOnly`` (the paper's single-task
+per voxel), ``contextDegrade`` (the classifier's lesion context loses lesions as on unseen scans),
+``classifierDropout`` (dropout before the classifier's linear layer), ``segOnly`` / ``clsOnly`` (the paper's single-task
 rows). ``noTaskAware`` and ``convStem`` are the default itself on today's ``3d_cpu``; they remain for other
 configurations.
 
@@ -130,6 +131,8 @@ MODELS = {
     "scannerAug": Model("with other scanners' looks in the augmentation", "DeepSCCOVIDTrainer_scannerAug"),
     "lesionSampling": Model("with per-lesion sampling of the forced patches", "DeepSCCOVIDTrainer_lesionSampling"),
     "contextDegrade": Model("with the lesion context degraded as on unseen scans", "DeepSCCOVIDTrainer_contextDegrade"),
+    "classifierDropout": Model("with dropout 0.5 before the classifier's linear layer",
+                               "DeepSCCOVIDTrainer_classifierDropout"),
     "segOnly": Model("segmentation only (w/o Cls.)", "SegmentationTrainer"),
     "clsOnly": Model("classification only (w/o Seg.)", "ClassificationTrainer"),
 }

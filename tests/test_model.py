@@ -125,6 +125,27 @@ def test_detached_lesion_map_stops_the_classification_gradient_at_s_hat():
         assert _norm(grads, "classification_subnet.") > 0 and _norm(grads, "stem_cls.") > 0
 
 
+def test_classifier_dropout_acts_in_training_only_and_keeps_the_evidence_exact():
+    batch = model_batch()
+    torch.manual_seed(0)
+    net = build_network(tiny_configuration({"classifier_dropout": 0.5}))
+    torch.manual_seed(0)
+    plain = build_network(tiny_configuration())
+    assert net.state_dict().keys() == plain.state_dict().keys()  # no parameter or buffer of its own
+    net.train()
+    with torch.no_grad():
+        first, second = net(**batch).class_logits, net(**batch).class_logits
+    assert not torch.allclose(first, second)  # a new mask each pass
+    net.eval()
+    with torch.no_grad():
+        out = net(**batch)
+        torch.testing.assert_close(out.class_logits, net(**batch).class_logits)
+    # Equation 5 holds at inference: the evidence masks add up to the subnet's logits.
+    subnet_logits = out.class_logits - (out.findings_logits if out.findings_logits is not None else 0)
+    summed = sum(v.mean(dim=(2, 3, 4)) for v in out.evidence)
+    torch.testing.assert_close(summed, subnet_logits, atol=1e-4, rtol=1e-4)
+
+
 def test_segmentation_loss_reaches_classification_stem_via_cross_stitch(tiny_net):
     grads = _grads(tiny_net, {"lambda_seg": 1.0, "lambda_cls": 0.0, "lambda_ta": 0.0})
     assert _norm(grads, "stem_cls.") > 0
@@ -299,6 +320,9 @@ def test_configuration_errors_name_the_key():
         build_network(tiny_configuration({"stem_channels": 12}))
     with pytest.raises(DscovidError, match=r"network\.norm_groups"):
         build_network(tiny_configuration({"norm": "group", "norm_groups": 3}))
+    for bad in (1.0, -0.1, True, "0.5"):
+        with pytest.raises(DscovidError, match=r"network\.classifier_dropout"):
+            build_network(tiny_configuration({"classifier_dropout": bad}))
     # The defaults are the paper's network: what the paper-literal trainer makes of the shipped 3d_paper preset.
     paper = DeepSCCOVIDTrainer_paperLiteral.effective_configuration(preset_configuration("3d_paper", (1.5, 0.8, 0.8)))
     assert paper.network == NetworkConfig() and NetworkConfig.from_dict(paper.network.to_dict()) == paper.network

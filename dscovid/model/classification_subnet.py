@@ -45,6 +45,8 @@ class ClassificationSubnet(nn.Module):
         ``in_channels - lesion_channels``). 0 builds the classification-only network of Table II (no Ŝ input).
     num_classes : int
         K (3: covid, cap, non_pneumonia).
+    dropout : float
+        Dropout on the pooled vector before the linear layer, in training only (0: none, as the paper).
 
     The linear layer has no bias, as equation 4 is written; the evidence masks (equation 5) then add up exactly to
     the logits.
@@ -58,8 +60,10 @@ class ClassificationSubnet(nn.Module):
         num_classes: int = 3,
         norm: str = "group",
         norm_groups: int = 2,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.dropout = float(dropout)
         self.uses_lesion = lesion_channels > 0
         if self.uses_lesion:
             if not 0 < lesion_channels < in_channels:
@@ -106,4 +110,6 @@ class ClassificationSubnet(nn.Module):
             x = unit(x)
             features.append(x)
         pooled = torch.cat([f.mean(dim=(2, 3, 4)) for f in features], dim=1)
+        if self.dropout > 0:
+            pooled = F.dropout(pooled, self.dropout, self.training)
         return self.linear(pooled), features

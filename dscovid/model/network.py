@@ -122,7 +122,8 @@ class DeepSCCOVID(nn.Module):
             self.stem_cls = make_stem(config.stem, c0, *norm)
             lesion_channels = config.lesion_channels if self.has_segmentation else 0
             self.classification_subnet = ClassificationSubnet(
-                c0, config.classification_widths, lesion_channels, config.num_classes, *norm
+                c0, config.classification_widths, lesion_channels, config.num_classes, *norm,
+                dropout=config.classifier_dropout,
             )
         self.findings_head = None
         if config.tasks == "joint" and config.findings_head:

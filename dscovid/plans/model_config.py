@@ -83,6 +83,8 @@ class NetworkConfig:
     detach_lesion_map: bool = False
     """Ŝ enters the classifier without its gradient: the classification loss no longer trains the lesion subnet
     (with ``cross_stitch`` off and ``lambda_ta`` 0 the two tasks are then a plain cascade trained side by side)."""
+    classifier_dropout: float = 0.0
+    """Dropout on the pooled features before the classifier's linear layer while training (0: none, the paper)."""
     findings_head: bool = False
     """Add the findings head (``dscovid.model.findings_head``): a linear term per class over the paper's lesion
     findings measured on Ŝ. Not in the paper; only the joint network has it (single-task networks ignore it)."""
@@ -110,6 +112,9 @@ class NetworkConfig:
         for key in ("cross_stitch", "findings_head", "detach_lesion_map"):
             if not isinstance(getattr(self, key), bool):
                 raise DscovidError(f"{p}.{key} must be true or false; got {getattr(self, key)!r}")
+        if isinstance(self.classifier_dropout, bool) or not isinstance(self.classifier_dropout, (int, float)) \
+                or not 0 <= self.classifier_dropout < 1:
+            raise DscovidError(f"{p}.classifier_dropout must be a number in [0, 1); got {self.classifier_dropout!r}")
         _check_int_list(p, "stem_channels", [self.stem_channels], 1, minimum=8)
         if self.stem_channels % 8:
             raise DscovidError(f"{p}.stem_channels must be a multiple of 8 (inception branch split); got {self.stem_channels}")

@@ -37,6 +37,8 @@ trainer                                                paper
                                                        lesion uniformly, then a voxel (small lesions as often)
 ``DeepSCCOVIDTrainer_contextDegrade``                  not in the paper: the classifier's lesion context loses
                                                        lesions (small ones most) as an unseen scan's map does
+``DeepSCCOVIDTrainer_classifierDropout``               not in the paper: dropout 0.5 on the classifier's pooled
+                                                       features before its linear layer
 ``PlainCascadeTrainer``                                none of the paper's parts: a plain 3D U-Net and a small
                                                        classifier on the image and its predicted lesion map
 =====================================================  ===========================================================
@@ -188,6 +190,13 @@ class DeepSCCOVIDTrainer_contextDegrade(DeepSCCOVIDTrainer):  # noqa: N801
         return AugmentationSettings.context()
 
 
+class DeepSCCOVIDTrainer_classifierDropout(DeepSCCOVIDTrainer):  # noqa: N801
+    """The default with dropout 0.5 on the classifier's pooled features (``network.classifier_dropout``): its
+    classifier otherwise fits its few dozen training scans exactly early in pre-training."""
+
+    overrides = {"network.classifier_dropout": 0.5}
+
+
 class PlainCascadeTrainer(DeepSCCOVIDTrainer):
     """The baseline the paper's parts must beat: none of them, on the same data, schedule and predictor.
 
@@ -234,6 +243,7 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_scannerAug,
         DeepSCCOVIDTrainer_lesionSampling,
         DeepSCCOVIDTrainer_contextDegrade,
+        DeepSCCOVIDTrainer_classifierDropout,
         PlainCascadeTrainer,
     )
 }
