@@ -8,8 +8,10 @@ views of it are almost free: this script segments each case once per mirror as t
 the lesion map on it, transformed together about the grid's centre with the training augmentation's own
 ``resample_grid``: in-plane rotations and zooms of the ranges training draws) and reports the accuracy of every
 set of views against the predictor's (identity and mirror), with 95 % Wilson intervals and the paired difference
-(bootstrap over the cases). Only for networks without the cross-stitch (``3d_cpu``): with it, the stitched
-segmentation features would have to be transformed too.
+(bootstrap over the cases). For a network with the findings head it also scores each of the two terms that add up
+to the class logits on their own (the classification subnet's, equation 4, and the findings head's). Only for
+networks without the cross-stitch (``3d_cpu``): with it, the stitched segmentation features would have to be
+transformed too.
 
     python benchmarks/classifier_tta.py --model RESULTS/Dataset980_AccuracyTrain/DeepSCCOVIDTrainer__3d_cpu \\
         --dataset RAW/Dataset981_AccuracyDev --json tta.json
@@ -42,7 +44,9 @@ from dscovid.training.augmentation import resample_grid, spatial_matrix  # noqa:
 VIEWS = {"identity": (0.0, 1.0), "rot-10": (-10.0, 1.0), "rot+10": (10.0, 1.0), "zoom0.9": (0.0, 0.9),
          "zoom1.1": (0.0, 1.1)}
 VIEW_SETS = {"predictor (identity)": ["identity"], "+ rotations": ["identity", "rot-10", "rot+10"],
-             "+ zooms": ["identity", "zoom0.9", "zoom1.1"], "all five": list(VIEWS)}
+             "+ zooms": ["identity", "zoom0.9", "zoom1.1"], "all five": list(VIEWS),
+             "identity, the classification subnet's logits alone": ["identity/subnet"],
+             "identity, the findings head's logits alone": ["identity/findings"]}
 
 
 def case_probabilities(model, loaded, spacing_zyx_mm) -> dict[str, np.ndarray]:
@@ -78,11 +82,12 @@ def case_probabilities(model, loaded, spacing_zyx_mm) -> dict[str, np.ndarray]:
                 lesion_t = torch.from_numpy(np.ascontiguousarray(lesion_view, dtype=np.float32))[None, None].to(device)
                 with torch.no_grad(), autocast(device):
                     i_cls = network.encode_classification(cls_t)
-                    logits, _, term = network.classify_parts(i_cls, lesion_t, None, None, cls_t)
-                    if term is not None:
-                        logits = logits + term
-                probabilities = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
-                total[name] = total.get(name, 0.0) + probabilities
+                    subnet, _, term = network.classify_parts(i_cls, lesion_t, None, None, cls_t)
+                parts = {name: subnet if term is None else subnet + term}
+                if name == "identity" and term is not None:  # what each of the two terms says on its own
+                    parts.update({"identity/subnet": subnet, "identity/findings": term})
+                for key, logits in parts.items():
+                    total[key] = total.get(key, 0.0) + torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
     return total
 
 
@@ -99,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     model = load_trained_model(args.model, folds=args.folds, device="cpu")
     dataset = load_raw_dataset(args.dataset)
     cases = list(dataset.cases())[: args.limit]
-    labels, views = [], {name: [] for name in VIEWS}
+    labels, views = [], {}
     started = time.perf_counter()
     for case in cases:
         loaded = load_case(Scan(case.name, Path(case.image)), model.preprocessing)
         spacing = np.asarray(loaded.properties["target_spacing_zyx_mm"], dtype=np.float64)
         for name, probabilities in case_probabilities(model, loaded, spacing).items():
-            views[name].append(probabilities)
+            views.setdefault(name, []).append(probabilities)
         labels.append(model.class_names.index(case.class_name))
     y = np.array(labels)
     print(f"{len(y)} cases in {time.perf_counter() - started:.0f} s")
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| classifier views (each also mirrored) | accuracy (95 % CI) | minus the predictor's (95 % CI) |")
     print("|---|---|---|")
     for set_name, names in VIEW_SETS.items():
+        if any(name not in views for name in names):  # a network without the findings head has no parts
+            continue
         guessed = np.argmax(sum(np.array(views[name]) for name in names), axis=1)
         correct = (guessed == y).astype(float)
         reference = correct if reference is None else reference
