@@ -320,7 +320,7 @@ def test_configuration_errors_name_the_key():
         build_network(tiny_configuration({"stem_channels": 12}))
     with pytest.raises(DscovidError, match=r"network\.norm_groups"):
         build_network(tiny_configuration({"norm": "group", "norm_groups": 3}))
-    for bad in (1.0, -0.1, True, "0.5"):
+    for bad in (1.0, -0.1, True, "0.5", float("nan")):
         with pytest.raises(DscovidError, match=r"network\.classifier_dropout"):
             build_network(tiny_configuration({"classifier_dropout": bad}))
     # The defaults are the paper's network: what the paper-literal trainer makes of the shipped 3d_paper preset.

@@ -112,9 +112,9 @@ class NetworkConfig:
         for key in ("cross_stitch", "findings_head", "detach_lesion_map"):
             if not isinstance(getattr(self, key), bool):
                 raise DscovidError(f"{p}.{key} must be true or false; got {getattr(self, key)!r}")
-        if isinstance(self.classifier_dropout, bool) or not isinstance(self.classifier_dropout, (int, float)) \
-                or not 0 <= self.classifier_dropout < 1:
-            raise DscovidError(f"{p}.classifier_dropout must be a number in [0, 1); got {self.classifier_dropout!r}")
+        _check_number(p, "classifier_dropout", self.classifier_dropout)
+        if not self.classifier_dropout < 1:  # NaN too
+            raise DscovidError(f"{p}.classifier_dropout must be below 1 (1 drops every feature); got {self.classifier_dropout!r}")
         _check_int_list(p, "stem_channels", [self.stem_channels], 1, minimum=8)
         if self.stem_channels % 8:
             raise DscovidError(f"{p}.stem_channels must be a multiple of 8 (inception branch split); got {self.stem_channels}")
