@@ -71,6 +71,9 @@ def test_a_bfloat16_training_step_reaches_every_parameter_with_float32_losses(mo
         result.total.backward()
         return {name: p.grad.clone() for name, p in network.named_parameters() if p.grad is not None}
 
+    fault = precision.kernel_fault(network, lambda: network(**inputs), torch.bfloat16, "cpu")
+    if fault is not None:  # the trainer then trains in float32 (test_training's fallback test)
+        pytest.skip(f"this CPU's bfloat16 kernels are wrong for this network: {fault}")
     reference, reduced = gradients(None), gradients(torch.bfloat16)
     assert reduced.keys() == reference.keys()
     for name, grad in reduced.items():
@@ -78,6 +81,45 @@ def test_a_bfloat16_training_step_reaches_every_parameter_with_float32_losses(mo
     flat_ref = torch.cat([g.flatten() for g in reference.values()])
     flat_bf = torch.cat([reduced[k].flatten() for k in reference])
     assert torch.nn.functional.cosine_similarity(flat_ref, flat_bf, dim=0) > 0.95  # 8-bit mantissa: ~0.99
+
+
+class _WrongWeightGradient(torch.autograd.Function):
+    """A convolution whose weight gradient is off by a factor 3 when it runs in bfloat16: a faulty kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.conv3d(x, weight, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.nn.grad.conv3d_input(x.shape, weight, grad, padding=1)
+        grad_w = torch.nn.grad.conv3d_weight(x, weight.shape, grad, padding=1)
+        return grad_x, grad_w * (3.0 if x.dtype == torch.bfloat16 else 1.0)
+
+
+class _FaultyConv(torch.nn.Conv3d):
+    def forward(self, x):
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            with torch.autocast("cpu", enabled=False):
+                return _WrongWeightGradient.apply(x.to(dtype), self.weight.to(dtype))
+        return _WrongWeightGradient.apply(x, self.weight)
+
+
+def test_the_kernel_check_names_the_layer_whose_reduced_precision_gradient_is_wrong():
+    torch.manual_seed(0)
+    healthy = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv3d(8, 8, 3, padding=1), torch.nn.GroupNorm(8, 8))
+    x = torch.rand(2, 1, 8, 16, 16)
+    assert precision.kernel_fault(healthy, lambda: healthy(x), torch.bfloat16, "cpu") is None
+    weights = [p.detach().clone() for p in healthy.parameters()]
+    faulty = torch.nn.Sequential(healthy[0], healthy[1], _FaultyConv(8, 8, 3, bias=False), healthy[3])
+    where, error = precision.kernel_fault(faulty, lambda: faulty(x), torch.bfloat16, "cpu")
+    assert where == "2 [2, 8, 8, 16, 16] weight gradient" and error == pytest.approx(2.0, rel=0.05)
+    assert all(torch.equal(a, b) for a, b in zip(weights, healthy.parameters()))  # nothing trained
+    assert all(p.grad is None for p in faulty.parameters())
 
 
 @needs_bfloat16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -381,3 +382,51 @@ def test_the_lesion_context_component_follows_the_configuration(tmp_path):
         context, notes = lesion_context_for(configuration, tmp_path)
         assert type(context) is GroundTruthContext and context.folder is None
     assert notes and "hard_negative_fraction 0.30 not used" in notes[0]
+
+
+def test_a_cpu_whose_bfloat16_kernels_are_wrong_trains_in_float32(tmp_path, monkeypatch, caplog):
+    """The trainer replays its own network's layers before trusting bfloat16; one wrong kernel means float32."""
+    from dscovid.model import precision
+
+    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: True)
+    trainer = _trainer(tmp_path)
+    assert trainer.autocast_dtype == torch.bfloat16
+    weights = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    faults = iter([None, ("lesion_subnet.down3.0.0 [2, 32, 2, 6, 6] weight gradient", float("inf"))])
+    seen = []
+
+    def replay(network, run_forward, dtype, device):
+        seen.append(network)
+        run_forward()
+        return next(faults)
+
+    monkeypatch.setattr("dscovid.training.base_trainer.kernel_fault", replay)
+    trainer.check_reduced_precision()
+    assert trainer.autocast_dtype == torch.bfloat16 and seen == [trainer.network]
+    with caplog.at_level("WARNING", logger="dscovid.training"):
+        trainer.check_reduced_precision()
+    assert trainer.autocast_dtype is None
+    assert "bfloat16 computes wrong results on this CPU (lesion_subnet.down3.0.0 [2, 32, 2, 6, 6] weight gradient: " \
+           "relative error inf against float32); training in float32" in caplog.text
+    assert all(torch.equal(v, trainer.network.state_dict()[k]) for k, v in weights.items())  # probing trains nothing
+    assert trainer.network.training
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_an_epoch_of_them_stops_training(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.train_loader = iter(lambda: _fixed_batch(tmp_path / "pre" / "Dataset900_Tiny"), None)
+    trainer.val_loader = trainer.train_loader
+    weight = trainer.network.lesion_subnet.side_outputs[0].weight
+    before = {k: v.detach().clone() for k, v in trainer.network.named_parameters()}
+    handle = weight.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite
+    terms = trainer.train_step(next(trainer.train_loader))
+    assert np.isfinite(terms["total"]) and trainer.skipped_steps == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.network.named_parameters())  # no step taken
+    trainer.stages[0] = dataclasses.replace(trainer.stages[0], iterations_per_epoch=2)
+    with pytest.raises(DscovidError, match=r"out: training stopped at epoch 1: every step had a non-finite loss or "
+                                           r"gradient \(DSCOVID_PRECISION=float32 rules out reduced precision\)$"):
+        trainer.run_epoch()
+    handle.remove()
+    trainer.run_epoch()  # healthy gradients again: the epoch runs and the weights move
+    assert trainer.skipped_steps == 0 and not torch.equal(weight, before["lesion_subnet.side_outputs.0.weight"])

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dscovid.errors import DscovidError
 from dscovid.model import build_loss, build_network
 from dscovid.model.network import MODULE_GROUPS
-from dscovid.model.precision import autocast_dtype, dtype_name
+from dscovid.model.precision import autocast_dtype, dtype_name, kernel_fault
 from dscovid.plans.configuration import Configuration, Plans, StageConfig
 from dscovid.results.checkpoint import (
     BEST,
@@ -125,6 +125,7 @@ class Trainer:
         self.batch_size = max(1, training.batch_size // self.context.world_size)
         self.oversample = training.oversample_foreground
         self.lesion_sampling = training.lesion_sampling
+        self.skipped_steps = 0  # steps of the current epoch skipped for a non-finite loss or gradient
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class Trainer:
         self.open_log()
         for note in self._unused_notes:
             log.info(note)
+        self.check_reduced_precision()
         s = self.setup
         patch = self.configuration.segmentation.patch_size_zyx
         spacing = self.configuration.preprocessing.target_spacing_zyx_mm
@@ -183,6 +185,56 @@ class Trainer:
                  "%d epochs in %d stage(s)", self.name, self.device, dtype_name(self.autocast_dtype), self.output_dir,
                  len(s.train_cases), len(s.val_cases), self.batch_size, self.context.world_size, self.total_epochs,
                  len(self.stages))
+
+    def check_reduced_precision(self) -> None:
+        """Train in float32 when this CPU's bfloat16 gradients of this network are wrong.
+
+        One probe batch of random inputs with the training shapes goes through the network, and each layer is
+        replayed at the shapes it saw in bfloat16 and in float32 (``dscovid.model.precision.kernel_fault``); the
+        network is in eval mode, so nothing it keeps (the findings head's statistics) moves. CUDA's float16 has the
+        gradient scaler and is not probed.
+        """
+        if self.autocast_dtype != torch.bfloat16 or self.device.type != "cpu":
+            return
+        inputs = self.probe_inputs()
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            found = kernel_fault(self.network, lambda: self.probe_loss(inputs), self.autocast_dtype, self.device)
+        finally:
+            self.network.train(was_training)
+        if found is not None:
+            where, error = found
+            log.warning("bfloat16 computes wrong results on this CPU (%s: relative error %.3g against float32); "
+                        "training in float32", where, error)
+            self.autocast_dtype = None
+
+    def probe_inputs(self) -> dict:
+        """A batch of random inputs (and targets) with the training shapes, from its own seeded generator."""
+        generator = torch.Generator().manual_seed(0)
+        b = self.batch_size
+        patch = list(self.configuration.segmentation.patch_size_zyx)
+        grid = list(self.configuration.classification.grid_zyx)
+        classes = self.network.config.num_classes
+        inputs = {
+            "seg_patch": torch.rand(b, 1, *patch, generator=generator),
+            "patch_box": torch.tensor([[[0, 0, 0], patch]] * b),
+            "volume_shape": torch.tensor([[2 * p for p in patch]] * b),
+            "cls_image": torch.rand(b, 1, *grid, generator=generator),
+            "lesion_context": torch.rand(b, 1, *grid, generator=generator),
+            "lesion_target": (torch.rand(b, 1, *patch, generator=generator) > 0.8).float(),
+            "class_index": torch.arange(b) % classes,
+            "lesion_annotated": torch.ones(b, dtype=torch.bool),
+        }
+        return {key: value.to(self.device) if key not in ("patch_box", "volume_shape") else value
+                for key, value in inputs.items()}
+
+    def probe_loss(self, inputs: dict) -> torch.Tensor:
+        """The loss of :meth:`probe_inputs` through the unwrapped network (no DDP hooks), in the ambient precision."""
+        outputs = self.network(seg_patch=inputs["seg_patch"], patch_box=inputs["patch_box"],
+                               volume_shape=inputs["volume_shape"], cls_image=inputs["cls_image"],
+                               lesion_context=inputs["lesion_context"])
+        return self.compute_loss(outputs, inputs).total
 
     def augmentation(self) -> AugmentationSettings:
         """The training augmentation (a hook: a variant may return other settings)."""
@@ -277,9 +329,17 @@ class Trainer:
         if not math.isfinite(terms["total"]):
             log.warning("Non-finite loss at epoch %d (%s); step skipped", self.epoch, terms)
             self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
             return terms
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in self.network.parameters() if p.requires_grad], self.grad_clip_norm)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.network.parameters() if p.requires_grad],
+                                              self.grad_clip_norm)
+        if not self.use_amp and not torch.isfinite(norm):
+            # Without the gradient scaler (which skips such steps itself), one step would make every weight NaN.
+            log.warning("Non-finite gradient at epoch %d (loss %.4g); step skipped", self.epoch, terms["total"])
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return terms
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return terms
@@ -384,11 +444,15 @@ class Trainer:
         stage = self.stages[self.stage_index]
         terms: list[dict[str, float]] = []
         waited = 0.0
+        self.skipped_steps = 0
         for _ in range(stage.iterations_per_epoch):
             before = time.perf_counter()
             batch = next(self.train_loader)
             waited += time.perf_counter() - before
             terms.append(self.train_step(batch))
+        if self.skipped_steps == stage.iterations_per_epoch:
+            raise DscovidError(f"{self.output_dir}: training stopped at epoch {self.epoch + 1}: every step had a "
+                               f"non-finite loss or gradient (DSCOVID_PRECISION=float32 rules out reduced precision)")
         val_iterations = self.setup.val_iterations or max(2, stage.iterations_per_epoch // 5)
         metrics = self.on_validation_epoch_end([self.validation_step(next(self.val_loader))
                                                 for _ in range(val_iterations)])
