@@ -36,7 +36,8 @@ pre-training, before the joint stage), ``plain`` (``PlainCascadeTrainer``, none 
 both), ``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``lastSideOutput``, ``detachLesionMap``,
 ``scannerAug`` (other scanners' looks in the augmentation), ``lesionSampling`` (forced patches drawn per lesion, not
 per voxel), ``contextDegrade`` (the classifier's lesion context loses lesions as on unseen scans),
-``classifierDropout`` (dropout before the classifier's linear layer), ``segOnly`` / ``clsOnly`` (the paper's single-task
+``classifierDropout`` (dropout before the classifier's linear layer), ``lesionGate`` (the classifier sees the image
+only at and around the lesions), ``segOnly`` / ``clsOnly`` (the paper's single-task
 rows). ``noTaskAware`` and ``convStem`` are the default itself on today's ``3d_cpu``; they remain for other
 configurations.
 
@@ -133,6 +134,7 @@ MODELS = {
     "contextDegrade": Model("with the lesion context degraded as on unseen scans", "DeepSCCOVIDTrainer_contextDegrade"),
     "classifierDropout": Model("with dropout 0.5 before the classifier's linear layer",
                                "DeepSCCOVIDTrainer_classifierDropout"),
+    "lesionGate": Model("with the classifier's features gated by the lesion map", "DeepSCCOVIDTrainer_lesionGate"),
     "segOnly": Model("segmentation only (w/o Cls.)", "SegmentationTrainer"),
     "clsOnly": Model("classification only (w/o Seg.)", "ClassificationTrainer"),
 }

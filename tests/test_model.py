@@ -146,6 +146,33 @@ def test_classifier_dropout_acts_in_training_only_and_keeps_the_evidence_exact()
     torch.testing.assert_close(summed, subnet_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_the_lesion_gate_hides_the_image_away_from_the_lesions_from_the_classifier():
+    from dscovid.model.classification_subnet import ClassificationSubnet
+
+    torch.manual_seed(0)
+    subnet = ClassificationSubnet(16, (8, 8, 8), 4, 3, "instance", lesion_gate=True).eval()
+    features = torch.randn(1, 16, 8, 8, 8)
+    lesion = torch.zeros(1, 1, 8, 8, 8)
+    lesion[..., 2:4, 2:4, 2:4] = 0.9
+    lesion.requires_grad_(True)
+    logits, _ = subnet(features, lesion)
+    far, near = features.clone(), features.clone()
+    far[..., 6:, :, :] += 5.0  # two cells beyond the one-cell dilation of the lesion
+    near[..., 4, 3, 3] += 5.0  # inside the dilation, outside the lesion: its margin is seen
+    with torch.no_grad():
+        torch.testing.assert_close(subnet(far, lesion)[0], logits)
+        assert not torch.allclose(subnet(near, lesion)[0], logits)
+        no_lesion = torch.zeros_like(lesion)
+        torch.testing.assert_close(subnet(features, no_lesion)[0], subnet(torch.randn_like(features), no_lesion)[0])
+    logits.sum().backward()
+    assert lesion.grad.abs().sum() > 0  # the classification loss still reaches Ŝ through the gate
+    # The joint network builds it from network.lesion_gate; the classification-only network has no Ŝ to gate by.
+    assert build_network(tiny_configuration({"lesion_gate": True})).classification_subnet.lesion_gate
+    assert not build_network(tiny_configuration()).classification_subnet.lesion_gate
+    with pytest.raises(DscovidError, match=r"network\.lesion_gate must be true or false; got 1"):
+        build_network(tiny_configuration({"lesion_gate": 1}))
+
+
 def test_segmentation_loss_reaches_classification_stem_via_cross_stitch(tiny_net):
     grads = _grads(tiny_net, {"lambda_seg": 1.0, "lambda_cls": 0.0, "lambda_ta": 0.0})
     assert _norm(grads, "stem_cls.") > 0

@@ -47,6 +47,9 @@ class ClassificationSubnet(nn.Module):
         K (3: covid, cap, non_pneumonia).
     dropout : float
         Dropout on the pooled vector before the linear layer, in training only (0: none, as the paper).
+    lesion_gate : bool
+        Multiply the embedded C-features by the lesion map on their grid, dilated by one cell (a 3×3×3 maximum), so
+        that the subnet sees the image only at and around the lesions (not in the paper; needs ``lesion_channels``).
 
     The linear layer has no bias, as equation 4 is written; the evidence masks (equation 5) then add up exactly to
     the logits.
@@ -61,10 +64,12 @@ class ClassificationSubnet(nn.Module):
         norm: str = "group",
         norm_groups: int = 2,
         dropout: float = 0.0,
+        lesion_gate: bool = False,
     ) -> None:
         super().__init__()
         self.dropout = float(dropout)
         self.uses_lesion = lesion_channels > 0
+        self.lesion_gate = bool(lesion_gate) and self.uses_lesion
         if self.uses_lesion:
             if not 0 < lesion_channels < in_channels:
                 raise ValueError("lesion_channels must be between 0 and the stem channels")
@@ -104,6 +109,8 @@ class ClassificationSubnet(nn.Module):
             if lesion.shape[2:] != c_features.shape[2:]:
                 # Area average: the lesion fraction of each feature cell.
                 lesion = F.adaptive_avg_pool3d(lesion, c_features.shape[2:])
+            if self.lesion_gate:
+                x = x * F.max_pool3d(lesion, 3, stride=1, padding=1)
             x = torch.cat([self.lesion_embed(lesion), x], dim=1)
         features = []
         for unit in self.units:

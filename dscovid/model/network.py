@@ -123,7 +123,7 @@ class DeepSCCOVID(nn.Module):
             lesion_channels = config.lesion_channels if self.has_segmentation else 0
             self.classification_subnet = ClassificationSubnet(
                 c0, config.classification_widths, lesion_channels, config.num_classes, *norm,
-                dropout=config.classifier_dropout,
+                dropout=config.classifier_dropout, lesion_gate=config.lesion_gate,
             )
         self.findings_head = None
         if config.tasks == "joint" and config.findings_head:

@@ -85,6 +85,10 @@ class NetworkConfig:
     (with ``cross_stitch`` off and ``lambda_ta`` 0 the two tasks are then a plain cascade trained side by side)."""
     classifier_dropout: float = 0.0
     """Dropout on the pooled features before the classifier's linear layer while training (0: none, the paper)."""
+    lesion_gate: bool = False
+    """The classification subnet sees its stem features only where Ŝ marks lesion: the features are multiplied by Ŝ
+    pooled onto their grid and dilated by one cell, so anatomy away from the lesions cannot tell scans apart. Not in
+    the paper; only the joint network has Ŝ (the classification-only network ignores it)."""
     findings_head: bool = False
     """Add the findings head (``dscovid.model.findings_head``): a linear term per class over the paper's lesion
     findings measured on Ŝ. Not in the paper; only the joint network has it (single-task networks ignore it)."""
@@ -109,7 +113,7 @@ class NetworkConfig:
         _check_choice(p, "norm", self.norm, NORMS)
         _check_choice(p, "lesion_context", self.lesion_context, LESION_CONTEXTS)
         _check_choice(p, "seg_to_cls_fill", self.seg_to_cls_fill, SEG_TO_CLS_FILLS)
-        for key in ("cross_stitch", "findings_head", "detach_lesion_map"):
+        for key in ("cross_stitch", "findings_head", "detach_lesion_map", "lesion_gate"):
             if not isinstance(getattr(self, key), bool):
                 raise DscovidError(f"{p}.{key} must be true or false; got {getattr(self, key)!r}")
         _check_number(p, "classifier_dropout", self.classifier_dropout)

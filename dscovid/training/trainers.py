@@ -39,6 +39,8 @@ trainer                                                paper
                                                        lesions (small ones most) as an unseen scan's map does
 ``DeepSCCOVIDTrainer_classifierDropout``               not in the paper: dropout 0.5 on the classifier's pooled
                                                        features before its linear layer
+``DeepSCCOVIDTrainer_lesionGate``                      not in the paper: the classifier sees the image only at
+                                                       and around Ŝ's lesions (``network.lesion_gate``)
 ``PlainCascadeTrainer``                                none of the paper's parts: a plain 3D U-Net and a small
                                                        classifier on the image and its predicted lesion map
 =====================================================  ===========================================================
@@ -197,6 +199,13 @@ class DeepSCCOVIDTrainer_classifierDropout(DeepSCCOVIDTrainer):  # noqa: N801
     overrides = {"network.classifier_dropout": 0.5}
 
 
+class DeepSCCOVIDTrainer_lesionGate(DeepSCCOVIDTrainer):  # noqa: N801
+    """The default with the classifier's features gated by Ŝ (``network.lesion_gate``): anatomy, which the phantoms
+    draw independently of the class, no longer lets the classifier tell its few dozen training scans apart."""
+
+    overrides = {"network.lesion_gate": True}
+
+
 class PlainCascadeTrainer(DeepSCCOVIDTrainer):
     """The baseline the paper's parts must beat: none of them, on the same data, schedule and predictor.
 
@@ -244,6 +253,7 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_lesionSampling,
         DeepSCCOVIDTrainer_contextDegrade,
         DeepSCCOVIDTrainer_classifierDropout,
+        DeepSCCOVIDTrainer_lesionGate,
         PlainCascadeTrainer,
     )
 }
