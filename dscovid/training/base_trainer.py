@@ -187,20 +187,31 @@ class Trainer:
                  len(self.stages))
 
     def check_reduced_precision(self) -> None:
-        """Train in float32 when this CPU's bfloat16 gradients of this network are wrong.
+        """Train in float32 when this CPU's bfloat16 kernels are wrong for this network.
 
-        One probe batch of random inputs with the training shapes goes through the network, and each layer is
-        replayed at the shapes it saw in bfloat16 and in float32 (``dscovid.model.precision.kernel_fault``); the
-        network is in eval mode, so nothing it keeps (the findings head's statistics) moves. CUDA's float16 has the
-        gradient scaler and is not probed.
+        One batch of random inputs with the training shapes goes through the network, and each layer is replayed
+        at the shapes it saw, in bfloat16 and in float32, forward and backward
+        (``dscovid.model.precision.kernel_fault``). The network is in eval mode, so nothing it keeps (the findings
+        head's statistics) moves. CUDA's float16 has the gradient scaler and is not probed.
         """
         if self.autocast_dtype != torch.bfloat16 or self.device.type != "cpu":
             return
-        inputs = self.probe_inputs()
+        generator = torch.Generator().manual_seed(0)
+        b = self.batch_size
+        patch = list(self.configuration.segmentation.patch_size_zyx)
+        grid = list(self.configuration.classification.grid_zyx)
+        inputs = {
+            "seg_patch": torch.rand(b, 1, *patch, generator=generator),
+            "patch_box": torch.tensor([[[0, 0, 0], patch]] * b),
+            "volume_shape": torch.tensor([[2 * p for p in patch]] * b),
+            "cls_image": torch.rand(b, 1, *grid, generator=generator),
+            "lesion_context": torch.rand(b, 1, *grid, generator=generator),
+        }
         was_training = self.network.training
         self.network.eval()
         try:
-            found = kernel_fault(self.network, lambda: self.probe_loss(inputs), self.autocast_dtype, self.device)
+            # The unwrapped network: no DDP hooks for a forward that trains nothing.
+            found = kernel_fault(self.network, lambda: self.network(**inputs), self.autocast_dtype, self.device)
         finally:
             self.network.train(was_training)
         if found is not None:
@@ -208,33 +219,6 @@ class Trainer:
             log.warning("bfloat16 computes wrong results on this CPU (%s: relative error %.3g against float32); "
                         "training in float32", where, error)
             self.autocast_dtype = None
-
-    def probe_inputs(self) -> dict:
-        """A batch of random inputs (and targets) with the training shapes, from its own seeded generator."""
-        generator = torch.Generator().manual_seed(0)
-        b = self.batch_size
-        patch = list(self.configuration.segmentation.patch_size_zyx)
-        grid = list(self.configuration.classification.grid_zyx)
-        classes = self.network.config.num_classes
-        inputs = {
-            "seg_patch": torch.rand(b, 1, *patch, generator=generator),
-            "patch_box": torch.tensor([[[0, 0, 0], patch]] * b),
-            "volume_shape": torch.tensor([[2 * p for p in patch]] * b),
-            "cls_image": torch.rand(b, 1, *grid, generator=generator),
-            "lesion_context": torch.rand(b, 1, *grid, generator=generator),
-            "lesion_target": (torch.rand(b, 1, *patch, generator=generator) > 0.8).float(),
-            "class_index": torch.arange(b) % classes,
-            "lesion_annotated": torch.ones(b, dtype=torch.bool),
-        }
-        return {key: value.to(self.device) if key not in ("patch_box", "volume_shape") else value
-                for key, value in inputs.items()}
-
-    def probe_loss(self, inputs: dict) -> torch.Tensor:
-        """The loss of :meth:`probe_inputs` through the unwrapped network (no DDP hooks), in the ambient precision."""
-        outputs = self.network(seg_patch=inputs["seg_patch"], patch_box=inputs["patch_box"],
-                               volume_shape=inputs["volume_shape"], cls_image=inputs["cls_image"],
-                               lesion_context=inputs["lesion_context"])
-        return self.compute_loss(outputs, inputs).total
 
     def augmentation(self) -> AugmentationSettings:
         """The training augmentation (a hook: a variant may return other settings)."""
