@@ -70,7 +70,7 @@ from dscovid.evaluation.metrics import roc_auc
 from dscovid.io.dataset import write_json_atomic
 from dscovid.model.precision import precision_name
 from dscovid.prediction.predict import predict_cases
-from dscovid.results.checkpoint import FINAL, stage_checkpoint
+from dscovid.results.checkpoint import FINAL, load_checkpoint, stage_checkpoint
 from dscovid.roots import Roots
 from dscovid.training.run import model_folder, run_training
 from dscovid.training.splits import DEFAULT_NUM_FOLDS
@@ -192,10 +192,12 @@ def ensure_model(roots: Roots, train_set: str, model: Model, configuration: str,
                  device=device, num_workers=workers, run_final_validation=False, epochs=1 if smoke else epochs,
                  iterations_per_epoch=3 if smoke else None, seed=seed)
     logging.getLogger("dscovid").setLevel(logging.WARNING)
+    trained = load_checkpoint(fold_dir / FINAL)  # what the trainer computed in, after its kernel check
     record = {"trainer": model.trainer, "configuration": configuration, "training_set": train_set,
               "fold": fold, "epochs_scale": epochs_scale, "seed": seed,
               "training_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
-              "precision": precision_name(device)}
+              "precision": trained.get("precision", precision_name(device)),
+              "float32_layers": trained.get("float32_layers", [])}
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
 

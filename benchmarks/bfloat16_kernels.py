@@ -7,8 +7,8 @@ Two measurements, on whatever CPU runs it:
    gradient is non-finite or more than 5 % (relative L2) from float32's on the same bfloat16-rounded input and
    weights, and the worst error among the finite ones. oneDNN's kernel for each pass is printed as
    ``ONEDNN_VERBOSE`` names it.
-2. ``dscovid.model.precision.kernel_fault`` on the planned ``3d_cpu`` and ``3d_paper`` networks (random weights,
-   the trainer's probe): the first layer whose bfloat16 kernels are wrong, or none; with ``--reference`` also with
+2. ``dscovid.model.precision.kernel_faults`` on the planned ``3d_cpu`` and ``3d_paper`` networks (random weights,
+   the trainer's probe): every layer whose bfloat16 kernels are wrong, or none; with ``--reference`` also with
    oneDNN switched off (ATen's own bfloat16 kernels): the first layer off by anything at all, and the spread of
    the whole network's parameter gradients against float32 (why the check goes layer by layer).
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dscovid.model import build_loss, build_network
-from dscovid.model.precision import cpu_has_native_bfloat16, kernel_fault
+from dscovid.model.precision import cpu_has_native_bfloat16, kernel_faults
 from dscovid.plans.presets import preset_configuration
 
 #: (batch, in channels, depth, height, width), out channels, stride: the 3d_cpu subnets' levels and neighbours.
@@ -105,10 +105,11 @@ def network_probe(name: str, reference: bool) -> None:
     for onednn in (True, False) if reference else (True,):
         started = time.perf_counter()
         with torch.backends.mkldnn.flags(enabled=onednn):
-            fault = kernel_fault(network, lambda: network(**inputs), torch.bfloat16, "cpu",
-                                 tolerance=0.05 if onednn else 0.0)
+            faults = kernel_faults(network, lambda: network(**inputs), torch.bfloat16, "cpu",
+                                   tolerance=0.05 if onednn else 0.0)
         label = "oneDNN" if onednn else "ATen (reference; the first layer at all above 0)"
-        print(f"{name}, {label}: {fault or 'no wrong kernel'} ({time.perf_counter() - started:.1f} s)")
+        found = "; ".join(f"{where} ({error:.3g})" for _, where, error in faults[:1 if not onednn else None])
+        print(f"{name}, {label}: {found or 'no wrong kernel'} ({time.perf_counter() - started:.1f} s)")
     if reference:
         loss_fn = build_loss(configuration)
         target = (torch.rand(batch, 1, *patch, generator=torch.Generator().manual_seed(1)) > 0.8).float()

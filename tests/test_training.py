@@ -384,33 +384,47 @@ def test_the_lesion_context_component_follows_the_configuration(tmp_path):
     assert notes and "hard_negative_fraction 0.30 not used" in notes[0]
 
 
-def test_a_cpu_whose_bfloat16_kernels_are_wrong_trains_in_float32(tmp_path, monkeypatch, caplog):
-    """The trainer replays its own network's layers before trusting bfloat16; one wrong kernel means float32."""
+def test_a_cpu_whose_bfloat16_kernels_are_wrong_trains_those_layers_in_float32(tmp_path, monkeypatch, caplog):
+    """The trainer replays its own network's layers before trusting bfloat16: the wrong ones compute in float32, and
+    if that does not make the check pass, the whole run trains in float32."""
     from dscovid.model import precision
 
     monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
     monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: True)
-    trainer = _trainer(tmp_path)
-    assert trainer.autocast_dtype == torch.bfloat16
-    weights = {k: v.clone() for k, v in trainer.network.state_dict().items()}
-    faults = iter([None, ("lesion_subnet.down3.0.0 [2, 32, 2, 6, 6] weight gradient", float("inf"))])
-    seen = []
+    layer = "lesion_subnet.down3.0.0"
+    fault = (layer, f"{layer} [2, 32, 2, 6, 6] weight gradient", float("inf"))
+    for replies, dtype, message in [
+        ([[]], torch.bfloat16, None),
+        ([[fault], []], torch.bfloat16, f"bfloat16 computes wrong results on this CPU ({fault[1]}: relative error "
+                                        f"inf against float32); 1 layer(s) compute in float32: {layer}"),
+        ([[fault], [fault]], None, f"bfloat16 computes wrong results on this CPU ({fault[1]}: relative error inf "
+                                   f"against float32), still with the faulty layers in float32 ({fault[1]}); "
+                                   f"training in float32"),
+    ]:
+        trainer = _trainer(tmp_path)
+        assert trainer.autocast_dtype == torch.bfloat16
+        weights = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+        replies = iter(replies)
+        seen = []
 
-    def replay(network, run_forward, dtype, device):
-        seen.append(network)
-        run_forward()
-        return next(faults)
+        def replay(network, run_forward, dtype, device, replies=replies, seen=seen):
+            seen.append(network)
+            run_forward()
+            return next(replies)
 
-    monkeypatch.setattr("dscovid.training.base_trainer.kernel_fault", replay)
-    trainer.check_reduced_precision()
-    assert trainer.autocast_dtype == torch.bfloat16 and seen == [trainer.network]
-    with caplog.at_level("WARNING", logger="dscovid.training"):
-        trainer.check_reduced_precision()
-    assert trainer.autocast_dtype is None
-    assert "bfloat16 computes wrong results on this CPU (lesion_subnet.down3.0.0 [2, 32, 2, 6, 6] weight gradient: " \
-           "relative error inf against float32); training in float32" in caplog.text
-    assert all(torch.equal(v, trainer.network.state_dict()[k]) for k, v in weights.items())  # probing trains nothing
-    assert trainer.network.training
+        monkeypatch.setattr("dscovid.training.base_trainer.kernel_faults", replay)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dscovid.training"):
+            trainer.check_reduced_precision()
+        assert trainer.autocast_dtype == dtype and set(seen) == {trainer.network}
+        assert next(replies, "all replayed") == "all replayed"
+        assert (message in caplog.text) if message else not caplog.text
+        module = dict(trainer.network.named_modules())[layer]
+        assert precision.computes_in_float32(module) == (message is not None)
+        assert trainer.float32_layers == ([layer] if dtype is not None and message else [])
+        assert trainer.checkpoint_state()["precision"] == precision.dtype_name(dtype)
+        assert all(torch.equal(v, trainer.network.state_dict()[k]) for k, v in weights.items())  # trains nothing
+        assert trainer.network.training
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_an_epoch_of_them_stops_training(tmp_path, monkeypatch):

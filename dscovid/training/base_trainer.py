@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dscovid.errors import DscovidError
 from dscovid.model import build_loss, build_network
 from dscovid.model.network import MODULE_GROUPS
-from dscovid.model.precision import autocast_dtype, dtype_name, kernel_fault
+from dscovid.model.precision import autocast_dtype, compute_in_float32, dtype_name, kernel_faults
 from dscovid.plans.configuration import Configuration, Plans, StageConfig
 from dscovid.results.checkpoint import (
     BEST,
@@ -98,6 +98,7 @@ class Trainer:
             self.autocast_dtype = autocast_dtype(self.device)
         except ValueError as error:
             raise DscovidError(str(error)) from None
+        self.float32_layers: list[str] = []  # layers taken out of bfloat16 (check_reduced_precision)
         self.context = setup.context
         self.output_dir = Path(setup.output_dir)
         training = self.configuration.training
@@ -187,12 +188,14 @@ class Trainer:
                  len(self.stages))
 
     def check_reduced_precision(self) -> None:
-        """Train in float32 when this CPU's bfloat16 kernels are wrong for this network.
+        """Take out of bfloat16 the layers whose kernels this CPU computes wrong; float32 if that does not suffice.
 
         One batch of random inputs with the training shapes goes through the network, and each layer is replayed
         at the shapes it saw, in bfloat16 and in float32, forward and backward
-        (``dscovid.model.precision.kernel_fault``). The network is in eval mode, so nothing it keeps (the findings
-        head's statistics) moves. CUDA's float16 has the gradient scaler and is not probed.
+        (``dscovid.model.precision.kernel_faults``). The faulty layers then compute in float32 inside the bfloat16
+        network (``compute_in_float32``), and the check runs again; should a layer still be wrong, the whole run
+        trains in float32. The network is in eval mode, so nothing it keeps (the findings head's statistics) moves.
+        CUDA's float16 has the gradient scaler and is not probed.
         """
         if self.autocast_dtype != torch.bfloat16 or self.device.type != "cpu":
             return
@@ -211,14 +214,25 @@ class Trainer:
         self.network.eval()
         try:
             # The unwrapped network: no DDP hooks for a forward that trains nothing.
-            found = kernel_fault(self.network, lambda: self.network(**inputs), self.autocast_dtype, self.device)
+            faults = kernel_faults(self.network, lambda: self.network(**inputs), self.autocast_dtype, self.device)
+            if not faults:
+                return
+            modules = dict(self.network.named_modules())
+            for name, _, _ in faults:
+                compute_in_float32(modules[name])
+            remaining = kernel_faults(self.network, lambda: self.network(**inputs), self.autocast_dtype, self.device)
         finally:
             self.network.train(was_training)
-        if found is not None:
-            where, error = found
+        where, error = faults[0][1:]
+        if not remaining:
             log.warning("bfloat16 computes wrong results on this CPU (%s: relative error %.3g against float32); "
-                        "training in float32", where, error)
-            self.autocast_dtype = None
+                        "%d layer(s) compute in float32: %s", where, error, len(faults),
+                        ", ".join(name for name, _, _ in faults))
+            self.float32_layers = [name for name, _, _ in faults]
+            return
+        log.warning("bfloat16 computes wrong results on this CPU (%s: relative error %.3g against float32), still "
+                    "with the faulty layers in float32 (%s); training in float32", where, error, remaining[0][1])
+        self.autocast_dtype = None
 
     def augmentation(self) -> AugmentationSettings:
         """The training augmentation (a hook: a variant may return other settings)."""
@@ -490,6 +504,8 @@ class Trainer:
             "history": self.history.to_state(),
             "ema": self.ema,
             "best_ema": self.best_ema,
+            "precision": dtype_name(self.autocast_dtype),
+            "float32_layers": self.float32_layers,
             "dscovid_version": __version__,
         }
 
