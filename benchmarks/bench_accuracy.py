@@ -37,9 +37,10 @@ both), ``noCrossStitch``, ``noTaskAware``, ``convStem``, ``noFindings``, ``lastS
 ``scannerAug`` (other scanners' looks in the augmentation), ``lesionSampling`` (forced patches drawn per lesion, not
 per voxel), ``contextDegrade`` (the classifier's lesion context loses lesions as on unseen scans),
 ``classifierDropout`` (dropout before the classifier's linear layer), ``lesionGate`` (the classifier sees the image
-only at and around the lesions), ``segOnly`` / ``clsOnly`` (the paper's single-task
-rows). ``noTaskAware`` and ``convStem`` are the default itself on today's ``3d_cpu``; they remain for other
-configurations.
+only at and around the lesions), ``noLesionGate`` (the classifier sees the whole image, as in the paper),
+``segOnly`` / ``clsOnly`` (the paper's single-task rows). ``noTaskAware``, ``convStem`` and ``lesionGate`` are the
+default itself on today's ``3d_cpu``; they remain for other configurations (and for models trained before the
+lesion gate was the default: the results folders are named by trainer).
 
 Examples::
 
@@ -135,6 +136,7 @@ MODELS = {
     "classifierDropout": Model("with dropout 0.5 before the classifier's linear layer",
                                "DeepSCCOVIDTrainer_classifierDropout"),
     "lesionGate": Model("with the classifier's features gated by the lesion map", "DeepSCCOVIDTrainer_lesionGate"),
+    "noLesionGate": Model("without the classifier's lesion gate", "DeepSCCOVIDTrainer_noLesionGate"),
     "segOnly": Model("segmentation only (w/o Cls.)", "SegmentationTrainer"),
     "clsOnly": Model("classification only (w/o Seg.)", "ClassificationTrainer"),
 }

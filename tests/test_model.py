@@ -168,7 +168,7 @@ def test_the_lesion_gate_hides_the_image_away_from_the_lesions_from_the_classifi
     assert lesion.grad.abs().sum() > 0  # the classification loss still reaches Ŝ through the gate
     # The joint network builds it from network.lesion_gate; the classification-only network has no Ŝ to gate by.
     assert build_network(tiny_configuration({"lesion_gate": True})).classification_subnet.lesion_gate
-    assert not build_network(tiny_configuration()).classification_subnet.lesion_gate
+    assert not build_network(tiny_configuration({"lesion_gate": False})).classification_subnet.lesion_gate
     with pytest.raises(DscovidError, match=r"network\.lesion_gate must be true or false; got 1"):
         build_network(tiny_configuration({"lesion_gate": 1}))
 
@@ -206,17 +206,13 @@ def test_evidence_masks_are_equation_5(tiny_net):
         out = tiny_net(**batch)
         i_cls = tiny_net.encode_classification(batch["cls_image"])
         features = []
-        x = torch.cat(
-            [
-                tiny_net.classification_subnet.lesion_embed(
-                    torch.nn.functional.adaptive_avg_pool3d(out.lesion_on_grid, i_cls.shape[2:])
-                ),
-                tiny_net.classification_subnet.feature_embed(
-                    tiny_net.cross_stitch.w_seg2 * _seg_part(tiny_net, batch, i_cls) + tiny_net.cross_stitch.w_cls1 * i_cls
-                ),
-            ],
-            dim=1,
+        lesion = torch.nn.functional.adaptive_avg_pool3d(out.lesion_on_grid, i_cls.shape[2:])
+        embedded = tiny_net.classification_subnet.feature_embed(
+            tiny_net.cross_stitch.w_seg2 * _seg_part(tiny_net, batch, i_cls) + tiny_net.cross_stitch.w_cls1 * i_cls
         )
+        assert tiny_net.classification_subnet.lesion_gate  # 3d_cpu's: the features at and around the lesions
+        gate = torch.nn.functional.max_pool3d(lesion, 3, stride=1, padding=1)
+        x = torch.cat([tiny_net.classification_subnet.lesion_embed(lesion), embedded * gate], dim=1)
         for unit in tiny_net.classification_subnet.units:
             x = unit(x)
             features.append(x)

@@ -40,7 +40,9 @@ trainer                                                paper
 ``DeepSCCOVIDTrainer_classifierDropout``               not in the paper: dropout 0.5 on the classifier's pooled
                                                        features before its linear layer
 ``DeepSCCOVIDTrainer_lesionGate``                      not in the paper: the classifier sees the image only at
-                                                       and around Ŝ's lesions (``network.lesion_gate``)
+                                                       and around Ŝ's lesions (``network.lesion_gate``; on by
+                                                       default in ``3d_cpu``)
+``DeepSCCOVIDTrainer_noLesionGate``                    the classifier sees the whole image, as in the paper
 ``PlainCascadeTrainer``                                none of the paper's parts: a plain 3D U-Net and a small
                                                        classifier on the image and its predicted lesion map
 =====================================================  ===========================================================
@@ -200,10 +202,17 @@ class DeepSCCOVIDTrainer_classifierDropout(DeepSCCOVIDTrainer):  # noqa: N801
 
 
 class DeepSCCOVIDTrainer_lesionGate(DeepSCCOVIDTrainer):  # noqa: N801
-    """The default with the classifier's features gated by Ŝ (``network.lesion_gate``): anatomy, which the phantoms
-    draw independently of the class, no longer lets the classifier tell its few dozen training scans apart."""
+    """The classifier's features gated by Ŝ (``network.lesion_gate``; ``3d_cpu`` has it, ``3d_paper`` not): anatomy,
+    which the phantoms draw independently of the class, no longer lets the classifier tell its few dozen training
+    scans apart."""
 
     overrides = {"network.lesion_gate": True}
+
+
+class DeepSCCOVIDTrainer_noLesionGate(DeepSCCOVIDTrainer):  # noqa: N801
+    """The classifier sees the whole image, as in the paper (``3d_cpu`` without its lesion gate; the ablation)."""
+
+    overrides = {"network.lesion_gate": False}
 
 
 class PlainCascadeTrainer(DeepSCCOVIDTrainer):
@@ -224,6 +233,7 @@ class PlainCascadeTrainer(DeepSCCOVIDTrainer):
         "network.findings_head": False,
         "network.detach_lesion_map": True,
         "network.lesion_context": "prediction",
+        "network.lesion_gate": False,
         "training.loss.lambda_ta": 0.0,
     }
 
@@ -254,6 +264,7 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_contextDegrade,
         DeepSCCOVIDTrainer_classifierDropout,
         DeepSCCOVIDTrainer_lesionGate,
+        DeepSCCOVIDTrainer_noLesionGate,
         PlainCascadeTrainer,
     )
 }
