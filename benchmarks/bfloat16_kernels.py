@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dscovid.model import build_loss, build_network
+from dscovid.model import build_loss, build_network, random_inputs
 from dscovid.model.precision import cpu_has_native_bfloat16, kernel_faults
 from dscovid.plans.presets import preset_configuration
 
@@ -97,11 +97,8 @@ def network_probe(name: str, reference: bool) -> None:
     torch.manual_seed(0)
     network = build_network(configuration).eval()
     patch = list(configuration.segmentation.patch_size_zyx)
-    grid = list(configuration.classification.grid_zyx)
     batch = 2 if name == "3d_cpu" else 1
-    inputs = dict(seg_patch=torch.rand(batch, 1, *patch), patch_box=torch.tensor([[[0, 0, 0], patch]] * batch),
-                  volume_shape=torch.tensor([[2 * p for p in patch]] * batch),
-                  cls_image=torch.rand(batch, 1, *grid), lesion_context=torch.rand(batch, 1, *grid))
+    inputs = random_inputs(configuration, batch)  # the trainer's probe
     for onednn in (True, False) if reference else (True,):
         started = time.perf_counter()
         with torch.backends.mkldnn.flags(enabled=onednn):

@@ -154,6 +154,8 @@ def test_a_layer_taken_out_of_autocast_computes_float32s_gradient_inside_a_bfloa
     assert precision.computes_in_float32(reference_net[2])  # a copy keeps it, bound to the copy
     assert reference_net[2].forward.__self__ is reference_net[2]
     assert precision.kernel_faults(network, lambda: network(x), torch.bfloat16, "cpu") == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a keyword argument is cast up as a positional one is
+        assert network[2](x=torch.rand(1, 8, 4, 8, 8).bfloat16()).dtype == torch.float32
 
 
 @needs_bfloat16

@@ -163,8 +163,11 @@ def _replay(module: torch.nn.Module, shape: tuple[int, ...], channels_last: bool
 
 def _float32_forward(module: torch.nn.Module, *args, **kwargs):
     """The class's forward with autocast off and floating-point tensor arguments in float32."""
-    args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-    device_type = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
+    def up(a):
+        return a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+
+    args, kwargs = [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
+    device_type = next((a.device.type for a in [*args, *kwargs.values()] if torch.is_tensor(a)), "cpu")
     with torch.autocast(device_type=device_type, enabled=False):
         return type(module).forward(module, *args, **kwargs)
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dscovid.errors import DscovidError
-from dscovid.model import build_loss, build_network
+from dscovid.model import build_loss, build_network, random_inputs
 from dscovid.model.network import MODULE_GROUPS
 from dscovid.model.precision import autocast_dtype, compute_in_float32, dtype_name, kernel_faults
 from dscovid.plans.configuration import Configuration, Plans, StageConfig
@@ -199,17 +199,7 @@ class Trainer:
         """
         if self.autocast_dtype != torch.bfloat16 or self.device.type != "cpu":
             return
-        generator = torch.Generator().manual_seed(0)
-        b = self.batch_size
-        patch = list(self.configuration.segmentation.patch_size_zyx)
-        grid = list(self.configuration.classification.grid_zyx)
-        inputs = {
-            "seg_patch": torch.rand(b, 1, *patch, generator=generator),
-            "patch_box": torch.tensor([[[0, 0, 0], patch]] * b),
-            "volume_shape": torch.tensor([[2 * p for p in patch]] * b),
-            "cls_image": torch.rand(b, 1, *grid, generator=generator),
-            "lesion_context": torch.rand(b, 1, *grid, generator=generator),
-        }
+        inputs = random_inputs(self.configuration, self.batch_size, torch.Generator().manual_seed(0))
         was_training = self.network.training
         self.network.eval()
         try:
