@@ -158,6 +158,7 @@ def _run_configuration(args: dict, queue) -> None:
         overwrite=True,
         mirroring=args["mirroring"],
         batch_size=args["tile_batch"],
+        tile_placement=args["placement"],
     )
     wall = time.perf_counter() - start
     rss_predict = _rss_gb()
@@ -174,7 +175,7 @@ def _run_configuration(args: dict, queue) -> None:
         folder_summary = predict_cases(model=model, inputs=args["folder"], output_dir=work / f"out_folder_{name}",
                                        device=device, step_fraction=args["step"], progress=False, overwrite=True,
                                        num_workers=args["workers"], mirroring=args["mirroring"],
-                                       batch_size=args["tile_batch"])
+                                       batch_size=args["tile_batch"], tile_placement=args["placement"])
         seconds = time.perf_counter() - start
         if folder_summary["failed"]:
             raise RuntimeError(f"prediction failed: {folder_summary['failed']}")
@@ -184,6 +185,7 @@ def _run_configuration(args: dict, queue) -> None:
         queue.put({"configuration": name, "device": str(device), "precision": summary["precision"],
                    "mirror_axes": summary["mirror_axes"], "scan_shape_zyx": list(_scan_shape(args["scan"])),
                    "timing_s": entry["timing_s"], "wall_s": wall, "tiles": entry["tiles"], "tile_batch": args["tile_batch"],
+                   "tile_placement": summary["tile_placement"],
                    "peak_rss_gb_predict": rss_predict, "peak_gpu_gb_predict": gpu_predict, "folder": folder})
         return
 
@@ -227,7 +229,7 @@ def _run_configuration(args: dict, queue) -> None:
 
     out_device = device if device.type == "cuda" else torch.device("cpu")
     lung = loaded.region_preprocessed != 0
-    placement = settings.tile_placement
+    placement = args["placement"] or settings.tile_placement
     ours_s, ours_gpu = timed(
         lambda: sliding_window_predict(
             ours_fn, volume, patch, step, "constant", batch, region=lung, device=device, output_device=out_device,
@@ -323,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="-np of the folder run (reading and preprocessing)")
     parser.add_argument("--tile-batch", type=int, default=None,
                         help="sliding-window tiles per network call (default: the predictor's choice for the device)")
+    parser.add_argument("--tile-placement", default=None, choices=("grid", "region", "region_sized"),
+                        help="sliding-window tile placement (dscovid_predict's flag; default: the plans')")
     parser.add_argument("--no-peers", action="store_true",
                         help="only the predictor's own timing (not the lesion branch beside MONAI)")
     args = parser.parse_args(argv)
@@ -369,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             "folder": str(folder) if folder else None,
             "workers": args.workers,
             "tile_batch": args.tile_batch,
+            "placement": args.tile_placement,
         }
         process = context.Process(target=_run_configuration, args=(job, queue))
         process.start()
@@ -381,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         t = r["timing_s"]
         print(f"\n== {r['configuration']} on {r['device']} ({r.get('precision')}, mirror axes {r.get('mirror_axes')}): "
-              f"scan {r['scan_shape_zyx']}")
+              f"scan {r['scan_shape_zyx']}, {r['tiles']['run']} tiles ({r.get('tile_placement')} placement)")
         print(
             f"seconds per scan: read {t['read']:.2f}  preprocess {t['preprocess']:.2f}  network {t['network']:.2f}"
             f"  export {t['export']:.2f}  (wall {r['wall_s']:.2f}); peak CPU resident {r['peak_rss_gb_predict']:.2f} GB"

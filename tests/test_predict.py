@@ -417,6 +417,41 @@ def test_tiles_one_per_call_give_the_batched_result(trainer, tmp_path, monkeypat
     assert one.lesion_probability.max() > 0.0
 
 
+@pytest.mark.parametrize("trainer", [TRAINER, "DeepSCCOVIDTrainer_crossStitch"])
+def test_tiles_sized_to_the_region_run_the_network_and_its_cross_stitch(trainer, tmp_path, monkeypatch):
+    """``region_sized`` hands the network tiles of other in-plane sizes than its patch (each a multiple of its
+    downsampling, never smaller than the patch): the lesion subnet, the cross-stitch's boxes and the stem features
+    it stitches for the classifier must take them, and every region voxel must be predicted."""
+    from dscovid.planning.planner import plan_experiment
+
+    monkeypatch.setenv("DSCOVID_PRECISION", "float32")
+    plans = plan_experiment(CHEST_FINGERPRINT, "Dataset995_Sized", list(CLASS_NAMES), presets=[CONFIGURATION])
+    model = load_trained_model(save_untrained_model(tmp_path, plans, CONFIGURATION, trainer, (0,), seed=11),
+                               folds=["0"])
+    patch = model.patch_size_zyx
+    rng = np.random.default_rng(6)
+    image = rng.random((2 * patch[0], 3 * patch[1], 4 * patch[2]), dtype=np.float32)
+    region = np.zeros(image.shape, np.uint8)
+    deep, wide = patch[1] + patch[1] // 6, patch[2] // 2 - 3  # a little deeper than a patch, narrower than one
+    region[2:-2, 4 : 4 + deep, 3 : 3 + wide] = 1
+    region[2:-2, 9 : 9 + deep, -3 - wide : -3] = 1
+    cls_image = rng.random((32, 64, 64), dtype=np.float32)
+    network, shapes = model.networks[0], []
+    segment = network.segment_patches
+    monkeypatch.setattr(network, "segment_patches",
+                        lambda patches, *a: shapes.append(tuple(patches.shape[2:])) or segment(patches, *a))
+    fixed = run_networks(model, image, region, cls_image, mirror_axes=[], placement="region")
+    fixed_voxels, shapes[:] = sum(int(np.prod(s)) for s in shapes), []
+    sized = run_networks(model, image, region, cls_image, mirror_axes=[], placement="region_sized")
+    assert set(shapes) != {tuple(patch)} and all(s[0] == patch[0] and s[1] % 8 == 0 and s[2] % 8 == 0 for s in shapes)
+    assert all(s[1] >= patch[1] and s[2] >= patch[2] for s in shapes)
+    assert sum(int(np.prod(s)) for s in shapes) < fixed_voxels
+    inside = region == 1
+    assert (sized.lesion_probability[inside] > 0).all() and (sized.lesion_probability[~inside] == 0).all()
+    assert np.isclose(sized.class_probabilities.sum(), 1.0) and sized.evidence.shape == image.shape
+    assert np.isfinite(fixed.lesion_probability).all() and fixed.tiles_run > sized.tiles_run
+
+
 def test_the_cpu_runs_large_tiles_one_per_call_and_small_tiles_in_batches():
     """On the CPU a call's convolution outputs stay within the limit: the paper's 24×256×256 tiles (about 1 GB each
     in float32) go one per call, the small 3d_cpu tiles keep the configured batch (a single small tile takes

@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from dscovid.inference.sliding_window import (
+    MAX_TILE_SCALE,
     fitted_starts,
     gaussian_importance_map,
+    plan_tile_boxes,
     plan_tiles,
+    sized_spans,
     sliding_window_predict,
     tile_starts,
 )
@@ -258,6 +261,114 @@ def test_region_placement_splits_lungs_that_the_margin_joined():
     for corner in fitted:
         covered[tuple(slice(c, c + p) for c, p in zip(corner, patch))] = True
     assert covered[mask].all()
+
+
+def test_sized_spans_cover_the_range_with_the_overlap_asked_for():
+    for length in (20, 50, 97, 300):
+        for patch in (16, 24, 48, 64):
+            largest = int(1.25 * patch)
+            for step_fraction in (1.0, 0.5):
+                for start in range(0, length - 1, 7):
+                    for stop in range(start + 1, length + 1, 11):
+                        spans = sized_spans(start, stop, length, step_fraction, 8, patch, largest)
+                        sizes = {size for _, size in spans}
+                        assert len(sizes) == 1
+                        size = sizes.pop()
+                        assert size % 8 == 0 and size <= largest // 8 * 8 or len(spans) == 1
+                        assert size >= min(patch, -(-length // 8) * 8)
+                        covered = np.zeros(length, bool)
+                        for first, _ in spans:
+                            assert first >= 0 and (first + size <= length or first == 0)
+                            covered[first : first + size] = True
+                        assert covered[start:stop].all()
+                        firsts = [first for first, _ in spans]
+                        # consecutive tiles overlap by at least 1 - step_fraction of their size
+                        assert all(b - a <= step_fraction * size + 1e-9 for a, b in zip(firsts, firsts[1:]))
+
+
+@pytest.mark.parametrize("step_fraction", [1.0, 0.5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("bridged", [False, True])
+def test_sized_placement_covers_every_masked_voxel_with_tiles_a_little_larger(step_fraction, seed, bridged):
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(10, 40)), int(rng.integers(40, 90)), int(rng.integers(50, 110)))
+    mask = np.zeros(shape, bool)
+    for _ in range(3):
+        corner = [int(rng.integers(0, s - 3)) for s in shape]
+        size = [int(rng.integers(2, max(3, s // 2))) for s in shape]
+        mask[tuple(slice(c, c + n) for c, n in zip(corner, size))] = True
+    if bridged:
+        row = int(rng.integers(0, shape[1] - 2))
+        mask[:, row : row + 2, :] = True
+    patch = (6, 24, 24)
+    tiles = plan_tile_boxes(shape, patch, step_fraction, mask, placement="region_sized")
+    covered = np.zeros(shape, bool)
+    for corner, size in tiles:
+        assert size[0] == patch[0] and all(s % 8 == 0 for s in size[1:])
+        assert all(p <= s <= MAX_TILE_SCALE * p for s, p in zip(size[1:], patch[1:]))  # never less than the patch
+        assert size[1] * size[2] <= MAX_TILE_SCALE * patch[1] * patch[2]  # one call's memory, bounded
+        assert all(0 <= c and (c + p <= n or c == 0) for c, p, n in zip(corner, size, shape))
+        box = tuple(slice(c, c + p) for c, p in zip(corner, size))
+        covered[box] = True
+        assert mask[box].any()
+    assert covered[mask].all()
+    fixed = plan_tile_boxes(shape, patch, step_fraction, mask, placement="region")
+    assert len(tiles) <= len(fixed)
+
+
+def test_sized_placement_runs_one_longer_tile_where_the_patch_needs_two():
+    # Two "lungs" 36 deep and 14 wide: the 32×32 patch needs two rows of tiles per lung; sized, one tile of 40 × 32
+    # each (36 rounded up to 8, within 1.25 × 32), 1,280 in-plane voxels instead of 2 × 1,024.
+    shape = (12, 50, 64)
+    mask = np.zeros(shape, bool)
+    mask[:, 6:42, 2:16] = True
+    mask[:, 6:42, 46:60] = True
+    patch = (12, 32, 32)
+    assert len(plan_tiles(shape, patch, 1.0, mask, placement="region")) == 4
+    tiles = plan_tile_boxes(shape, patch, 1.0, mask, placement="region_sized")
+    assert [size for _, size in tiles] == [(12, 40, 32)] * 2
+    net = _voxelwise_net()
+    image = torch.randn((2,) + shape)
+    with torch.no_grad():
+        whole = net(image[None])[0]
+    for step_fraction, weighting in ((1.0, "constant"), (0.5, "gaussian")):
+        sizes = []
+
+        def recording(batch, sizes=sizes):
+            sizes.append(tuple(batch.shape[2:]))
+            return net(batch)
+
+        result = sliding_window_predict(recording, image, patch, step_fraction, weighting, batch_size=3, region=mask,
+                                        placement="region_sized")
+        torch.testing.assert_close(result[:, mask], whole[:, mask], atol=1e-5, rtol=1e-5)
+        assert {size for size in sizes} != {patch}
+
+
+def test_sized_placement_batches_tiles_of_one_size_and_hands_each_its_box():
+    rng = np.random.default_rng(3)
+    shape = (20, 70, 90)
+    mask = np.zeros(shape, bool)
+    mask[2:18, 5:60, 4:30] = True
+    mask[5:20, 20:45, 50:88] = True
+    mask[0:6, 60:70, 40:50] = True
+    image = torch.from_numpy(rng.standard_normal((1,) + shape).astype(np.float32))
+    received = []
+
+    def by_box(batch, boxes):
+        assert len({tuple(size) for _, size in boxes.tolist()}) == 1
+        for patch, (start, size) in zip(batch, boxes.tolist()):
+            assert tuple(patch.shape[1:]) == tuple(size)
+            z, y, x = start
+            expected = image[:, z : z + size[0], y : y + size[1], x : x + size[2]]
+            assert torch.equal(patch[:, : expected.shape[1], : expected.shape[2], : expected.shape[3]], expected)
+            received.append((tuple(start), tuple(size)))
+        return batch
+
+    result = sliding_window_predict(by_box, image, (8, 32, 32), 0.5, "gaussian", batch_size=2, region=mask,
+                                    with_boxes=True, placement="region_sized")
+    assert sorted(received) == sorted(plan_tile_boxes(shape, (8, 32, 32), 0.5, mask, placement="region_sized"))
+    assert len({size for _, size in received}) > 1
+    torch.testing.assert_close(result[:, mask], image[:, mask])
 
 
 def test_empty_region_gives_zeros_of_the_right_shape():

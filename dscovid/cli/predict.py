@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step", type=float, default=None,
                         help="sliding-window step as a fraction of the patch: 1.0 no overlap (paper), 0.5 half "
                         "(default: the configuration's)")
+    parser.add_argument("--tile-placement", choices=("grid", "region", "region_sized"), default=None,
+                        help="sliding-window tiles: grid over the volume, region (fitted to the lungs) or region_sized "
+                        "(fitted in size too) (default: the configuration's)")
     parser.add_argument("--disable-tta", action="store_true",
                         help="no test-time mirroring: each fold runs once (half the network time, for a slow device)")
     parser.add_argument("--save-probabilities", action="store_true",
@@ -96,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         accept_implausible=args.accept_implausible,
         min_lesion_ml=args.min_lesion_ml,
         mirroring=not args.disable_tta,
+        tile_placement=args.tile_placement,
     )
     from dscovid.io.scans import find_scans
     from dscovid.prediction.inputs import select_part

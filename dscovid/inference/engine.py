@@ -28,6 +28,7 @@ from dscovid.model.findings_head import lesion_findings
 from dscovid.model.geometry import stitch_boxes
 from dscovid.model.precision import autocast
 from dscovid.plans.configuration import Configuration
+from dscovid.plans.model_config import PATCH_DIVISOR
 from dscovid.preprocessing.resampling import resample_to_grid
 
 
@@ -86,7 +87,8 @@ def segment_scan(
 
     image : (1, Z', Y', X') float32 on ``output_device``; region : (Z', Y', X') bool;
     cls_image : (1, 1, N, H, W) on ``device`` (the classification stem's input, for the cross-stitch).
-    placement : tile placement (``inference.tile_placement``): ``"grid"`` or ``"region"`` (fitted to the region).
+    placement : tile placement (``inference.tile_placement``): ``"grid"``, ``"region"`` (fitted to the region) or
+        ``"region_sized"`` (fitted in size too; tile sizes are multiples of the network's ``PATCH_DIVISOR``).
     """
     shape = tuple(int(v) for v in image.shape[1:])
     cross = bool(getattr(network, "uses_cross_stitch", False))
@@ -120,7 +122,7 @@ def segment_scan(
     probability = sliding_window_predict(
         predict_fn, image, patch_size_zyx, step_fraction=step_fraction, weighting=weighting, batch_size=batch_size,
         region=region, device=device, output_device=output_device, progress=progress, with_boxes=True,
-        placement=placement,
+        placement=placement, size_multiple=PATCH_DIVISOR,
     )[0]
     probability.mul_(torch.from_numpy(np.asarray(region, dtype=bool)).to(probability.device))
     return ScanSegmentation(probability, i_cls, stitched[0])
@@ -177,7 +179,7 @@ def run_networks(
     batch_size : tiles per network call (default: :func:`tile_batch_size`).
     mirror_axes : volume axes (0 z, 1 y, 2 x) to mirror at test time (default: ``inference.mirror_axes``); each
         costs one more pass of every fold.
-    placement : tile placement, ``"grid"`` or ``"region"`` (default: ``inference.tile_placement``).
+    placement : tile placement, ``"grid"``, ``"region"`` or ``"region_sized"`` (default: ``inference.tile_placement``).
     """
     settings = model.inference
     step_fraction = float(step_fraction if step_fraction is not None else settings.step_fraction)

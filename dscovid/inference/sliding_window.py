@@ -18,6 +18,15 @@ eroded, each voxel given to the nearest. With large patches this is what makes t
 paper's 24×256×256 tiles over a 444-voxel-wide lung box need 2 tiles in x everywhere on the volume grid, but one
 per lung, and one in y wherever the lung (with its margin) is shallower than 256 voxels.
 
+``placement="region_sized"`` lets a tile grow where the patch would need two: each piece of a slab gets the
+fewest tiles that cover it, each at least the patch along an in-plane axis and at most ``MAX_TILE_SCALE`` × it, in
+all at most ``MAX_TILE_SCALE`` × the patch's in-plane voxels, and each as small as covering allows within that (a
+multiple of ``size_multiple``, the network's total downsampling). A lung 269 voxels deep then takes one tile of
+272 × 256 instead of two of 256 × 256. The network is convolutional and the image is 0 outside the region, so a
+larger tile sees what two would; what changes is its instance normalisation, whose statistics are the tile's. Tiles
+are never made smaller than the patch: shrunk to the region, they changed a trained network's output
+(docs/prediction.md, the engine).
+
 Memory stays bounded: the only full-size tensors are the output accumulator ``(K, Z, Y, X)`` and the
 weight map ``(Z, Y, X)`` (both float32); patches are cut from the image one batch at a time and padding
 is applied per patch, never to the whole volume.
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -41,7 +51,12 @@ log = logging.getLogger(__name__)
 BoundingBox = Sequence[tuple[int, int]]
 
 WEIGHTINGS = ("constant", "gaussian")
-PLACEMENTS = ("grid", "region")
+PLACEMENTS = ("grid", "region", "region_sized")
+
+#: ``region_sized``: the longest tile along an in-plane axis, as a multiple of the patch's size along it.
+MAX_TILE_SCALE = 1.25
+#: A tile: its start corner and its size, ``(z, y, x)`` each.
+Tile = tuple[tuple[int, int, int], tuple[int, int, int]]
 
 
 def tile_step(patch: int, step_fraction: float) -> int:
@@ -85,6 +100,50 @@ def fitted_starts(start: int, stop: int, length: int, patch: int, step: int) -> 
     count = 1 + max(0, -(-(stop - start - patch) // step))
     first = start - ((count - 1) * step + patch - (stop - start)) // 2
     return sorted({min(max(first + k * step, 0), length - patch) for k in range(count)})
+
+
+def sized_spans(start: int, stop: int, length: int, step_fraction: float, multiple: int, smallest: int,
+                largest: int) -> list[tuple[int, int]]:
+    """``(start, size)`` of tiles of one size that cover ``[start, stop)`` of an axis of ``length`` voxels.
+
+    The fewest tiles no larger than ``largest`` that cover the range while consecutive tiles overlap by at least
+    ``1 - step_fraction`` of their size; their size the smallest that does, rounded up to ``multiple`` and at least
+    ``smallest`` (never more than the axis, rounded up, which is then padded). Spread evenly and centred on the
+    range, then shifted to lie inside the axis, as :func:`fitted_starts`.
+    """
+
+    def round_up(value: int) -> int:
+        return -(-value // multiple) * multiple
+
+    extent = stop - start
+    largest = max(multiple, largest // multiple * multiple)
+    count = 1
+    while True:
+        size = round_up(math.ceil(extent / (1.0 + (count - 1) * step_fraction) - 1e-9))
+        if size <= largest:
+            break
+        count += 1
+    size = min(max(size, round_up(smallest)), round_up(length))
+    if count == 1 or length <= size:
+        firsts = [start - (size - extent) // 2]
+    else:
+        firsts = [start + round(k * (extent - size) / (count - 1)) for k in range(count)]
+    return sorted({(min(max(first, 0), max(length - size, 0)), size) for first in firsts})
+
+
+def _sized_piece(box: tuple[slice, slice], shape_yx: tuple[int, int], patch_yx: tuple[int, int],
+                 step_fraction: float, multiple: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The y and x spans of one piece's tiles: along each axis at least the patch and at most ``MAX_TILE_SCALE`` ×
+    it, and in all at most ``MAX_TILE_SCALE`` × the patch's in-plane voxels (one call's memory)."""
+    limits = [int(MAX_TILE_SCALE * p) for p in patch_yx]
+    while True:
+        spans = [sized_spans(b.start, b.stop, n, step_fraction, multiple, p, limit)
+                 for b, n, p, limit in zip(box, shape_yx, patch_yx, limits)]
+        sizes = [axis[0][1] for axis in spans]
+        if sizes[0] * sizes[1] <= MAX_TILE_SCALE * patch_yx[0] * patch_yx[1] or limits == list(patch_yx):
+            return spans[0], spans[1]
+        longer = int(sizes[1] - patch_yx[1] > sizes[0] - patch_yx[0])
+        limits[longer] = max(patch_yx[longer], sizes[longer] - multiple)
 
 
 #: Erosion depths (in-plane voxels) at which a slab's footprint is tried for pieces that a margin joined.
@@ -146,14 +205,59 @@ def _tiles_over(pieces: np.ndarray, footprint: np.ndarray, shape_zyx: tuple[int,
     return tiles
 
 
+def _sized_tiles(mask: np.ndarray, patch_size: tuple[int, int, int], step_fraction: float,
+                 multiple: int) -> list[Tile]:
+    """Tiles fitted in place and in-plane size to a boolean mask, slab by slab (see the module docstring)."""
+    shape_zyx = mask.shape
+    along_z = np.flatnonzero(mask.any(axis=(1, 2)))
+    if along_z.size == 0:
+        return []
+    pz = patch_size[0]
+    tiles: set[Tile] = set()
+    for z in fitted_starts(int(along_z[0]), int(along_z[-1]) + 1, shape_zyx[0], pz, tile_step(pz, step_fraction)):
+        slab = mask[z : z + pz]
+        footprint = slab.any(axis=0)
+        if not footprint.any():
+            continue
+        options = []
+        for pieces in (footprint.astype(np.int32), *_piece_labelings(footprint)):
+            option = set()
+            for box in ndimage.find_objects(pieces):
+                if box is None:
+                    continue
+                ys, xs = _sized_piece(box, shape_zyx[1:], patch_size[1:], step_fraction, multiple)
+                option.update(((y, ty), (x, tx)) for y, ty in ys for x, tx in xs
+                              if footprint[y : y + ty, x : x + tx].any())
+            options.append(option)
+        # The fewest voxels run (with large tiles, the time of the network).
+        chosen = min(options, key=lambda option: sum(ty * tx for (_, ty), (_, tx) in option))
+        tiles.update(((z, y, x), (pz, ty, tx)) for (y, ty), (x, tx) in chosen
+                     if slab[:, y : y + ty, x : x + tx].any())
+    return sorted(tiles)
+
+
 def plan_tiles(
     shape_zyx: Sequence[int],
     patch_size: Sequence[int],
     step_fraction: float = 1.0,
     region: np.ndarray | torch.Tensor | BoundingBox | None = None,
     placement: str = "grid",
+    size_multiple: int = 8,
 ) -> list[tuple[int, int, int]]:
-    """All tile start corners ``(z, y, x)`` of a volume, keeping only those that touch ``region``.
+    """The start corners of :func:`plan_tile_boxes`' tiles (for ``"region_sized"`` their sizes differ)."""
+    return [corner for corner, _ in plan_tile_boxes(shape_zyx, patch_size, step_fraction, region, placement,
+                                                    size_multiple)]
+
+
+def plan_tile_boxes(
+    shape_zyx: Sequence[int],
+    patch_size: Sequence[int],
+    step_fraction: float = 1.0,
+    region: np.ndarray | torch.Tensor | BoundingBox | None = None,
+    placement: str = "grid",
+    size_multiple: int = 8,
+) -> list[Tile]:
+    """All tiles ``(corner, size)`` of a volume, keeping only those that touch ``region``.
 
     Parameters
     ----------
@@ -164,12 +268,15 @@ def plan_tiles(
         skipped) or a bounding box ``((z0, z1), (y0, y1), (x0, x1))`` with exclusive stops (tiles not
         intersecting it are skipped).
     placement : ``"grid"``: MONAI's tiles over the whole volume; ``"region"``: tiles fitted to a region mask,
-        slab by slab and piece by piece (every region voxel is still covered; fewer tiles with large patches).
+        slab by slab and piece by piece (every region voxel is still covered; fewer tiles with large patches);
+        ``"region_sized"``: the same with each tile's in-plane size fitted to its piece (see the module docstring).
         A bounding box or no region always uses the grid.
+    size_multiple : ``"region_sized"`` only: tile sizes are multiples of it (the network's total downsampling).
 
     Returns
     -------
-    The start corners in raster order (z slowest).
+    ``((z, y, x), (pz, py, px))`` per tile, corners in raster order (z slowest); the size is ``patch_size`` except
+    with ``"region_sized"``.
     """
     shape_zyx = tuple(int(v) for v in shape_zyx)
     patch_size = tuple(int(v) for v in patch_size)
@@ -185,11 +292,11 @@ def plan_tiles(
     ]
     corners = list(itertools.product(*per_axis))
     if region is None:
-        return corners
+        return [(corner, patch_size) for corner in corners]
     if _is_bounding_box(region):
         box = [(int(a), int(b)) for a, b in region]
         return [
-            corner
+            (corner, patch_size)
             for corner in corners
             if all(start < stop and c < stop and c + p > start for c, p, (start, stop) in zip(corner, patch_size, box))
         ]
@@ -198,14 +305,17 @@ def plan_tiles(
         raise ValueError(f"region mask shape {mask.shape} does not match the image shape {shape_zyx}")
     mask = mask.astype(bool, copy=False)
     if placement == "region":
-        return _fitted_corners(mask, patch_size, tuple(tile_step(p, step_fraction) for p in patch_size))
+        return [(corner, patch_size)
+                for corner in _fitted_corners(mask, patch_size, tuple(tile_step(p, step_fraction) for p in patch_size))]
+    if placement == "region_sized":
+        return _sized_tiles(mask, patch_size, step_fraction, size_multiple)
     # Project the mask onto coarse per-tile checks: first which z-ranges hold anything at all, so that the
     # (cheap) per-tile test runs only where a slab is not empty.
     slab_any = {z: bool(mask[z : z + patch_size[0]].any()) for z in per_axis[0]}
     kept = []
     for z, y, x in corners:
         if slab_any[z] and mask[z : z + patch_size[0], y : y + patch_size[1], x : x + patch_size[2]].any():
-            kept.append((z, y, x))
+            kept.append(((z, y, x), patch_size))
     return kept
 
 
@@ -239,9 +349,12 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.12
     return torch.clamp(weight, min=float(floor))
 
 
-def _batches(corners: Sequence[tuple[int, int, int]], batch_size: int) -> Iterator[Sequence[tuple[int, int, int]]]:
-    for index in range(0, len(corners), batch_size):
-        yield corners[index : index + batch_size]
+def _batches(tiles: Sequence[Tile], batch_size: int) -> Iterator[Sequence[Tile]]:
+    """Consecutive tiles of one size, at most ``batch_size`` at a time (a batch is one tensor)."""
+    for _, same in itertools.groupby(tiles, key=lambda tile: tile[1]):
+        same = list(same)
+        for index in range(0, len(same), batch_size):
+            yield same[index : index + batch_size]
 
 
 def _cut_patch(image: torch.Tensor, corner: tuple[int, int, int], patch_size: tuple[int, int, int], pad_value: float):
@@ -270,6 +383,7 @@ def sliding_window_predict(
     progress: bool = False,
     with_boxes: bool = False,
     placement: str = "grid",
+    size_multiple: int = 8,
 ) -> torch.Tensor:
     """Apply a patch network to a whole volume by tiling it and averaging the tile outputs per voxel.
 
@@ -296,7 +410,9 @@ def sliding_window_predict(
     with_boxes : call ``predict_fn(batch, boxes)`` with ``boxes`` an int64 CPU tensor ``(B, 2, 3)``: the start and
         the size ``(z, y, x)`` of each patch in image voxels (the ``patch_box`` of :mod:`dscovid.model.geometry`;
         a patch padded past a short axis keeps its full size, so its box reaches past the volume).
-    placement : ``"grid"`` (MONAI's tiles) or ``"region"`` (tiles fitted to a region mask; see :func:`plan_tiles`).
+    placement : ``"grid"`` (MONAI's tiles), ``"region"`` (tiles fitted to a region mask) or ``"region_sized"``
+        (fitted in size too: ``predict_fn`` then gets batches of tiles of other sizes, each a multiple of
+        ``size_multiple``, at most ``MAX_TILE_SCALE`` × the patch in-plane); see :func:`plan_tile_boxes`.
 
     Returns
     -------
@@ -314,49 +430,50 @@ def sliding_window_predict(
     device = torch.device(device) if device is not None else image.device
     output_device = torch.device(output_device) if output_device is not None else image.device
 
-    corners = plan_tiles(shape_zyx, patch_size, step_fraction, region, placement)
-    log.debug("sliding window: %d tiles of %s over %s (step %.2f)", len(corners), patch_size, shape_zyx, step_fraction)
+    tiles = plan_tile_boxes(shape_zyx, patch_size, step_fraction, region, placement, size_multiple)
+    # Tiles of one size together (one tensor per batch); raster order within a size.
+    tiles.sort(key=lambda tile: (tile[1], tile[0]))
+    log.debug("sliding window: %d tiles of %s over %s (step %.2f, %s)", len(tiles), patch_size, shape_zyx,
+              step_fraction, placement)
 
-    tile_weight = gaussian_importance_map(patch_size, sigma_scale) if weighting == "gaussian" else None
-    tile_weight_out = tile_weight.to(output_device) if tile_weight is not None else None
+    tile_weights: dict[tuple[int, int, int], torch.Tensor] = {}  # the Gaussian of each tile size, on output_device
     output: torch.Tensor | None = None  # allocated once the number of output channels K is known
     weight_map = torch.zeros(shape_zyx, dtype=torch.float32, device=output_device)
 
-    bar = progress_bar(total=len(corners), desc="patches", unit="patch", disable=not progress, leave=False)
+    bar = progress_bar(total=len(tiles), desc="patches", unit="patch", disable=not progress, leave=False)
     with torch.no_grad():
-        for batch_corners in _batches(corners, batch_size):
-            batch = torch.stack([_cut_patch(image, corner, patch_size, pad_value) for corner in batch_corners])
+        for batch_tiles in _batches(tiles, batch_size):
+            size = batch_tiles[0][1]
+            batch = torch.stack([_cut_patch(image, corner, size, pad_value) for corner, _ in batch_tiles])
             batch = batch.to(device, non_blocking=True)
             if with_boxes:
-                boxes = torch.tensor([[corner, patch_size] for corner in batch_corners], dtype=torch.int64)
+                boxes = torch.tensor([[corner, size] for corner, _ in batch_tiles], dtype=torch.int64)
                 prediction = predict_fn(batch, boxes)
             else:
                 prediction = predict_fn(batch)
-            if (
-                prediction.ndim != 5
-                or prediction.shape[0] != len(batch_corners)
-                or tuple(prediction.shape[2:]) != patch_size
-            ):
+            if prediction.ndim != 5 or prediction.shape[0] != len(batch_tiles) or tuple(prediction.shape[2:]) != size:
                 raise ValueError(
                     f"predict_fn returned shape {tuple(prediction.shape)} for a batch of shape {tuple(batch.shape)}; "
-                    f"expected (B, K, {', '.join(map(str, patch_size))})"
+                    f"expected (B, K, {', '.join(map(str, size))})"
                 )
             prediction = prediction.to(output_device, dtype=torch.float32)
             if output is None:
                 output = torch.zeros((prediction.shape[1],) + shape_zyx, dtype=torch.float32, device=output_device)
-            for tile, corner in zip(prediction, batch_corners):
+            if weighting == "gaussian" and size not in tile_weights:
+                tile_weights[size] = gaussian_importance_map(size, sigma_scale).to(output_device)
+            for tile, (corner, _) in zip(prediction, batch_tiles):
                 # Crop the tile to the image (it may be padded) and add it in.
-                inside = tuple(min(p, length - c) for c, p, length in zip(corner, patch_size, shape_zyx))
+                inside = tuple(min(p, length - c) for c, p, length in zip(corner, size, shape_zyx))
                 target = tuple(slice(c, c + n) for c, n in zip(corner, inside))
                 tile = tile[:, : inside[0], : inside[1], : inside[2]]
-                if tile_weight_out is None:
+                if weighting == "constant":
                     output[(slice(None),) + target] += tile
                     weight_map[target] += 1.0
                 else:
-                    weights = tile_weight_out[: inside[0], : inside[1], : inside[2]]
+                    weights = tile_weights[size][: inside[0], : inside[1], : inside[2]]
                     output[(slice(None),) + target].addcmul_(tile, weights)  # in place: no weighted copy of the tile
                     weight_map[target] += weights
-            bar.update(len(batch_corners))
+            bar.update(len(batch_tiles))
     bar.close()
 
     if output is None:

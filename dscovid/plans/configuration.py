@@ -179,7 +179,8 @@ class InferenceConfig:
     mirror_axes: tuple[int, ...] = ()
     """Volume axes (0 z, 1 y, 2 x) also predicted mirrored and averaged (test-time augmentation)."""
     tile_placement: str = "grid"
-    """``grid`` (nnU-Net's even grid over the whole volume) or ``region`` (fitted to the lung region)."""
+    """``grid`` (nnU-Net's even grid over the whole volume), ``region`` (fitted to the lung region) or ``region_sized``
+    (fitted to it in size too)."""
 
     @classmethod
     def from_dict(cls, values: Mapping) -> InferenceConfig:

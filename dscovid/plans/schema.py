@@ -227,7 +227,7 @@ CONFIGURATION_SPEC = _Object(
                 "batch_size": _POSITIVE_INT,
             },
             optional={"mirror_axes": _List(_Number(minimum=0, maximum=2, integer=True), what="axes among 0, 1, 2"),
-                      "tile_placement": _Str(("grid", "region"))},
+                      "tile_placement": _Str(("grid", "region", "region_sized"))},
         ),
     },
     # What the planner computed the configuration from (informational; not read by later stages).

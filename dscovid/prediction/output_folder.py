@@ -56,21 +56,23 @@ def output_files(name: str) -> dict[str, str]:
 
 #: Settings recorded in the identity only when they differ from their default (so that folders written before
 #: the setting existed stay the same run); compared both ways, with the default standing in for a missing key.
-_OPTIONAL_IDENTITY = {"min_lesion_ml": 0.0, "mirroring": True}
+_OPTIONAL_IDENTITY = {"min_lesion_ml": 0.0, "mirroring": True, "tile_placement": None}
 
 
 def run_identity(model: TrainedModel, step_fraction: float, peripheral_thickness_mm: float,
-                 min_lesion_ml: float = 0.0, mirroring: bool = True) -> dict:
+                 min_lesion_ml: float = 0.0, mirroring: bool = True, tile_placement: str | None = None) -> dict:
     """Everything that changes the predictions: outputs of runs that differ in any of these are never mixed.
 
-    ``min_lesion_ml`` and ``mirroring`` are recorded only when not their defaults, so a folder written before they
-    existed stays the same run."""
+    ``min_lesion_ml``, ``mirroring`` and ``tile_placement`` (None: the model's own) are recorded only when not their
+    defaults, so a folder written before they existed stays the same run."""
     identity = {**model.identity(), "checkpoint": model.checkpoint_name, "step_fraction": float(step_fraction),
                 "peripheral_thickness_mm": float(peripheral_thickness_mm)}
     if min_lesion_ml != _OPTIONAL_IDENTITY["min_lesion_ml"]:
         identity["min_lesion_ml"] = float(min_lesion_ml)
     if mirroring != _OPTIONAL_IDENTITY["mirroring"]:
         identity["mirroring"] = bool(mirroring)
+    if tile_placement is not None:
+        identity["tile_placement"] = str(tile_placement)
     return identity
 
 

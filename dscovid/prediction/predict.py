@@ -34,6 +34,7 @@ from dscovid import __version__
 from dscovid.errors import DscovidError
 from dscovid.inference.engine import NetworkOutput, run_networks
 from dscovid.inference.model_loading import TrainedModel, load_trained_model
+from dscovid.inference.sliding_window import PLACEMENTS
 from dscovid.io.scans import Scan, case_name_problems, find_scans
 from dscovid.io.shared_output import check_output_folder, has_result, write_failure, write_result
 from dscovid.io.strict_json import json_safe
@@ -97,6 +98,7 @@ def predict_cases(
     min_lesion_ml: float | None = None,
     mirroring: bool = True,
     batch_size: int | None = None,
+    tile_placement: str | None = None,
 ) -> dict:
     """Predict every case of ``inputs`` into ``output_dir`` (the function behind ``dscovid_predict``).
 
@@ -130,6 +132,8 @@ def predict_cases(
         once (half the network time, for a slow device).
     batch_size : sliding-window tiles per network call (default: :func:`dscovid.inference.engine.tile_batch_size`:
         the configuration's ``inference.batch_size``, on the CPU fewer where the tiles are large).
+    tile_placement : ``"grid"``, ``"region"`` or ``"region_sized"`` (:func:`dscovid.inference.sliding_window.plan_tiles`);
+        default: the configuration's ``inference.tile_placement``.
 
     Returns
     -------
@@ -163,6 +167,8 @@ def predict_cases(
         raise DscovidError(f"the sliding-window step must be in (0, 1], got {step_fraction}")
     if min_lesion_ml is not None and not min_lesion_ml >= 0:  # NaN too
         raise DscovidError(f"the minimum lesion volume must be 0 or more ml, got {min_lesion_ml}")
+    if tile_placement is not None and tile_placement not in PLACEMENTS:
+        raise DscovidError(f"the tile placement must be one of {', '.join(PLACEMENTS)}, got {tile_placement!r}")
     every_case = find_scans(inputs)
     # Name problems over all parts (each part refuses the same duplicates); keyed by object: an input given twice
     # is two equal Scans, and only the second is the duplicate.
@@ -175,7 +181,9 @@ def predict_cases(
     settings = model.inference
     step_used = float(step_fraction if step_fraction is not None else settings.step_fraction)
     min_lesion_ml = model_postprocessing(model) if min_lesion_ml is None else float(min_lesion_ml)
-    identity = run_identity(model, step_used, peripheral_thickness_mm, min_lesion_ml, mirroring)
+    if tile_placement == settings.tile_placement:
+        tile_placement = None  # the model's own: the same run as without the option
+    identity = run_identity(model, step_used, peripheral_thickness_mm, min_lesion_ml, mirroring, tile_placement)
     claim_folder(output_dir, identity, overwrite)
 
     done = 0
@@ -268,7 +276,7 @@ def predict_cases(
                 start = time.perf_counter()
                 output = run_networks(model, loaded.image, loaded.region_preprocessed, loaded.cls_image,
                                       step_fraction=step_fraction, mirror_axes=None if mirroring else [],
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, placement=tile_placement)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 timing = dict(loaded.timing_s, network=time.perf_counter() - start)
@@ -297,6 +305,7 @@ def predict_cases(
         "dataset": model.plans.dataset_name,
         "class_names": list(class_names),
         "weighting": settings.weighting,
+        "tile_placement": tile_placement or settings.tile_placement,
         "mirror_axes": [int(axis) for axis in settings.mirror_axes] if mirroring else [],
         "device": str(device),
         "precision": precision,
