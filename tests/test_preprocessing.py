@@ -24,7 +24,7 @@ from dscovid.preprocessing.orientation import (
     from_canonical,
     to_canonical,
 )
-from dscovid.preprocessing.preprocessor import preprocess_dataset, preprocess_image, restore_to_original
+from dscovid.preprocessing.preprocessor import grow_mask, preprocess_dataset, preprocess_image, restore_to_original
 from dscovid.preprocessing.resampling import resample_to_grid
 
 # --------------------------------------------------------------------------- tiny raw datasets for the tests
@@ -258,6 +258,29 @@ def test_real_ct_round_trip_with_the_built_in_lung_mask(test_data):
     assert np.all((box_mm > 150) & (box_mm < 400))
     assert dice(restore_to_original(arrays["lung"], properties, is_mask=True), lung) >= 0.97
     assert 0.0 < arrays["image"][arrays["lung"] > 0].mean() < 0.5  # aerated lung sits low in [-1400, 200]
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.1219, 0.8, 0.8), (5.0, 0.7, 0.65), (2.5, 3.1, 3.1)])
+def test_lung_margin_is_the_exact_euclidean_distance_in_mm(spacing):
+    """The grown region (edt's distance transform) against SciPy's exact one, on two lung-like blobs with a hole
+    and an island: every voxel within the margin in millimetres, nothing farther (voxels within a micrometre of the
+    margin may fall either way: float32 against float64)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(int(spacing[0] * 100))
+    shape = (30, 48, 56)
+    zz, yy, xx = np.indices(shape)
+    mask = (((zz - 14) / 10) ** 2 + ((yy - 24) / 15) ** 2 + ((xx - 15) / 9) ** 2 < 1) | (
+        ((zz - 16) / 11) ** 2 + ((yy - 22) / 14) ** 2 + ((xx - 40) / 10) ** 2 < 1)
+    mask[14, 20:24, 14:17] = False  # a hole inside a lung
+    mask[rng.integers(3, 27), rng.integers(3, 45), rng.integers(3, 53)] = True  # an island
+    for margin in (0.0, 4.0, 10.0):
+        grown = grow_mask(mask.astype(np.uint8), spacing, margin)
+        assert grown.dtype == np.uint8 and grown.shape == shape
+        exact = ndimage.distance_transform_edt(~mask, sampling=spacing)
+        decided = np.abs(exact - margin) > 1e-3
+        np.testing.assert_array_equal(grown[decided].astype(bool), (exact <= margin)[decided])
+        assert grown[mask].all()
 
 
 def test_lung_margin_keeps_the_rim_around_the_lung_and_the_target_only_where_it_is_seen():

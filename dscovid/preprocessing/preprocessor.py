@@ -32,9 +32,9 @@ from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+import edt
 import numpy as np
 import torch
-from scipy import ndimage
 
 from dscovid.errors import DscovidError
 from dscovid.io.atomic import remove_stale_temporaries
@@ -87,14 +87,19 @@ def lung_bounding_box(lung: np.ndarray, spacing_zyx_mm: Sequence[float], margin_
 
 
 def grow_mask(mask: np.ndarray, spacing_zyx_mm: Sequence[float], margin_mm: float) -> np.ndarray:
-    """``mask`` (uint8 0/1) grown by ``margin_mm`` (Euclidean distance in mm, computed inside its bounding box)."""
+    """``mask`` (uint8 0/1) grown by ``margin_mm`` (Euclidean distance in mm, computed inside its bounding box).
+
+    The distance transform is the ``edt`` package's (exact, like SciPy's, in float32 and on every core: on the
+    paper's 0.8 mm grid SciPy's took most of the preprocessing; docs/prediction.md)."""
     mask = np.asarray(mask, dtype=np.uint8)
     if margin_mm <= 0 or not mask.any():
         return mask.copy()
     # The box reaches one voxel beyond the margin on every axis, so nothing the margin reaches is cut off.
     box = tuple(slice(b0, b1) for b0, b1 in lung_bounding_box(mask, spacing_zyx_mm, margin_mm + max(spacing_zyx_mm)))
     grown = np.zeros_like(mask)
-    grown[box] = ndimage.distance_transform_edt(mask[box] == 0, sampling=spacing_zyx_mm) <= margin_mm
+    distance = edt.edt(mask[box] == 0, anisotropy=tuple(float(s) for s in spacing_zyx_mm), black_border=False,
+                       parallel=torch.get_num_threads())
+    grown[box] = distance <= margin_mm
     return grown
 
 
