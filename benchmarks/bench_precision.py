@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from bench_accuracy import CONFIGURATION, MODELS, _fmt, case_table, dataset_name, figures, paired
+from bench_accuracy import CONFIGURATION, MODELS, Model, _fmt, case_table, dataset_name, figures, paired
 
 from dscovid.evaluation.evaluate import evaluate_folder
 from dscovid.evaluation.intervals import bootstrap_interval
@@ -74,21 +74,30 @@ def network_seconds(out_dir: Path) -> float:
     return float(np.median([case["timing_s"]["network"] for case in summary["cases"]]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser, processes: int = 2) -> None:
+    """The arguments that pick one trained model of bench_accuracy.py's working folder and one of its sets."""
     parser.add_argument("--work", required=True, type=Path, help="bench_accuracy.py's working folder")
     parser.add_argument("--set", default="dev", choices=("dev", "test"))
     parser.add_argument("--run", default="default", choices=sorted(MODELS), help="which trained model")
-    parser.add_argument("-np", "--processes", type=int, default=2)
+    parser.add_argument("-np", "--processes", type=int, default=processes)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+
+
+def chosen_model(args: argparse.Namespace) -> tuple[Path, Model, Path, Path]:
+    """(the working folder's ``full``, the model, its folder, the evaluation set's raw dataset); sets the threads."""
     torch.set_num_threads(args.threads)
     base = args.work / "full"
     roots = Roots(raw=base / "raw", preprocessed=base / "preprocessed", results=base / "results")
     model = MODELS[args.run]
     model_dir = model_folder(roots.results, dataset_name("train"), model.trainer, CONFIGURATION)
-    evaluation_set = dataset_name(args.set)
-    reference = roots.raw / evaluation_set
+    return base, model, model_dir, roots.raw / dataset_name(args.set)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    args = parser.parse_args()
+    base, model, model_dir, reference = chosen_model(args)
     automatic = precision_name("cpu")
     if automatic == "float32":
         raise SystemExit("this CPU has no native bfloat16: the automatic precision is float32, nothing to compare")

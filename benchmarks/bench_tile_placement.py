@@ -20,15 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_accuracy import CONFIGURATION, MODELS, _fmt, case_table, dataset_name, figures, paired
-from bench_precision import _fmt_diff_fine, mask_agreement, network_seconds
+from bench_accuracy import _fmt, case_table, figures, paired
+from bench_precision import _fmt_diff_fine, add_model_arguments, chosen_model, mask_agreement, network_seconds
 
 from dscovid.evaluation.evaluate import evaluate_folder
 from dscovid.evaluation.intervals import bootstrap_interval
 from dscovid.inference.sliding_window import PLACEMENTS
 from dscovid.prediction.predict import predict_cases
-from dscovid.roots import Roots
-from dscovid.training.run import model_folder
 
 CLASS_NAMES = ["covid", "cap", "non_pneumonia"]
 
@@ -40,21 +38,12 @@ def mean_tiles(out_dir: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", required=True, type=Path, help="bench_accuracy.py's working folder")
-    parser.add_argument("--set", default="dev", choices=("dev", "test"))
-    parser.add_argument("--run", default="default", choices=sorted(MODELS), help="which trained model")
+    add_model_arguments(parser, processes=1)
     parser.add_argument("--placements", nargs="+", default=["region", "region_sized"], choices=PLACEMENTS)
     parser.add_argument("--step", type=float, default=None, help="sliding-window step (default: the plans')")
     parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring")
-    parser.add_argument("-np", "--processes", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    base = args.work / "full"
-    roots = Roots(raw=base / "raw", preprocessed=base / "preprocessed", results=base / "results")
-    model = MODELS[args.run]
-    model_dir = model_folder(roots.results, dataset_name("train"), model.trainer, CONFIGURATION)
-    reference = roots.raw / dataset_name(args.set)
+    base, model, model_dir, reference = chosen_model(args)
     setting = f"step{args.step or 'plans'}{'_notta' if args.disable_tta else ''}"
     folders, walls = {}, {}
     for placement in args.placements:
