@@ -185,7 +185,7 @@ def _run_configuration(args: dict, queue) -> None:
         queue.put({"configuration": name, "device": str(device), "precision": summary["precision"],
                    "mirror_axes": summary["mirror_axes"], "scan_shape_zyx": list(_scan_shape(args["scan"])),
                    "timing_s": entry["timing_s"], "wall_s": wall, "tiles": entry["tiles"], "tile_batch": args["tile_batch"],
-                   "tile_placement": summary["tile_placement"],
+                   "tile_placement": summary.get("tile_placement", model.inference.tile_placement),
                    "peak_rss_gb_predict": rss_predict, "peak_gpu_gb_predict": gpu_predict, "folder": folder})
         return
 

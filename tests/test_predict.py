@@ -341,6 +341,31 @@ def test_disable_tta_runs_each_fold_once_and_is_not_mixed_with_mirrored_runs(mod
         predict_cases(model_dir, inputs, target, device="cpu", progress=False)
 
 
+def test_another_tile_placement_is_another_run(model_dir, oblique_run, tmp_path):
+    """``--tile-placement`` other than the model's own is recorded in the run's identity: predictions of the two
+    placements are never mixed in one folder; naming the model's own placement is the same run as naming none."""
+    _, default_output, _, inputs = oblique_run
+    model = load_trained_model(model_dir)
+    own = model.inference.tile_placement
+    other = "region_sized" if own != "region_sized" else "region"
+    target = tmp_path / "sized"
+    assert predict_main(["-i", str(inputs), "-o", str(target), "-m", str(model_dir), "-q", "--device", "cpu",
+                         "--tile-placement", other]) == 0
+    summary = json.loads((target / "predictions.json").read_text(encoding="utf-8"))
+    assert summary["tile_placement"] == other and (target / "oblique.nii.gz").exists()
+    for placement in (None, own):
+        with pytest.raises(DscovidError, match=f"another model or setting .*tile_placement {other}"):
+            predict_cases(model_dir, inputs, target, device="cpu", progress=False, tile_placement=placement)
+    with pytest.raises(DscovidError, match="another model or setting(?!.*tile_placement)"):
+        predict_cases(model_dir, inputs, default_output, device="cpu", progress=False, tile_placement=other)
+    # The model's own placement claims the default run's folder as the same run (part 1 of 2 holds no case here).
+    predict_cases(model_dir, inputs, default_output, device="cpu", progress=False, tile_placement=own,
+                  num_parts=2, part_id=1)
+    with pytest.raises(DscovidError, match="tile placement must be one of"):
+        predict_cases(model_dir, inputs, tmp_path / "bad", device="cpu", progress=False, tile_placement="lungs")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_test_time_mirroring_averages_the_flipped_pass_flipped_back(model_dir):
     model = load_trained_model(model_dir, folds=["0"])
     rng = np.random.default_rng(1)

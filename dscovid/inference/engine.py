@@ -256,7 +256,7 @@ def run_networks(
         lesion_probability=lesion_probability,
         class_probabilities=class_probabilities,
         evidence=evidence_map,
-        tiles_run=len(plan_tiles(shape, patch, step_fraction, region_mask, placement)),
+        tiles_run=len(plan_tiles(shape, patch, step_fraction, region_mask, placement, PATCH_DIVISOR)),
         tiles_total=len(plan_tiles(shape, patch, step_fraction)),
         findings_term=torch.stack(findings_terms).mean(0).numpy() if findings_terms else None,
         findings=dict(zip(FINDINGS_NAMES, torch.stack(findings_values).mean(0).tolist())) if findings_values else None,

@@ -305,7 +305,6 @@ def predict_cases(
         "dataset": model.plans.dataset_name,
         "class_names": list(class_names),
         "weighting": settings.weighting,
-        "tile_placement": tile_placement or settings.tile_placement,
         "mirror_axes": [int(axis) for axis in settings.mirror_axes] if mirroring else [],
         "device": str(device),
         "precision": precision,
