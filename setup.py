@@ -45,6 +45,8 @@ setup(
         "scipy>=1.10",
         # Exact Euclidean distance transforms on every core (the lung margin on the paper's fine grid); tested with 3.1.
         "edt>=2.3",
+        # Connected components of full-size masks in one pass (the lesion report, small-lesion removal); tested with 4.1.
+        "connected-components-3d>=3.12",
         "pandas>=2.0",
         "matplotlib>=3.7",
         "tqdm>=4.60",

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from dscovid.io.image_io import Geometry
+from dscovid.measurements.components import label
 
 #: 26-connectivity in 3D: voxels touching by a face, an edge or a corner belong to one lesion.
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
@@ -102,7 +103,7 @@ def lesion_components(lesion: np.ndarray, spacing_zyx_mm: Sequence[float]) -> li
     if box is None:
         return []
     offset = np.array([s.start for s in box], dtype=float)
-    labels, count = ndimage.label(lesion[box], structure=STRUCTURE_26)
+    labels, count = label(lesion[box], 26)
     voxels = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     voxel_ml = float(np.prod(spacing)) / 1000.0
     components = []
@@ -129,7 +130,7 @@ def lesion_count(lesion: np.ndarray) -> int:
     box = _bounding_slices(lesion)
     if box is None:
         return 0
-    return int(ndimage.label(lesion[box], structure=STRUCTURE_26)[1])
+    return label(lesion[box], 26)[1]
 
 
 def lesion_volume_ratio(lesion: np.ndarray, lung: np.ndarray) -> float:
@@ -371,7 +372,7 @@ def _split_position(mask: np.ndarray, axis: int) -> float:
     if not mask.any():
         return (mask.shape[axis] - 1) / 2.0
     box = _bounding_slices(mask)
-    labels, count = ndimage.label(mask[box])
+    labels, count = label(mask[box], 6)
     offset = box[axis].start
     if count >= 2:
         sizes = np.bincount(labels.ravel())[1:]

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from dscovid.inference.engine import NetworkOutput
 from dscovid.io.atomic import staged_folder
 from dscovid.io.image_io import Geometry, quantize_uint8, uint8_scaling, write_image
-from dscovid.measurements.findings import STRUCTURE_26
+from dscovid.measurements.components import label
 from dscovid.prediction.dicom_export import DicomExport, is_dicom_series
 from dscovid.prediction.inputs import LoadedCase
 from dscovid.prediction.lesion_report import DEFAULT_PERIPHERAL_THICKNESS_MM, lesion_report
@@ -43,7 +42,7 @@ def drop_small_lesions(lesion: np.ndarray, spacing_zyx_mm: Sequence[float], min_
     """
     if min_volume_ml <= 0 or not lesion.any():
         return lesion
-    labels, count = ndimage.label(lesion, STRUCTURE_26)
+    labels, count = label(lesion, 26)
     voxel_ml = float(np.prod(spacing_zyx_mm)) / 1000.0
     small = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml < min_volume_ml
     small[0] = False

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from dscovid.errors import DscovidError
 from dscovid.inference.model_loading import TrainedModel
 from dscovid.io.dataset import load_raw_dataset, write_json_atomic
 from dscovid.io.image_io import read_mask
-from dscovid.measurements.findings import STRUCTURE_26
+from dscovid.measurements.components import label
 from dscovid.parallel import map_cases
 from dscovid.prediction.output_folder import output_files
 from dscovid.results.checkpoint import FINAL
@@ -63,7 +62,7 @@ def score_case(job: CaseJob) -> dict:
     reference, geometry = read_mask(job.reference)
     prediction, _ = read_mask(job.prediction, geometry)
     reference = reference != 0
-    labels, count = ndimage.label(prediction != 0, STRUCTURE_26)
+    labels, count = label(prediction, 26)
     voxel_ml = float(np.prod(geometry.spacing_zyx_mm)) / 1000.0
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     overlaps = np.bincount(labels[reference], minlength=count + 1)[1:]
