@@ -1,8 +1,8 @@
 """Time dscovid_predict on a full-size synthetic chest CT, and its sliding window against MONAI's.
 
 For each configuration (3d_paper, 3d_cpu): plan it from the scan's own fingerprint, save a randomly initialised
-fold (the timing does not depend on the weights), predict the scan with ``predict_cases`` and print seconds per
-scan split into read / preprocess / network / export, the peak memory (CPU resident, and GPU allocated on CUDA), and
+fold (the network's time does not depend on the weights), predict the scan with ``predict_cases`` and print seconds
+per scan split into read / preprocess / network / export, the peak memory (CPU resident, and GPU allocated on CUDA), and
 the network's achieved GFLOP/s against a plain matrix product on the same device. Then the same lesion branch is run
 through MONAI's ``sliding_window_inference`` (same patch, step, batch and precision, the cross-stitch fed the same
 way) over (a) the preprocessed lung box and (b) the whole scan resampled to the target spacing, as a MONAI pipeline
@@ -15,6 +15,13 @@ synthetic scan's generation).
     python benchmarks/bench_predict.py --configurations 3d_cpu --device cpu
     python benchmarks/bench_predict.py --configurations 3d_cpu --device cpu --no-peers --scans 20 --workers 2
     python benchmarks/bench_predict.py --configurations 3d_cpu --device cpu --no-peers --slices 400   # peak RAM
+
+The export's time does depend on them: it measures the lesions the network marks, and random weights mark several
+litres. ``--model DIR`` times a trained model instead (a ``<Trainer>__<configuration>`` folder, e.g. the demo's),
+on its own plans; ``--index`` picks a scan with lesions (the seed's case 0 has none, case 1 is COVID-19).
+
+    python benchmarks/bench_predict.py --model dscovid_demo/results/Dataset001_Synthetic/DeepSCCOVIDTrainer__3d_cpu \
+        --device cpu --no-peers --index 1
 
 ``--scans N`` also predicts a folder of N scans (the same seed's next cases) in one call with ``--workers``
 reading and preprocessing ahead, and prints seconds per scan and scans per hour (throughput); ``--no-peers`` leaves
@@ -142,8 +149,11 @@ def _run_configuration(args: dict, queue) -> None:
     device = torch.device(args["device"])
     work = Path(args["work"])
     name = args["configuration"]
-    plans = plan_experiment(args["fingerprint"], "Dataset990_Bench", ["covid", "cap", "non_pneumonia"], [name])
-    model_dir = save_untrained_model(work / "results", plans, name)
+    if args["model"]:
+        model_dir = Path(args["model"])
+    else:
+        plans = plan_experiment(args["fingerprint"], "Dataset990_Bench", ["covid", "cap", "non_pneumonia"], [name])
+        model_dir = save_untrained_model(work / "results", plans, name)
     model = load_trained_model(model_dir, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -185,6 +195,7 @@ def _run_configuration(args: dict, queue) -> None:
         queue.put({"configuration": name, "device": str(device), "precision": summary["precision"],
                    "mirror_axes": summary["mirror_axes"], "scan_shape_zyx": list(_scan_shape(args["scan"])),
                    "timing_s": entry["timing_s"], "wall_s": wall, "tiles": entry["tiles"], "tile_batch": args["tile_batch"],
+                   "lesion_volume_ml": entry["lesion_volume_ml"], "trained": bool(args["model"]),
                    "tile_placement": summary.get("tile_placement", model.inference.tile_placement),
                    "peak_rss_gb_predict": rss_predict, "peak_gpu_gb_predict": gpu_predict, "folder": folder})
         return
@@ -327,9 +338,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="sliding-window tiles per network call (default: the predictor's choice for the device)")
     parser.add_argument("--tile-placement", default=None, choices=("grid", "region", "region_sized"),
                         help="sliding-window tile placement (dscovid_predict's flag; default: the plans')")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a trained model folder (<Trainer>__<configuration>) instead of a randomly initialised "
+                             "one planned from the scan; --configurations is then that model's")
     parser.add_argument("--no-peers", action="store_true",
                         help="only the predictor's own timing (not the lesion branch beside MONAI)")
     args = parser.parse_args(argv)
+    if args.model is not None:
+        if not (args.model / "plans.json").is_file() or "__" not in args.model.name:
+            parser.error(f"--model {args.model}: not a trained model folder (<Trainer>__<configuration> with plans.json)")
+        args.configurations = [args.model.name.rsplit("__", 1)[1]]
 
     from dataset_conversion.synthetic import generate_case
     from dscovid.io.image_io import write_image
@@ -374,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.workers,
             "tile_batch": args.tile_batch,
             "placement": args.tile_placement,
+            "model": str(args.model) if args.model else None,
         }
         process = context.Process(target=_run_configuration, args=(job, queue))
         process.start()
@@ -391,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             f"seconds per scan: read {t['read']:.2f}  preprocess {t['preprocess']:.2f}  network {t['network']:.2f}"
             f"  export {t['export']:.2f}  (wall {r['wall_s']:.2f}); peak CPU resident {r['peak_rss_gb_predict']:.2f} GB"
         )
+        if "lesion_volume_ml" in r:
+            weights = "trained" if r["trained"] else "random"
+            print(f"the network ({weights} weights) marked {r['lesion_volume_ml']:.0f} ml of lesion (the export measures it)")
         if r.get("folder"):
             f = r["folder"]
             print(f"folder of {f['scans']} scans, -np {f['workers']}: {f['wall_s']:.1f} s, {f['s_per_scan']:.2f} s per "
