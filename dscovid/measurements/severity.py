@@ -77,21 +77,26 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 def _craniocaudal_values(
     lesion: np.ndarray, whole: np.ndarray, geometry: Geometry, side_axis: int, left: np.ndarray,
     start_zyx: Sequence[int] = (0, 0, 0),
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per side, the craniocaudal position (mm, world z) of every lung ∪ lesion voxel and whether it is lesion.
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per side, the craniocaudal positions (mm, world z) of the lung ∪ lesion voxels, how many voxels lie at each
+    and how many of those are lesion: ``(position, voxels, lesion_voxels)``.
 
     Walks the bounding box slice by slice so that memory stays at one slice of coordinates, whatever the scan size.
-    ``start_zyx``: the grid voxel of the masks' first voxel (masks cut from the grid).
+    Where the slices are axial (world z does not change within a slice, as in nearly every CT), a slice is one
+    position with its counts; otherwise every voxel is its own position. ``start_zyx``: the grid voxel of the masks'
+    first voxel (masks cut from the grid).
     """
     box = _bounding_box(whole)
-    collected: dict[str, tuple[list, list]] = {"right": ([], []), "left": ([], [])}
+    collected: dict[str, tuple[list, list, list]] = {"right": ([], [], []), "left": ([], [], [])}
     if box is None:
-        return {side: (np.zeros(0, np.float32), np.zeros(0, bool)) for side in collected}
+        empty = (np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return {side: empty for side in collected}
     matrix = geometry.index_to_world_matrix()
     superior = matrix[2, :3]  # mm of world z (LPS: toward the head) per voxel step along z, y, x
     ys = np.arange(box[1].start, box[1].stop) + start_zyx[1]
     xs = np.arange(box[2].start, box[2].stop) + start_zyx[2]
     plane = superior[1] * ys[:, None] + superior[2] * xs[None, :] + matrix[2, 3]
+    axial = superior[1] == 0 and superior[2] == 0
     for z in range(box[0].start, box[0].stop):
         voxels = whole[z, box[1], box[2]]
         if not voxels.any():
@@ -105,13 +110,21 @@ def _craniocaudal_values(
             on_left = np.broadcast_to(left[box[2]][None, :], voxels.shape)
         lesion_slice = lesion[z, box[1], box[2]]
         for side, selected in (("left", voxels & on_left), ("right", voxels & ~on_left)):
-            if selected.any():
-                collected[side][0].append(position[selected])
-                collected[side][1].append(lesion_slice[selected])
+            if not selected.any():
+                continue
+            positions, counts, lesion_counts = collected[side]
+            if axial:  # one position for the whole slice
+                positions.append(position[:1, 0])
+                counts.append(np.array([np.count_nonzero(selected)]))
+                lesion_counts.append(np.array([np.count_nonzero(lesion_slice & selected)]))
+            else:
+                positions.append(position[selected])
+                counts.append(np.ones(positions[-1].size, np.int64))
+                lesion_counts.append(lesion_slice[selected].astype(np.int64))
     return {
-        side: (np.concatenate(values) if values else np.zeros(0, np.float32),
-               np.concatenate(flags) if flags else np.zeros(0, bool))
-        for side, (values, flags) in collected.items()
+        side: tuple(np.concatenate(parts) if parts else np.zeros(0, dtype)
+                    for parts, dtype in zip(lists, (np.float32, np.int64, np.int64)))
+        for side, lists in collected.items()
     }
 
 
@@ -148,7 +161,7 @@ def severity_score(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry, *,
     values = _craniocaudal_values(lesion, whole, geometry, side_axis, left, start)
     zones: dict[str, dict] = {}
     for side in ("right", "left"):
-        position, is_lesion = values[side]
+        position, voxels, lesion_voxels_at = values[side]
         lung_counts = np.zeros(3, dtype=np.int64)
         lesion_counts = np.zeros(3, dtype=np.int64)
         if position.size:
@@ -156,8 +169,8 @@ def severity_score(lesion: np.ndarray, lung: np.ndarray, geometry: Geometry, *,
             third = (top - bottom) / 3.0
             # 0 lower, 1 middle, 2 upper; a voxel on a cut belongs to the zone above it
             level = np.digitize(position, [bottom + third, top - third])
-            lung_counts = np.bincount(level, minlength=3)
-            lesion_counts = np.bincount(level[is_lesion], minlength=3)
+            lung_counts = np.bincount(level, weights=voxels, minlength=3).astype(np.int64)
+            lesion_counts = np.bincount(level, weights=lesion_voxels_at, minlength=3).astype(np.int64)
         for level, part in ((2, "upper"), (1, "middle"), (0, "lower")):
             lung_voxels, lesion_voxels = int(lung_counts[level]), int(lesion_counts[level])
             share = lesion_voxels / lung_voxels if lung_voxels else math.nan
