@@ -32,6 +32,20 @@ def test_label_finds_scipys_components(connectivity):
         assert count == expected
         assert ours.dtype == np.uint32 and ours.shape == mask.shape
         assert _same_partition(ours, theirs)
+        # Numbered in the same order as SciPy (first voxel in C order): callers that break ties by label agree.
+        assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_label_finds_scipys_components_in_2d(connectivity):
+    rng = np.random.default_rng(connectivity)
+    for _ in range(10):
+        mask = rng.random(tuple(int(v) for v in rng.integers(1, 60, 2))) < 0.3
+        ours, count = label(mask, connectivity)
+        theirs, expected = ndimage.label(mask, ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2))
+        assert count == expected and _same_partition(ours, theirs)
+        if connectivity == 4:  # numbered in the same order too (the lung mask's per-slice labels use 4)
+            assert np.array_equal(ours, theirs)
 
 
 def test_label_edge_cases():
@@ -44,8 +58,10 @@ def test_label_edge_cases():
     assert label(corners, 26)[1] == 1 and label(corners, 18)[1] == 2 and label(corners, 6)[1] == 2
     with pytest.raises(ValueError, match="connectivity"):
         label(corners, 8)
-    with pytest.raises(ValueError, match="3D"):
-        label(np.ones((4, 4), bool))
+    with pytest.raises(ValueError, match="2D or 3D"):
+        label(np.ones((2, 2, 2, 2), bool))
+    with pytest.raises(ValueError, match="connectivity of a 2D mask"):
+        label(np.ones((4, 4), bool), 26)
 
 
 def test_lesion_measurements_and_small_lesion_removal_on_a_realistic_mask():

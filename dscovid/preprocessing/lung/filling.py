@@ -11,6 +11,7 @@ import logging
 import numpy as np
 from scipy import ndimage
 
+from dscovid.measurements.components import label
 from dscovid.preprocessing.lung.morphology import (
     IN_PLANE,
     bounding_box,
@@ -68,7 +69,7 @@ def fill_enclosed_blobs(filled: np.ndarray, hulls: np.ndarray, tissue: np.ndarra
     for side in (RIGHT_LUNG, LEFT_LUNG):
         candidate = (hulls == side) & (filled == 0) & tissue
         cores = opening(candidate, IN_PLANE, iterations=settings.enclosed_opening)
-        labels, count = ndimage.label(cores)
+        labels, count = label(cores, 6)
         if count == 0:
             continue
         lung = filled == side
@@ -239,7 +240,7 @@ def fill_costal_dents(filled: np.ndarray, tissue: np.ndarray, spacing: np.ndarra
             # gives the same distances as the whole slice: the ring around the box is outside the hull.
             box = bounding_box(hull, np.ones(2, dtype=int))
             hull = hull[box]
-            labels, count = ndimage.label(hull & (filled[z][box] == 0) & tissue[z][box])
+            labels, count = label(hull & (filled[z][box] == 0) & tissue[z][box], 4)
             if count == 0:
                 continue
             index = np.arange(1, count + 1)
