@@ -21,8 +21,8 @@ def label(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
     """The connected components of the non-zero voxels of a 3D (or 2D) ``mask``.
 
     Returns ``(labels, count)`` like ``scipy.ndimage.label``: ``labels`` (uint32, the mask's shape) numbers the
-    components 1..count (in the order SciPy does, but for 2D's 8-connectivity), 0 is the background. ``connectivity`` 26 is SciPy's
-    ``np.ones((3, 3, 3))`` structure, 6 (3D) and 4 (2D) its default ones.
+    components 1..count (in the order SciPy does, but for 2D's 8-connectivity), 0 is the background.
+    ``connectivity`` 26 is SciPy's ``np.ones((3, 3, 3))`` structure, 6 (3D) and 4 (2D) its default ones.
     """
     mask = np.asarray(mask)
     if mask.ndim not in CONNECTIVITIES:
