@@ -54,13 +54,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_predict import benchmark_case
 
+    from dscovid.errors import DscovidError
     from dscovid.inference.engine import run_networks
     from dscovid.inference.model_loading import load_trained_model
-    from dscovid.io.image_io import write_image
+    from dscovid.io.image_io import read_mask, write_image
     from dscovid.io.scans import Scan
     from dscovid.prediction import export
     from dscovid.prediction.inputs import load_case
     from dscovid.prediction.lesion_report import lesion_report
+    from dscovid.prediction.output_folder import output_files
     from dscovid.preprocessing.lung import segment_lung_sides
     from dscovid.preprocessing.preprocessor import original_crop_slices, restore_crop
 
@@ -71,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         write_image(case.image_hu, case.geometry, scan)
         reference_ml = float(np.count_nonzero(case.lesion)) * float(np.prod(case.geometry.spacing_zyx_mm)) / 1000.0
         del case
-        model = load_trained_model(args.model)
+        try:
+            model = load_trained_model(args.model)
+        except DscovidError as error:
+            raise SystemExit(f"--model {args.model}: {error}") from None
         loaded = load_case(Scan("bench", scan), model.preprocessing)
         start = time.perf_counter()
         output = run_networks(model, loaded.image, loaded.region_preprocessed, loaded.cls_image)
@@ -80,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = export.export_case(loaded, output, work / "out", names)  # also the warm-up
         properties, geometry = loaded.properties, loaded.geometry
         box = original_crop_slices(properties)
-        lesion = np.zeros(geometry.shape_zyx, dtype=np.uint8)
-        lesion[box] = restore_crop(output.lesion_probability, properties, export.LESION_THRESHOLD)
+        # The mask the export wrote (thresholded, limited to the lung and its margin): what the report measures.
+        lesion, _ = read_mask(work / "out" / output_files("bench")["mask"], geometry)
         lung = np.maximum(loaded.lung, lesion)
         print(f"scan {geometry.shape_zyx}, case {args.index} of seed {args.seed}: the model marks "
               f"{entry['lesion_volume_ml']:.0f} ml of lesion (reference {reference_ml:.0f} ml), calls it "
