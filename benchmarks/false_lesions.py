@@ -19,27 +19,60 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from dscovid.errors import DscovidError
+from dscovid.io.dataset import RawDataset, case_file, load_raw_dataset, read_json
 from dscovid.io.image_io import read_image, read_mask
+from dscovid.prediction.output_folder import output_files
 
 NON_PNEUMONIA = "non_pneumonia"
 
 
-def false_lesion_voxels(prediction: Path, reference: Path, case: str) -> tuple[np.ndarray, np.ndarray, float]:
+def false_lesion_voxels(mask_file: Path, dataset: RawDataset, case: str) -> tuple[np.ndarray, np.ndarray, float]:
     """The HU and the depth inside the reference lung (mm) of each voxel the model marks, and the lung's median HU."""
-    mask, _ = read_mask(prediction / f"{case}.nii.gz")
-    marked = np.asarray(mask) > 0
-    image, geometry = read_image(next((reference / "imagesTr").glob(f"{case}_0000.*")))
-    lung, _ = read_mask(next((reference / "lungsReference").glob(f"{case}.*")), geometry)
-    lung = np.asarray(lung) > 0
-    image = np.asarray(image)
+    image, geometry = read_image(dataset.image_path(case))
+    lung, _ = read_mask(case_file(dataset.root / "lungsReference", case, dataset.file_ending), geometry)
+    mask, _ = read_mask(mask_file, geometry)
+    marked, lung, image = np.asarray(mask) > 0, np.asarray(lung) > 0, np.asarray(image)
     depth = ndimage.distance_transform_edt(lung, sampling=geometry.spacing_zyx_mm)
     return image[marked].astype(np.float32), depth[marked].astype(np.float32), float(np.median(image[lung]))
+
+
+def report(folder: Path, dataset: RawDataset, lung_depth: bool) -> None:
+    """Print one prediction folder's line (and with ``lung_depth`` the false voxels' line)."""
+    classes = {case.name: case.class_name for case in dataset.cases()}
+    predictions = read_json(folder / "predictions.json", "not found (is this a dscovid_predict output folder?)")
+    names = predictions["class_names"]
+    confusion = np.zeros((len(names), len(names)), dtype=int)
+    volumes, calls, masks = [], {name: 0 for name in names}, {}
+    for entry in predictions["cases"]:
+        true = classes.get(entry["case"])
+        if true is None:
+            raise DscovidError(f"{folder / 'predictions.json'}: case {entry['case']!r} is not in {dataset.root}")
+        confusion[names.index(true), names.index(entry["predicted_class"])] += 1
+        if true == NON_PNEUMONIA:
+            volumes.append(entry["lesion_volume_ml"])
+            calls[entry["predicted_class"]] += 1
+            masks[entry["case"]] = folder / output_files(entry["case"])["mask"]
+    if not volumes:
+        raise DscovidError(f"{folder}: no predicted case is non-pneumonia in {dataset.root}")
+    volumes = np.asarray(volumes, dtype=float)
+    called = ", ".join(f"{calls[name]} {name}" for name in names if name != NON_PNEUMONIA)
+    print(f"{folder}: {volumes.size} lesion-free scans, false lesion ml median {np.median(volumes):.1f} "
+          f"mean {volumes.mean():.1f}, > 5 ml {int(np.sum(volumes > 5))}, > 20 ml {int(np.sum(volumes > 20))}; "
+          f"called {called}; confusion (rows true {', '.join(names)}) {confusion.tolist()}")
+    if lung_depth:
+        measured = [false_lesion_voxels(mask, dataset, case) for case, mask in masks.items()]
+        hu = np.concatenate([m[0] for m in measured])
+        depth = np.concatenate([m[1] for m in measured])
+        lung_hu = np.median([m[2] for m in measured])
+        if hu.size:
+            print(f"    all false voxels: median {np.median(hu):.0f} HU (the lungs' median {lung_hu:.0f}), "
+                  f"median depth in the lung {np.median(depth):.1f} mm, {np.mean(depth > 10):.0%} deeper than 10 mm")
 
 
 def main() -> None:
@@ -49,33 +82,12 @@ def main() -> None:
     parser.add_argument("--pred", required=True, nargs="+", type=Path, help="dscovid_predict output folders")
     parser.add_argument("--lung-depth", action="store_true", help="also the false voxels' HU and depth in the lung")
     args = parser.parse_args()
-
-    cases = json.loads((args.ref / "dataset.json").read_text())["cases"]
-    for folder in args.pred:
-        predictions = json.loads((folder / "predictions.json").read_text())
-        names = predictions["class_names"]
-        confusion = np.zeros((len(names), len(names)), dtype=int)
-        volumes, calls, lesion_free = [], {name: 0 for name in names}, []
-        for entry in predictions["cases"]:
-            true = cases[entry["case"]]["class"]
-            confusion[names.index(true), names.index(entry["predicted_class"])] += 1
-            if true == NON_PNEUMONIA:
-                volumes.append(entry["lesion_volume_ml"])
-                calls[entry["predicted_class"]] += 1
-                lesion_free.append(entry["case"])
-        volumes = np.asarray(volumes, dtype=float)
-        called = ", ".join(f"{calls[name]} {name}" for name in names if name != NON_PNEUMONIA)
-        print(f"{folder}: {volumes.size} lesion-free scans, false lesion ml median {np.median(volumes):.1f} "
-              f"mean {volumes.mean():.1f}, > 5 ml {int(np.sum(volumes > 5))}, > 20 ml {int(np.sum(volumes > 20))}; "
-              f"called {called}; confusion (rows true {', '.join(names)}) {confusion.tolist()}")
-        if args.lung_depth:
-            measured = [false_lesion_voxels(folder, args.ref, case) for case in lesion_free]
-            hu = np.concatenate([m[0] for m in measured])
-            depth = np.concatenate([m[1] for m in measured])
-            lung_hu = np.median([m[2] for m in measured])
-            if hu.size:
-                print(f"    all false voxels: median {np.median(hu):.0f} HU (the lungs' median {lung_hu:.0f}), "
-                      f"median depth in the lung {np.median(depth):.1f} mm, {np.mean(depth > 10):.0%} deeper than 10 mm")
+    try:
+        dataset = load_raw_dataset(args.ref)
+        for folder in args.pred:
+            report(folder, dataset, args.lung_depth)
+    except DscovidError as error:
+        raise SystemExit(f"false_lesions: {error}") from None
 
 
 if __name__ == "__main__":
