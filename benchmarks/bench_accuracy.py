@@ -133,6 +133,8 @@ MODELS = {
     "scannerAug": Model("with other scanners' looks in the augmentation", "DeepSCCOVIDTrainer_scannerAug"),
     "lesionSampling": Model("with per-lesion sampling of the forced patches", "DeepSCCOVIDTrainer_lesionSampling"),
     "contextDegrade": Model("with the lesion context degraded as on unseen scans", "DeepSCCOVIDTrainer_contextDegrade"),
+    "falseLesions": Model("with false lesions on healthy lung in the classifier's lesion map",
+                          "DeepSCCOVIDTrainer_falseLesions"),
     "classifierDropout": Model("with dropout 0.5 before the classifier's linear layer",
                                "DeepSCCOVIDTrainer_classifierDropout"),
     "lesionGate": Model("with the classifier's features gated by the lesion map", "DeepSCCOVIDTrainer_lesionGate"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import make_cache, to_grid
@@ -208,3 +210,45 @@ def test_loader_knows_the_volume_of_a_grid_cell(tmp_path):
         lesion = case.load()["lesion"].astype(np.float32)
         on_grid = resample_to_grid(lesion, sample["cls_lesion"].shape[1:], sparse=True)
         assert np.isclose(on_grid.sum() * sample["cell_ml"], lesion.sum() * np.prod(spacing) / 1000, rtol=0.03)
+
+
+def test_false_lesions_lie_on_healthy_lung_with_their_volume():
+    """Each ball is centred on a lung cell the map does not mark, is cut to the lung, holds its volume in ml when
+    it is not cut (cells are anisotropic: the radius is in millimetres), and leaves the real lesions and the input
+    alone."""
+    from dscovid.training.augmentation import add_false_lesions
+
+    grid = _two_lesion_map(cell_ml=0.5)
+    region = np.zeros((16, 32, 32), bool)
+    region[1:15, 1:31, 1:31] = True
+    cell_mm = (2.0, 1.0, 1.0)
+    cell_ml = float(np.prod(cell_mm)) / 1000.0
+    rng = np.random.default_rng(0)
+    volumes = []
+    for _ in range(40):
+        out = add_false_lesions(grid, region, cell_mm, [0.3], [1.0], rng)
+        added = out[0] - grid[0]
+        assert added.min() >= 0 and added.max() > 0.9 and not added[~region].any()
+        centre = np.unravel_index(np.argmax(added), added.shape)
+        assert grid[0][centre] <= 0.05  # on healthy lung
+        assert np.all(out[0][grid[0] > 0.05] >= grid[0][grid[0] > 0.05])
+        volumes.append(added.sum() * cell_ml)
+    assert max(volumes) == pytest.approx(0.3, rel=0.15)  # a ball inside the lung
+    assert min(volumes) < 0.8 * max(volumes)  # and balls cut by the lung's edge
+    assert np.array_equal(grid, _two_lesion_map(cell_ml=0.5))
+    # No healthy lung cell: nothing to add.
+    assert np.array_equal(add_false_lesions(grid, grid[0] > 0.05, cell_mm, [1.0], [1.0], rng), grid)
+
+
+def test_loader_sample_with_false_lesions(tmp_path):
+    """The false-lesion trainer's loader hands over maps with more lesion than the case's own, inside its lung."""
+    dataset_dir = make_cache(tmp_path, n_cases=2)
+    cases = list(list_cache_cases(dataset_dir / "3d_cpu").values())
+    plain = PatchLoader(cases, 1, (8, 16, 16), (2.0, 1.5, 1.5), 0.0, AugmentationSettings.none(), seed=1)
+    settings = dataclasses.replace(AugmentationSettings.none(), p_false_lesions=1.0, false_lesion_ml=(0.5, 1.0))
+    augmented = PatchLoader(cases, 1, (8, 16, 16), (2.0, 1.5, 1.5), 0.0, settings, seed=1)
+    for case in cases:
+        before, after = plain.make_sample(case, False), augmented.make_sample(case, False)
+        gained = after["cls_lesion"] - before["cls_lesion"]
+        assert gained.min() >= 0 and gained.sum() > 0
+        assert not gained[after["cls_image"] == 0].any()

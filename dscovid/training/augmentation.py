@@ -24,6 +24,10 @@ different anatomy. Three decisions follow:
   ones more often than large ones, and scales what is left down, as the network's map of an unseen scan misses
   and under-segments lesions that its map of a training scan (or the ground truth) has. The classifier then learns
   not to read "few small lesions" as CAP or non-pneumonia from a map that only lost them.
+- **False lesions** (off by default, a trainer variant turns them on) also act on the classifier's lesion map
+  alone: they add a few lesion-shaped blobs on healthy lung of any scan, the class unchanged, as the network's map
+  of a noisier scanner's scan marks dense parenchyma. The image under them is the scan's own, so a classifier
+  that reads the image where the map points (the lesion gate) learns that a map over normal lung is no finding.
 
 All random parameters come from the data loader's own generator (one stream per background worker, derived from
 the run seed), not from numpy's or Python's global generators, so a seeded run sees the same batches again.
@@ -65,6 +69,10 @@ class AugmentationSettings:
     p_context: float = 0.0  # the lesion context degraded (degrade_context)
     context_drop: tuple[tuple[float, float], ...] = ((10.0, 0.9), (30.0, 0.4), (100.0, 0.05))  # (below ml, p)
     context_gain: tuple[float, float] = (0.5, 1.0)
+    p_false_lesions: float = 0.0  # lesions added on healthy lung (add_false_lesions)
+    false_lesion_count: tuple[int, int] = (1, 3)  # inclusive
+    false_lesion_ml: tuple[float, float] = (2.0, 40.0)  # log-uniform
+    false_lesion_level: tuple[float, float] = (0.5, 1.0)  # the map's value at a false lesion's core
 
     @classmethod
     def none(cls) -> AugmentationSettings:
@@ -80,6 +88,11 @@ class AugmentationSettings:
     def context(cls) -> AugmentationSettings:
         """The defaults plus the lesion context of an unseen scan's quality for half of the samples."""
         return cls(p_context=0.5)
+
+    @classmethod
+    def false_lesions(cls) -> AugmentationSettings:
+        """The defaults plus false lesions on healthy lung in the classifier's lesion map for half of the samples."""
+        return cls(p_false_lesions=0.5)
 
 
 def draw_spatial_matrix(
@@ -231,6 +244,32 @@ def degrade_context(grid: np.ndarray, cell_ml: float, drop: Sequence[tuple[float
     return out
 
 
+def add_false_lesions(grid: np.ndarray, region: np.ndarray, cell_mm: Sequence[float], volumes_ml: Sequence[float],
+                      levels: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """The lesion map (1, N, H, W) with one ball per entry of ``volumes_ml`` added on healthy lung.
+
+    ``region`` (N, H, W) bool is where the scan has lung (the classification image's nonzero cells); a ball is
+    centred on a cell of it that the map does not mark (below :data:`CONTEXT_LESION_THRESHOLD`), has the volume's
+    radius in millimetres (``cell_mm`` the grid's cell size, z y x), the value ``level`` inside with a one-cell soft
+    edge, and is cut to the region; the map keeps the larger of its own value and the ball's. Without a free lung
+    cell the map is returned unchanged.
+    """
+    out = grid.astype(np.float32, copy=True)
+    free = np.flatnonzero(region & (grid[0] <= CONTEXT_LESION_THRESHOLD))
+    if not free.size:
+        return out
+    cell = np.asarray(cell_mm, dtype=np.float64)
+    axes = [np.arange(size) * step for size, step in zip(region.shape, cell)]
+    for volume, level in zip(volumes_ml, levels):
+        centre = np.array(np.unravel_index(free[rng.integers(free.size)], region.shape)) * cell
+        radius = (3.0 * float(volume) * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
+        distance = np.sqrt(sum(((axis - c) ** 2).reshape([-1 if i == a else 1 for i in range(3)])
+                               for a, (axis, c) in enumerate(zip(axes, centre))))
+        ball = float(level) * np.clip((radius - distance) / cell.min() + 0.5, 0.0, 1.0) * region
+        np.maximum(out[0], ball.astype(np.float32), out=out[0])
+    return out
+
+
 def augment_sample(sample: dict, settings: AugmentationSettings, rng: np.random.Generator) -> dict:
     """Mirroring, then intensity with one draw for both views, then the scanner's look of the patch (only where
     its probability is above 0, so the default draws the same random numbers as without it), then independent
@@ -238,7 +277,9 @@ def augment_sample(sample: dict, settings: AugmentationSettings, rng: np.random.
 
     Contrast is taken about the classification image's mean inside the lung (the scan's mean, the same for both
     views); gamma acts on the fixed [0, 1] range of the preprocessed image. The lesion context is degraded (with
-    ``settings.p_context`` > 0 only) using ``sample["cell_ml"]``, the volume of one classification-grid cell.
+    ``settings.p_context`` > 0 only) using ``sample["cell_ml"]``, the volume of one classification-grid cell, and
+    gets false lesions (``settings.p_false_lesions`` > 0 only) sized with ``sample["spacing"]``, the preprocessed
+    voxel spacing (z, y, x).
     """
     for axis in settings.mirror_axes:
         if rng.random() < 0.5:
@@ -246,6 +287,14 @@ def augment_sample(sample: dict, settings: AugmentationSettings, rng: np.random.
     if settings.p_context > 0 and rng.random() < settings.p_context:
         sample["cls_lesion"] = degrade_context(sample["cls_lesion"], float(sample["cell_ml"]), settings.context_drop,
                                                rng.uniform(*settings.context_gain), rng)
+    if settings.p_false_lesions > 0 and rng.random() < settings.p_false_lesions:
+        count = int(rng.integers(settings.false_lesion_count[0], settings.false_lesion_count[1] + 1))
+        volumes = np.exp(rng.uniform(*np.log(settings.false_lesion_ml), size=count))
+        levels = rng.uniform(*settings.false_lesion_level, size=count)
+        cell_mm = np.asarray(sample["volume_shape"], float) * sample["spacing"] / np.asarray(
+            sample["cls_lesion"].shape[1:], float)
+        sample["cls_lesion"] = add_false_lesions(sample["cls_lesion"], sample["cls_image"][0] > 0, cell_mm, volumes,
+                                                 levels, rng)
     brightness = rng.uniform(*settings.brightness_range) if rng.random() < settings.p_brightness else None
     contrast = rng.uniform(*settings.contrast_range) if rng.random() < settings.p_contrast else None
     gamma = rng.uniform(*settings.gamma_range) if rng.random() < settings.p_gamma else None

@@ -154,6 +154,7 @@ class PatchLoader(DataLoader):
             "cls_lesion": np.asarray(cls_lesion, dtype=np.float32)[None],
             "patch_box": np.array([start, self.patch_size], dtype=np.float64),
             "volume_shape": np.array(shape, dtype=np.float64),
+            "spacing": np.asarray(self.spacing, dtype=np.float64),
             "cell_ml": float(np.prod(np.asarray(shape) * self.spacing / np.asarray(cls_lesion.shape))) / 1000.0,
             "class_index": case.class_index,
             "lesion_annotated": case.lesion_annotated,

@@ -37,6 +37,8 @@ trainer                                                paper
                                                        lesion uniformly, then a voxel (small lesions as often)
 ``DeepSCCOVIDTrainer_contextDegrade``                  not in the paper: the classifier's lesion context loses
                                                        lesions (small ones most) as an unseen scan's map does
+``DeepSCCOVIDTrainer_falseLesions``                    not in the paper: the classifier's lesion map gets false
+                                                       lesions on healthy lung, the class unchanged
 ``DeepSCCOVIDTrainer_classifierDropout``               not in the paper: dropout 0.5 on the classifier's pooled
                                                        features before its linear layer
 ``DeepSCCOVIDTrainer_lesionGate``                      not in the paper: the classifier sees the image only at
@@ -194,6 +196,15 @@ class DeepSCCOVIDTrainer_contextDegrade(DeepSCCOVIDTrainer):  # noqa: N801
         return AugmentationSettings.context()
 
 
+class DeepSCCOVIDTrainer_falseLesions(DeepSCCOVIDTrainer):  # noqa: N801
+    """The default with :meth:`AugmentationSettings.false_lesions`: for half of the samples the classifier's lesion
+    map marks a few lesions on healthy lung, as the network's map of a noisier scanner's scan does, and the class
+    stays the scan's own."""
+
+    def augmentation(self) -> AugmentationSettings:
+        return AugmentationSettings.false_lesions()
+
+
 class DeepSCCOVIDTrainer_classifierDropout(DeepSCCOVIDTrainer):  # noqa: N801
     """The default with dropout 0.5 on the classifier's pooled features (``network.classifier_dropout``): its
     classifier otherwise fits its few dozen training scans exactly early in pre-training."""
@@ -262,6 +273,7 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_scannerAug,
         DeepSCCOVIDTrainer_lesionSampling,
         DeepSCCOVIDTrainer_contextDegrade,
+        DeepSCCOVIDTrainer_falseLesions,
         DeepSCCOVIDTrainer_classifierDropout,
         DeepSCCOVIDTrainer_lesionGate,
         DeepSCCOVIDTrainer_noLesionGate,
