@@ -131,6 +131,7 @@ MODELS = {
     "lastSideOutput": Model("without the fusion of the coarse side outputs", "DeepSCCOVIDTrainer_lastSideOutput"),
     "detachLesionMap": Model("without the classification gradient into Ŝ", "DeepSCCOVIDTrainer_detachLesionMap"),
     "scannerAug": Model("with other scanners' looks in the augmentation", "DeepSCCOVIDTrainer_scannerAug"),
+    "scannerNoise": Model("with other scanners' noise alone in the augmentation", "DeepSCCOVIDTrainer_scannerNoise"),
     "lesionSampling": Model("with per-lesion sampling of the forced patches", "DeepSCCOVIDTrainer_lesionSampling"),
     "contextDegrade": Model("with the lesion context degraded as on unseen scans", "DeepSCCOVIDTrainer_contextDegrade"),
     "falseLesions": Model("with false lesions on healthy lung in the classifier's lesion map",

@@ -252,3 +252,21 @@ def test_loader_sample_with_false_lesions(tmp_path):
         gained = after["cls_lesion"] - before["cls_lesion"]
         assert gained.min() >= 0 and gained.sum() > 0
         assert not gained[after["cls_image"] == 0].any()
+
+
+def test_correlated_noise_keeps_its_level_and_gains_grain():
+    """Smoothed noise has the drawn standard deviation and neighbours that move together in-plane (not along z)."""
+    from dscovid.training.augmentation import correlated
+
+    rng = np.random.default_rng(0)
+    white = rng.normal(0.0, 0.05, (1, 16, 64, 64))
+    grain = correlated(white, 1.0, 0.05)
+    assert grain.std() == pytest.approx(0.05, rel=0.01)
+
+    def neighbour_correlation(noise, axis):
+        return np.corrcoef(noise[0].ravel(), np.roll(noise[0], 1, axis=axis).ravel())[0, 1]
+
+    assert abs(neighbour_correlation(white, 2)) < 0.05
+    assert neighbour_correlation(grain, 2) > 0.5 and neighbour_correlation(grain, 1) > 0.5
+    assert abs(neighbour_correlation(grain, 0)) < 0.05
+    assert AugmentationSettings().noise_correlation_voxels == (0.0, 0.0)

@@ -19,6 +19,8 @@ different anatomy. Three decisions follow:
   segmentation patch only: it imitates another reconstruction kernel (in-plane Gaussian blur, or unsharp masking
   for a sharp kernel) and thicker slices (the patch taken down to fewer slices and back), which change the texture
   at the patch's resolution; each cell of the classification grid already averages many scan voxels.
+- **Correlated noise** (off by default, a trainer variant turns it on): the Gaussian noise smoothed in-plane before
+  it is added, so it has the grain of a scanner's kernel rather than independent voxels.
 - **Lesion context** (off by default, a trainer variant turns it on) acts on the classifier's lesion map alone,
   the ground truth or the network's cached Ŝ that stands for Ŝ outside the patch: it removes whole lesions, small
   ones more often than large ones, and scales what is left down, as the network's map of an unseen scan misses
@@ -60,6 +62,7 @@ class AugmentationSettings:
     gamma_range: tuple[float, float] = (0.7, 1.5)
     p_noise: float = 0.1
     noise_variance: tuple[float, float] = (0.0, 0.01)
+    noise_correlation_voxels: tuple[float, float] = (0.0, 0.0)  # in-plane Gaussian sigma of the noise (0: white)
     p_blur: float = 0.0
     blur_sigma_voxels: tuple[float, float] = (0.5, 1.5)  # in-plane
     p_sharpen: float = 0.0
@@ -93,6 +96,12 @@ class AugmentationSettings:
     def false_lesions(cls) -> AugmentationSettings:
         """The defaults plus false lesions on healthy lung in the classifier's lesion map for half of the samples."""
         return cls(p_false_lesions=0.5)
+
+    @classmethod
+    def scanner_noise(cls) -> AugmentationSettings:
+        """The defaults with the noise of other scanners alone: three times as often, correlated in-plane as a
+        reconstruction kernel makes it (no blur, sharpening or thick slices)."""
+        return cls(p_noise=0.3, noise_correlation_voxels=(0.5, 1.5))
 
 
 def draw_spatial_matrix(
@@ -314,5 +323,15 @@ def augment_sample(sample: dict, settings: AugmentationSettings, rng: np.random.
     for key in ("data", "cls_image"):
         if rng.random() < settings.p_noise:
             sigma = np.sqrt(rng.uniform(*settings.noise_variance))
-            sample[key] = (sample[key] + rng.normal(0.0, sigma, sample[key].shape)).astype(np.float32)
+            noise = rng.normal(0.0, sigma, sample[key].shape)
+            if settings.noise_correlation_voxels[1] > 0:
+                noise = correlated(noise, rng.uniform(*settings.noise_correlation_voxels), sigma)
+            sample[key] = (sample[key] + noise).astype(np.float32)
     return sample
+
+
+def correlated(noise: np.ndarray, correlation_voxels: float, sigma: float) -> np.ndarray:
+    """White ``noise`` (1, Z, Y, X) smoothed in-plane by a Gaussian of ``correlation_voxels`` and brought back to the
+    standard deviation ``sigma``: the grain of a reconstruction kernel, as the phantoms' scanner makes it."""
+    smooth = gaussian_filter(noise[0], sigma=(0.0, correlation_voxels, correlation_voxels), mode="wrap")
+    return (smooth * (sigma / max(float(smooth.std()), 1e-12)))[None]

@@ -33,6 +33,8 @@ trainer                                                paper
                                                        no hard negatives, non-overlapping tiles, no mirroring)
 ``DeepSCCOVIDTrainer_scannerAug``                      not in the paper: the default augmentation plus other
                                                        scanners' looks (noise, blur, sharpening, thick slices)
+``DeepSCCOVIDTrainer_scannerNoise``                    not in the paper: the default augmentation with other
+                                                       scanners' noise alone (more often, correlated in-plane)
 ``DeepSCCOVIDTrainer_lesionSampling``                  not in the paper: patches forced onto a lesion draw the
                                                        lesion uniformly, then a voxel (small lesions as often)
 ``DeepSCCOVIDTrainer_contextDegrade``                  not in the paper: the classifier's lesion context loses
@@ -187,6 +189,14 @@ class DeepSCCOVIDTrainer_scannerAug(DeepSCCOVIDTrainer):  # noqa: N801
         return AugmentationSettings.scanner()
 
 
+class DeepSCCOVIDTrainer_scannerNoise(DeepSCCOVIDTrainer):  # noqa: N801
+    """The default with :meth:`AugmentationSettings.scanner_noise`: other scanners' noise, without their blur,
+    sharpening or thick slices."""
+
+    def augmentation(self) -> AugmentationSettings:
+        return AugmentationSettings.scanner_noise()
+
+
 class DeepSCCOVIDTrainer_contextDegrade(DeepSCCOVIDTrainer):  # noqa: N801
     """The default with :meth:`AugmentationSettings.context`: for half of the samples the classifier's lesion map
     outside the patch loses lesions (small ones most often) and is scaled down, as the network's map of an unseen
@@ -271,6 +281,7 @@ TRAINERS: dict[str, type[Trainer]] = {
         DeepSCCOVIDTrainer_noFindings,
         DeepSCCOVIDTrainer_paperLiteral,
         DeepSCCOVIDTrainer_scannerAug,
+        DeepSCCOVIDTrainer_scannerNoise,
         DeepSCCOVIDTrainer_lesionSampling,
         DeepSCCOVIDTrainer_contextDegrade,
         DeepSCCOVIDTrainer_falseLesions,
