@@ -9,8 +9,8 @@ reports the difference of the means (candidate − reference) with a paired perc
     python benchmarks/pooled_seeds.py --reference P/dev/default P/dev/defaults1 \\
         --candidate P/dev/falseLesions P/dev/falseLesionss1
 
-Only cases every folder scored enter (lesion Dice: the cases with lesions). A missing folder or ``summary.json`` is
-one line on stderr and exit 1.
+Only cases every folder scored enter (lesion Dice: the cases with lesions). A missing folder or ``summary.json``, or
+one that is not a ``dscovid_evaluate`` summary, is one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_accuracy import case_table  # noqa: E402
 
 from dscovid.evaluation.intervals import paired_bootstrap  # noqa: E402
-from dscovid.io.dataset import read_json  # noqa: E402
+from dscovid.io.dataset import CLASS_NAMES  # noqa: E402
 
 MEASURES = (("dice", "lesion Dice"), ("correct", "accuracy"))
 
@@ -39,8 +39,13 @@ def read_tables(folders: list[Path]) -> list[dict[str, dict]]:
         summary = folder / "summary.json"
         if not summary.is_file():
             raise SystemExit(f"{folder}: no summary.json (evaluate the predictions with dscovid_evaluate first)")
-        names = list(read_json(summary)["classification"]["class_names"])
-        tables.append(case_table(summary, names))
+        try:
+            table = case_table(summary, list(CLASS_NAMES))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise SystemExit(f"{summary}: not a dscovid_evaluate summary ({type(error).__name__}: {error})") from None
+        if not table:
+            raise SystemExit(f"{summary}: no scored case (not a dscovid_evaluate summary of predictions)")
+        tables.append(table)
     return tables
 
 

@@ -287,8 +287,8 @@ def augment_sample(sample: dict, settings: AugmentationSettings, rng: np.random.
     Contrast is taken about the classification image's mean inside the lung (the scan's mean, the same for both
     views); gamma acts on the fixed [0, 1] range of the preprocessed image. The lesion context is degraded (with
     ``settings.p_context`` > 0 only) using ``sample["cell_ml"]``, the volume of one classification-grid cell, and
-    gets false lesions (``settings.p_false_lesions`` > 0 only) sized with ``sample["spacing"]``, the preprocessed
-    voxel spacing (z, y, x).
+    gets false lesions (``settings.p_false_lesions`` > 0 only) sized with ``sample["cell_mm"]``, the cell's size in
+    millimetres (z, y, x).
     """
     for axis in settings.mirror_axes:
         if rng.random() < 0.5:
@@ -300,10 +300,8 @@ def augment_sample(sample: dict, settings: AugmentationSettings, rng: np.random.
         count = int(rng.integers(settings.false_lesion_count[0], settings.false_lesion_count[1] + 1))
         volumes = np.exp(rng.uniform(*np.log(settings.false_lesion_ml), size=count))
         levels = rng.uniform(*settings.false_lesion_level, size=count)
-        cell_mm = np.asarray(sample["volume_shape"], float) * sample["spacing"] / np.asarray(
-            sample["cls_lesion"].shape[1:], float)
-        sample["cls_lesion"] = add_false_lesions(sample["cls_lesion"], sample["cls_image"][0] > 0, cell_mm, volumes,
-                                                 levels, rng)
+        sample["cls_lesion"] = add_false_lesions(sample["cls_lesion"], sample["cls_image"][0] > 0, sample["cell_mm"],
+                                                 volumes, levels, rng)
     brightness = rng.uniform(*settings.brightness_range) if rng.random() < settings.p_brightness else None
     contrast = rng.uniform(*settings.contrast_range) if rng.random() < settings.p_contrast else None
     gamma = rng.uniform(*settings.gamma_range) if rng.random() < settings.p_gamma else None

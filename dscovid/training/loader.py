@@ -147,6 +147,7 @@ class PatchLoader(DataLoader):
             cls_lesion = resample_grid(arrays["cls_lesion"], shape, start, self.patch_size, matrix)
         if not case.lesion_annotated:
             lesion = np.zeros_like(lesion)
+        cell_mm = np.asarray(shape, dtype=np.float64) * self.spacing / np.asarray(cls_lesion.shape, dtype=np.float64)
         sample = {
             "data": image[None],
             "seg": lesion[None],
@@ -154,8 +155,8 @@ class PatchLoader(DataLoader):
             "cls_lesion": np.asarray(cls_lesion, dtype=np.float32)[None],
             "patch_box": np.array([start, self.patch_size], dtype=np.float64),
             "volume_shape": np.array(shape, dtype=np.float64),
-            "spacing": np.asarray(self.spacing, dtype=np.float64),
-            "cell_ml": float(np.prod(np.asarray(shape) * self.spacing / np.asarray(cls_lesion.shape))) / 1000.0,
+            "cell_mm": cell_mm,
+            "cell_ml": float(np.prod(cell_mm)) / 1000.0,
             "class_index": case.class_index,
             "lesion_annotated": case.lesion_annotated,
             "key": case.name,
